@@ -1,0 +1,49 @@
+"""fastcl: fused contrastive losses that never materialise the N x M similarity matrix.
+
+Public API: the loss functions in :mod:`fastcl.functional` (re-exported here), the modules in
+:mod:`fastcl.nn`, and :func:`build_info`.
+"""
+
+from ._version import __version__
+from .functional import clip_loss, dcl, info_nce, nt_xent, siglip_loss, supcon
+from . import nn
+
+__all__ = ["__version__", "build_info", "clip_loss", "dcl", "info_nce", "nn", "nt_xent", "siglip_loss", "supcon"]
+
+
+def build_info() -> dict:
+    """What this installation of fastcl was built with and can run.
+
+    Returns a dict with ``version``; ``torch`` and ``triton`` versions (``triton`` is None when
+    Triton is not installed); ``cuda_extension`` (True when the compiled ``fastcl._C`` extension
+    was built with CUDA kernels); ``cuda_archs`` (the architectures it was built for);
+    ``backends`` (the backends usable for tensors on this machine: CUDA tensors if a GPU is
+    visible, else CPU tensors).
+    """
+    import torch
+
+    from ._dispatch import usable_backends
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        from . import _C
+
+        cuda_extension = bool(_C.built_with_cuda())
+        cuda_archs = list(_C.cuda_archs())
+    except ImportError:
+        cuda_extension, cuda_archs = False, []
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda_extension": cuda_extension,
+        "cuda_archs": cuda_archs,
+        "device": str(device),
+        "backends": usable_backends(device),
+    }

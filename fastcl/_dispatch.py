@@ -1,0 +1,50 @@
+"""The one place that chooses a backend: the ``backend=`` argument, then ``FASTCL_BACKEND``,
+then ``auto``.
+
+``auto`` picks the fastest backend that can run on the tensors' device and quietly falls back to
+``torch``; a backend asked for by name that cannot run raises with the reason.
+"""
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch")}
+
+
+def _module(name: str):
+    return importlib.import_module(f"fastcl.backends.{name}")
+
+
+def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """``None`` if backend ``name`` can run on ``device``, else a sentence saying why not."""
+    try:
+        module = _module(name)
+    except ImportError as exc:
+        return f"fastcl.backends.{name} could not be imported ({exc})"
+    return module.available(device)
+
+
+def resolve(backend: Optional[str], device: torch.device):
+    """Return the backend module to use for tensors on ``device``."""
+    if backend is None:
+        backend = os.environ.get("FASTCL_BACKEND") or "auto"
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+            if unavailable_reason(name, device) is None:
+                return _module(name)
+        return _module("torch")
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
+    return _module(backend)
+
+
+def usable_backends(device: torch.device):
+    """Names of the backends that can run on ``device``."""
+    return [name for name in BACKENDS if unavailable_reason(name, device) is None]

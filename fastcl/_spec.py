@@ -1,0 +1,72 @@
+"""Validated, backend-neutral description of one contrastive loss call.
+
+Every public loss is lowered to one of two specs (DESIGN §2):
+
+* :class:`SoftmaxSpec` -- the softmax family (InfoNCE, CLIP, NT-Xent, SupCon, DCL, queues,
+  hard negatives). Per row ``i`` over the columns ``j`` of ``key`` (and any extra negatives
+  appended after them)::
+
+      L_ij   = s_i * <q_i, k_j> + b
+      loss_i = -sum_j t_ij * L_ij + LSE_{j in D_i} L_ij
+
+  Positives are either one column per row (``positive_index``) or label equality
+  (``row_labels == col_labels``); ``t_ij`` puts ``pos_weight_i / |P_i|`` on each positive.
+* :class:`SigmoidSpec` -- the sigmoid family (SigLIP)::
+
+      loss = (1/N) * sum_ij softplus(-z_ij * L_ij),  z_ij = +1 on positives, -1 elsewhere
+
+A spec holds only non-differentiable configuration; the differentiable tensors (query, key,
+scale, bias) travel beside it. Backends trust a spec: the public functions validate inputs.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class SoftmaxSpec:
+    """Configuration of a softmax-family loss over ``N`` rows and ``C`` columns.
+
+    Attributes:
+        positive_index: Long[N] column of each row's single positive, or ``None`` when
+            positives come from labels.
+        row_labels: Long[N] anchor labels (label positives), else ``None``.
+        col_labels: Long[C] column labels (label positives), else ``None``.
+        col_has_label: Bool[C]; columns where it is False are never positives (extra negatives
+            given without labels). ``None`` means every column has a label.
+        pos_weight: [N] weight on each row's positive term (DCLW), or ``None`` for 1.
+        exclude_self: drop column ``i`` from row ``i`` (and row ``i`` from column ``i``).
+        decoupled: drop the positives from the softmax denominator (DCL).
+        symmetric: add the column direction; needs one-to-one ``positive_index``.
+        n_grad_cols: columns ``>= n_grad_cols`` get no gradient (a detached queue).
+    """
+
+    positive_index: Optional[torch.Tensor] = None
+    row_labels: Optional[torch.Tensor] = None
+    col_labels: Optional[torch.Tensor] = None
+    col_has_label: Optional[torch.Tensor] = None
+    pos_weight: Optional[torch.Tensor] = None
+    exclude_self: bool = False
+    decoupled: bool = False
+    symmetric: bool = False
+    n_grad_cols: Optional[int] = None
+
+    @property
+    def uses_labels(self) -> bool:
+        return self.row_labels is not None
+
+
+@dataclass(frozen=True)
+class SigmoidSpec:
+    """Configuration of a sigmoid-family loss.
+
+    Attributes:
+        positive_index: Long[N] column holding row ``i``'s positive; ``-1`` marks a row with no
+            positive in these columns (a negatives-only block).
+        n_rows_norm: the ``N`` the summed loss is divided by (the number of anchor rows).
+    """
+
+    positive_index: torch.Tensor
+    n_rows_norm: int

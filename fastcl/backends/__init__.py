@@ -1,0 +1,1 @@
+"""Backends: each exposes ``softmax_loss``, ``sigmoid_loss`` and ``available(device)``."""

@@ -1,0 +1,26 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+# Tiny blocks make every tile boundary, partial tile and diagonal-crossing tile appear at the
+# small sizes the tests use; "default" uses the backend's own tile shape.
+BLOCKS = ["default", "5,7"]
+
+
+@pytest.fixture(params=BLOCKS)
+def torch_blocks(request, monkeypatch):
+    if request.param == "default":
+        monkeypatch.delenv("FASTCL_TORCH_BLOCK", raising=False)
+    else:
+        monkeypatch.setenv("FASTCL_TORCH_BLOCK", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # fresh inputs in every test, yet reproducible from the test id when one fails
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))

@@ -1,0 +1,160 @@
+"""Naive float64 reference losses, written from the textbook formulas and independent of fastcl.
+
+Everything here materialises the full logit matrix and builds explicit boolean masks, then lets
+autograd differentiate it. It is slow and memory-hungry on purpose: it is only the oracle.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _f64(x):
+    return x.double() if isinstance(x, torch.Tensor) else float(x)
+
+
+def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, labels=None, key_labels=None,
+             negatives=None, negative_labels=None, exclude_self=False, decoupled=False, symmetric=False,
+             reduction="mean", pos_weight=None, bias=None):
+    q, k = _f64(query), _f64(key)
+    cols = k if negatives is None else torch.cat([k, _f64(negatives)])
+    n, c, m = q.shape[0], cols.shape[0], k.shape[0]
+    s = _f64(scale) if scale is not None else 1.0 / _f64(temperature)
+    if isinstance(s, torch.Tensor) and s.dim() == 1 and s.numel() == n and n > 1:
+        s = s[:, None]
+    elif isinstance(s, torch.Tensor):
+        s = s.reshape(())
+    logits = s * (q @ cols.T)
+    if bias is not None:
+        logits = logits + _f64(bias)
+
+    excluded = torch.zeros(n, c, dtype=torch.bool)
+    if exclude_self:
+        excluded[torch.arange(n), torch.arange(n)] = True
+
+    if labels is not None:
+        kl = key_labels if key_labels is not None else labels
+        if negatives is not None:
+            if negative_labels is not None:
+                kl = torch.cat([kl, negative_labels])
+                positive = labels[:, None] == kl[None, :]
+            else:
+                positive = torch.cat([labels[:, None] == kl[None, :],
+                                      torch.zeros(n, negatives.shape[0], dtype=torch.bool)], dim=1)
+        else:
+            positive = labels[:, None] == kl[None, :]
+        positive = positive & ~excluded
+    else:
+        idx = torch.arange(n) if positive_index is None else positive_index
+        positive = torch.zeros(n, c, dtype=torch.bool)
+        positive[torch.arange(n), idx] = True
+
+    in_denominator = ~excluded
+    if decoupled:
+        in_denominator = in_denominator & ~positive
+    weight = torch.ones(n, dtype=torch.float64) if pos_weight is None else _f64(pos_weight)
+
+    def direction(lg, pos, den, w):
+        count = pos.sum(1)
+        lse = torch.logsumexp(lg.masked_fill(~den, float("-inf")), dim=1)
+        pos_mean = (lg * pos).sum(1) / count.clamp(min=1)
+        valid = (count > 0) & den.any(1)
+        loss = torch.where(valid, lse - w * pos_mean, torch.zeros_like(lse))
+        return loss, valid
+
+    row_loss, row_valid = direction(logits, positive, in_denominator, weight)
+    if not symmetric:
+        if reduction == "none":
+            return row_loss
+        if reduction == "sum":
+            return row_loss.sum()
+        return row_loss.sum() / row_valid.sum().clamp(min=1)
+    idx = torch.arange(n) if positive_index is None else positive_index
+    col_all, col_valid_all = direction(logits.T, positive.T, in_denominator.T,
+                                       torch.zeros(c, dtype=torch.float64).index_put((idx,), weight))
+    col_loss, col_valid = col_all[idx], col_valid_all[idx]
+    if reduction == "none":
+        return row_loss, col_loss
+    if reduction == "sum":
+        return (row_loss.sum() + col_loss.sum()) / 2
+    return (row_loss.sum() / row_valid.sum().clamp(min=1) + col_loss.sum() / col_valid.sum().clamp(min=1)) / 2
+
+
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None):
+    image, text = image_features, text_features
+    """open_clip ClipLoss: two cross-entropies over materialised logits."""
+    li = _f64(logit_scale) * _f64(image) @ _f64(text).T
+    if logit_bias is not None:
+        li = li + _f64(logit_bias)
+    target = torch.arange(li.shape[0])
+    return (F.cross_entropy(li, target) + F.cross_entropy(li.T, target)) / 2
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias):
+    image, text = image_features, text_features
+    logits = _f64(logit_scale) * _f64(image) @ _f64(text).T + _f64(logit_bias)
+    n = logits.shape[0]
+    z = 2 * torch.eye(n, dtype=torch.float64) - 1
+    return -F.logsigmoid(z * logits).sum() / n
+
+
+def nt_xent(z1, z2, temperature=0.5, normalize=True):
+    """SimCLR, as lightly computes it: 2N anchors, the self entry dropped from the logits."""
+    a, b = _f64(z1), _f64(z2)
+    if normalize:
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    n = a.shape[0]
+    t = _f64(temperature)
+    keep = ~torch.eye(n, dtype=torch.bool)
+    losses = []
+    for x, y in ((a, b), (b, a)):
+        cross = x @ y.T / t
+        own = (x @ x.T / t)[keep].view(n, n - 1)
+        losses.append(F.cross_entropy(torch.cat([cross, own], dim=1), torch.arange(n), reduction="none"))
+    return torch.cat(losses).mean()
+
+
+def supcon(features, labels=None, temperature=0.1, base_temperature=None, contrast_mode="all"):
+    """Khosla et al.'s formula with a dense mask; anchors without positives left out of the mean."""
+    f = _f64(features)
+    bsz, views, _ = f.shape
+    t = _f64(temperature)
+    base = t if base_temperature is None else _f64(base_temperature)
+    lab = torch.arange(bsz) if labels is None else labels
+    mask = (lab[:, None] == lab[None, :]).double()
+    contrast = torch.cat(torch.unbind(f, dim=1), dim=0)
+    anchor = f[:, 0] if contrast_mode == "one" else contrast
+    anchor_count = 1 if contrast_mode == "one" else views
+    logits = anchor @ contrast.T / t
+    mask = mask.repeat(anchor_count, views)
+    self_mask = torch.ones_like(mask)
+    self_mask[torch.arange(bsz * anchor_count), torch.arange(bsz * anchor_count)] = 0
+    mask = mask * self_mask
+    log_den = torch.logsumexp(logits.masked_fill(self_mask == 0, float("-inf")), dim=1, keepdim=True)
+    log_prob = logits - log_den
+    count = mask.sum(1)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / count.clamp(min=1)
+    loss = -(t / base) * mean_log_prob_pos
+    valid = count > 0
+    return loss[valid].sum() / valid.sum().clamp(min=1)
+
+
+def dcl(z1, z2, temperature=0.1, weight_sigma=None, normalize=True):
+    """lightly's DCL/DCLW: both directions, positive removed from the log-sum-exp."""
+    a, b = _f64(z1), _f64(z2)
+    if normalize:
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    n = a.shape[0]
+    t = _f64(temperature)
+    w = 1.0
+    if weight_sigma is not None:
+        sim = (a.detach() * b.detach()).sum(1) / weight_sigma
+        w = 2 - n * torch.softmax(sim, dim=0)
+    off = ~torch.eye(n, dtype=torch.bool)
+
+    def one(x, y):
+        s_xx, s_xy = x @ x.T / t, x @ y.T / t
+        positive = -torch.diagonal(s_xy) * w
+        neg = torch.cat([s_xy[off].view(n, n - 1), s_xx[off].view(n, n - 1)], dim=1)
+        return (positive + torch.logsumexp(neg, dim=1)).mean()
+
+    return (one(a, b) + one(b, a)) / 2

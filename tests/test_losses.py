@@ -1,0 +1,227 @@
+"""Every public loss x its options x dtypes, against the float64 oracle (loss and all gradients).
+
+The backend under test comes from FASTCL_TEST_BACKEND (default "torch"), so the same matrix runs
+through the Triton interpreter and, on a GPU, the compiled kernels.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcl
+import oracle
+from helpers import check_against_oracle
+
+BACKEND = os.environ.get("FASTCL_TEST_BACKEND", "torch")
+DEVICE = os.environ.get("FASTCL_TEST_DEVICE", "cpu")
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+# nt_xent/dcl normalise inside the op and hand the kernels features rounded to the input dtype:
+# with bf16 that rounding (2**-8 relative) reaches the loss, scaled by 1/temperature.
+NORMALIZED_LOSS_RTOL = {torch.bfloat16: 2e-2}
+
+
+def unit(n, d, dtype=torch.float64):
+    return F.normalize(torch.randn(n, d, dtype=dtype, device=DEVICE), dim=1)
+
+
+def randn(*shape):
+    return torch.randn(*shape, dtype=torch.float64, device=DEVICE)
+
+
+# (name, N, M, K, D, builder) -- builder(N, M, K) returns (fastcl kwargs, oracle kwargs) beyond the
+# tensors query/key/negatives, which the test makes.
+def _labels(n, classes):
+    return torch.randint(0, classes, (n,), device=DEVICE)
+
+
+INFO_NCE_CASES = {
+    "default": dict(n=13, m=13, k=0, d=19, opts=lambda n, m, k: {}),
+    "n_ne_m": dict(n=11, m=17, k=0, d=16, opts=lambda n, m, k: {}),
+    "n_is_1": dict(n=1, m=5, k=0, d=7, opts=lambda n, m, k: {}),
+    "d_is_1": dict(n=6, m=6, k=0, d=1, opts=lambda n, m, k: {}),
+    "positive_index": dict(n=7, m=23, k=0, d=9, opts=lambda n, m, k: {"positive_index": torch.randint(0, m, (n,), device=DEVICE)}),
+    "grouped_hard_negatives": dict(n=5, m=20, k=0, d=12, opts=lambda n, m, k: {"positive_index": torch.arange(n, device=DEVICE) * 4}),
+    "queue_no_grad": dict(n=9, m=9, k=31, d=10, opts=lambda n, m, k: {}, negatives_grad=False),
+    "queue_with_grad": dict(n=9, m=9, k=31, d=10, opts=lambda n, m, k: {}),
+    "positive_in_queue": dict(n=6, m=6, k=8, d=5, opts=lambda n, m, k: {"positive_index": torch.randint(0, m + k, (n,), device=DEVICE)}),
+    "labels": dict(n=17, m=17, k=0, d=11, opts=lambda n, m, k: {"labels": _labels(n, 4)}),
+    "labels_keys": dict(n=7, m=15, k=0, d=11, opts=lambda n, m, k: {"labels": _labels(n, 3), "key_labels": _labels(m, 3)}),
+    "labels_rows_without_positive": dict(n=12, m=12, k=0, d=8, opts=lambda n, m, k: {"labels": torch.arange(n, device=DEVICE) % 9, "exclude_self": True}),
+    "labels_queue_unlabelled": dict(n=8, m=8, k=13, d=6, opts=lambda n, m, k: {"labels": _labels(n, 3)}),
+    "labels_queue_labelled": dict(n=8, m=8, k=13, d=6, opts=lambda n, m, k: {"labels": _labels(n, 3), "negative_labels": _labels(k, 3)}),
+    "labels_exclude_self_decoupled": dict(n=14, m=14, k=0, d=9, opts=lambda n, m, k: {"labels": _labels(n, 3), "exclude_self": True, "decoupled": True}),
+    "exclude_self": dict(n=10, m=10, k=0, d=6, opts=lambda n, m, k: {"positive_index": (torch.arange(n, device=DEVICE) + 3) % n, "exclude_self": True}),
+    "exclude_self_m_gt_n": dict(n=6, m=11, k=0, d=6, opts=lambda n, m, k: {"positive_index": torch.arange(n, device=DEVICE) + 5, "exclude_self": True}),
+    "decoupled": dict(n=12, m=15, k=0, d=7, opts=lambda n, m, k: {"decoupled": True}),
+    "symmetric": dict(n=13, m=13, k=0, d=17, opts=lambda n, m, k: {"symmetric": True}),
+    "symmetric_permuted_n_lt_m": dict(n=9, m=14, k=0, d=8, opts=lambda n, m, k: {"symmetric": True, "positive_index": torch.randperm(m, device=DEVICE)[:n]}),
+    "symmetric_decoupled_queue": dict(n=8, m=8, k=6, d=8, opts=lambda n, m, k: {"symmetric": True, "decoupled": True}),
+    "symmetric_exclude_self": dict(n=10, m=10, k=0, d=5, opts=lambda n, m, k: {"symmetric": True, "exclude_self": True, "positive_index": (torch.arange(n, device=DEVICE) + 1) % n}),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", sorted(INFO_NCE_CASES))
+def test_info_nce(case, reduction, dtype, torch_blocks):
+    c = INFO_NCE_CASES[case]
+    n, m, k, d = c["n"], c["m"], c["k"], c["d"]
+    opts = c["opts"](n, m, k)
+    inputs = {"query": randn(n, d) / 2, "key": randn(m, d) / 2, "temperature": 0.3}
+    if k:
+        inputs["negatives"] = randn(k, d) / 2
+    names = [x for x in ("query", "key", "negatives") if x in inputs and (x != "negatives" or c.get("negatives_grad", True))]
+
+    def fast(**kw):
+        return fastcl.info_nce(**kw, **opts, reduction=reduction, backend=BACKEND)
+
+    def ref(**kw):
+        return oracle.info_nce(**kw, **opts, reduction=reduction)
+
+    check_against_oracle(fast, ref, inputs, dtype, differentiable=names)
+
+
+@pytest.mark.parametrize("form", ["temperature_scalar", "temperature_rows", "scale_scalar", "scale_rows", "scale_shape1"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_info_nce_scale_gradients(form, dtype, torch_blocks):
+    n, m, d = 11, 14, 9
+    value = {
+        "temperature_scalar": torch.tensor(0.2, dtype=torch.float64),
+        "temperature_rows": torch.rand(n, dtype=torch.float64) * 0.5 + 0.05,
+        "scale_scalar": torch.tensor(12.0, dtype=torch.float64),
+        "scale_rows": torch.rand(n, dtype=torch.float64) * 20 + 1,
+        "scale_shape1": torch.tensor([7.0], dtype=torch.float64),
+    }[form].to(DEVICE)
+    arg = form.split("_")[0]
+    inputs = {"query": unit(n, d), "key": unit(m, d), arg: value}
+    for symmetric in (False, True):
+        check_against_oracle(
+            lambda **kw: fastcl.info_nce(**kw, symmetric=symmetric, backend=BACKEND),
+            lambda **kw: oracle.info_nce(**kw, symmetric=symmetric), inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [None, "tensor", "float"])
+@pytest.mark.parametrize("shape", [(1, 3), (13, 19), (37, 64)])
+def test_clip_loss(shape, bias, dtype, torch_blocks):
+    n, d = shape
+    inputs = {"image_features": unit(n, d), "text_features": unit(n, d),
+              "logit_scale": torch.tensor(14.3, dtype=torch.float64, device=DEVICE)}
+    if bias == "tensor":
+        inputs["logit_bias"] = torch.tensor(-2.5, dtype=torch.float64, device=DEVICE)
+    elif bias == "float":
+        inputs["logit_bias"] = -2.5
+    check_against_oracle(lambda **kw: fastcl.clip_loss(**kw, backend=BACKEND), oracle.clip_loss, inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 3), (13, 19), (37, 64)])
+def test_siglip_loss(shape, dtype, torch_blocks):
+    n, d = shape
+    inputs = {"image_features": unit(n, d), "text_features": unit(n, d),
+              "logit_scale": torch.tensor(10.0, dtype=torch.float64, device=DEVICE),
+              "logit_bias": torch.tensor(-10.0, dtype=torch.float64, device=DEVICE)}
+    check_against_oracle(lambda **kw: fastcl.siglip_loss(**kw, backend=BACKEND), oracle.siglip_loss, inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("n", [1, 2, 13])
+def test_nt_xent(n, normalize, dtype, torch_blocks):
+    inputs = {"z1": randn(n, 10), "z2": randn(n, 10)}
+    if not normalize:
+        inputs = {k: v / 3 for k, v in inputs.items()}
+    check_against_oracle(
+        lambda **kw: fastcl.nt_xent(**kw, temperature=0.5, normalize=normalize, backend=BACKEND),
+        lambda **kw: oracle.nt_xent(**kw, temperature=0.5, normalize=normalize), inputs, dtype,
+        loss_rtol=NORMALIZED_LOSS_RTOL.get(dtype) if normalize else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["all", "one"])
+@pytest.mark.parametrize("labelled", [True, False])
+@pytest.mark.parametrize("views", [1, 2, 3])
+def test_supcon(views, labelled, mode, dtype, torch_blocks):
+    b = 11
+    features = F.normalize(randn(b, views, 9), dim=-1)
+    labels = _labels(b, 4) if labelled else None
+    check_against_oracle(
+        lambda **kw: fastcl.supcon(**kw, labels=labels, temperature=0.1, base_temperature=0.07, contrast_mode=mode, backend=BACKEND),
+        lambda **kw: oracle.supcon(**kw, labels=labels, temperature=0.1, base_temperature=0.07, contrast_mode=mode),
+        {"features": features}, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sigma", [None, 0.5])
+@pytest.mark.parametrize("n", [2, 9])
+def test_dcl(n, sigma, dtype, torch_blocks):
+    inputs = {"z1": randn(n, 12), "z2": randn(n, 12)}
+    check_against_oracle(
+        lambda **kw: fastcl.dcl(**kw, temperature=0.1, weight_sigma=sigma, backend=BACKEND),
+        lambda **kw: oracle.dcl(**kw, temperature=0.1, weight_sigma=sigma), inputs, dtype,
+        loss_rtol=NORMALIZED_LOSS_RTOL.get(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_extreme_scale_no_overflow(dtype, torch_blocks):
+    """Logit scale 100 with unit features: logits reach +-100, past exp's fp32 range."""
+    n, d = 29, 8
+    img, txt = unit(n, d), unit(n, d)
+    txt[:5] = img[:5]  # some logits at exactly +100
+    scale = torch.tensor(100.0, dtype=torch.float64, device=DEVICE)
+    check_against_oracle(lambda **kw: fastcl.clip_loss(**kw, backend=BACKEND), oracle.clip_loss,
+                         {"image_features": img, "text_features": -txt, "logit_scale": scale}, dtype)
+    check_against_oracle(lambda **kw: fastcl.siglip_loss(**kw, backend=BACKEND), oracle.siglip_loss,
+                         {"image_features": img, "text_features": txt, "logit_scale": scale, "logit_bias": -10.0}, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_tiny_temperature_labels(dtype, torch_blocks):
+    n, d = 23, 8
+    labels = _labels(n, 3)
+    opts = dict(temperature=0.01, labels=labels, exclude_self=True)
+    check_against_oracle(lambda **kw: fastcl.info_nce(**kw, **opts, backend=BACKEND),
+                         lambda **kw: oracle.info_nce(**kw, **opts),
+                         {"query": unit(n, d), "key": unit(n, d)}, dtype)
+
+
+def test_no_positive_anywhere_gives_zero_loss_and_zero_grads(torch_blocks):
+    q = randn(6, 4).requires_grad_()
+    k = randn(6, 4).requires_grad_()
+    loss = fastcl.info_nce(q, k, labels=torch.arange(6, device=DEVICE), key_labels=torch.arange(6, device=DEVICE) + 100,
+                           backend=BACKEND)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.count_nonzero(q.grad) == 0 and torch.count_nonzero(k.grad) == 0
+    feats = torch.nn.functional.normalize(randn(5, 1, 3), dim=-1).requires_grad_()
+    loss = fastcl.supcon(feats, backend=BACKEND)  # one view, own class each: no positives
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(feats.grad) == 0
+
+
+def test_empty_denominator_row_is_left_out(torch_blocks):
+    # one key column, decoupled: row 0's only column is its positive, so its denominator is empty
+    q, k = randn(3, 4).requires_grad_(), randn(1, 4).requires_grad_()
+    pos = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    got = fastcl.info_nce(q, k, positive_index=pos, decoupled=True, reduction="none", backend=BACKEND)
+    assert torch.equal(got.detach(), torch.zeros(3, dtype=got.dtype, device=DEVICE))
+    fastcl.info_nce(q, k, positive_index=pos, decoupled=True, backend=BACKEND).backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+@pytest.mark.parametrize("where", ["query", "key"])
+def test_nan_propagates(where, torch_blocks):
+    q, k = randn(9, 5), randn(9, 5)
+    (q if where == "query" else k)[3, 2] = float("nan")
+    assert torch.isnan(fastcl.info_nce(q, k, backend=BACKEND))
+    assert torch.isnan(fastcl.clip_loss(q, k, 10.0, backend=BACKEND))
+    assert torch.isnan(fastcl.siglip_loss(q, k, 10.0, -10.0, backend=BACKEND))
+
+
+def test_inf_does_not_become_finite(torch_blocks):
+    q, k = randn(9, 5), randn(9, 5)
+    k[4, 1] = float("inf")
+    assert not torch.isfinite(fastcl.info_nce(q, k, backend=BACKEND))
+    assert not torch.isfinite(fastcl.clip_loss(q, k, 10.0, backend=BACKEND))
