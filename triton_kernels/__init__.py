@@ -1,0 +1,1 @@
+"""Triton kernels for fastcl, installed as ``fastcl.triton_kernels``."""
