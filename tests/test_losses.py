@@ -225,3 +225,16 @@ def test_inf_does_not_become_finite(torch_blocks):
     k[4, 1] = float("inf")
     assert not torch.isfinite(fastcl.info_nce(q, k, backend=BACKEND))
     assert not torch.isfinite(fastcl.clip_loss(q, k, 10.0, backend=BACKEND))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("spread", [30.0, 300.0])
+def test_symmetric_wide_logit_range(spread, dtype, torch_blocks):
+    """Rows whose logits differ by more than exp's range within one tile: the shared-exponent
+    shortcuts must hand those rows and columns to the exact path."""
+    n, d = 21, 6
+    scale = torch.ones(n, dtype=torch.float64, device=DEVICE)
+    scale[::3] = spread
+    inputs = {"query": unit(n, d), "key": unit(n, d), "scale": scale}
+    check_against_oracle(lambda **kw: fastcl.info_nce(**kw, symmetric=True, backend=BACKEND),
+                         lambda **kw: oracle.info_nce(**kw, symmetric=True), inputs, dtype)

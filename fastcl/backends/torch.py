@@ -1,14 +1,26 @@
 """Blockwise PyTorch backend: the readable specification and the CPU fallback.
 
-The similarity ``S = s * Q K^T + b`` is visited one (row block x column block) tile at a time.
-The forward keeps online (max, sum-exp) statistics per row, and per column for symmetric losses;
-the backward recomputes each tile from the saved inputs and statistics (FlashAttention's trade).
-No tensor larger than one tile is ever created, so the extra memory is
-O((N + C) * D + block_rows * block_cols) whatever N and C are.
+The similarity ``S = s * Q K^T`` is visited one (row block x column block) tile at a time.
+The forward keeps online (reference, sum-exp) statistics per row, and per column for symmetric
+losses; the backward recomputes each tile from the saved inputs and statistics
+(FlashAttention's trade). No tensor larger than one tile is ever created, so the extra memory
+is O((N + C) * D + block_rows * block_cols) whatever N and C are.
+
+On a CPU the matmuls run near peak and the elementwise passes over each tile are what cost, so
+the code counts passes:
+
+* the row scale is folded into the queries once (``qs = s * q``), and a scalar bias, which a
+  softmax cancels, is added analytically instead of to every logit;
+* a symmetric tile shares one ``exp`` between its row and column statistics, referenced to the
+  tile's maximum; rows or columns whose share would lose precision to underflow are redone
+  exactly (``_SAFE_LOG`` says when);
+* the backward folds ``-LSE_i`` into the tile's matmul as one extra feature column, so
+  ``exp`` of the matmul output is already the row softmax.
 
 Runs on any device PyTorch runs on; statistics and accumulation are fp32 (fp64 for fp64 inputs).
 """
 
+import math
 import os
 from typing import Optional
 
@@ -24,6 +36,11 @@ _MAX_BLOCK_COLS = 1024
 
 NEG_INF = float("-inf")
 
+# A shared-exponent sum keeps full precision while every line's share of the tile is at least
+# exp(-_SAFE_LOG) of the reference: the terms it drops then sit below the dtype's denormal floor
+# relative to it. exp(_SAFE_LOG) must also stay finite, as it multiplies a softmax.
+_SAFE_LOG = {torch.float32: 50.0, torch.float64: 500.0}
+
 
 def _tile_shape(n_rows: int, n_cols: int):
     override = os.environ.get("FASTCL_TORCH_BLOCK")
@@ -35,8 +52,23 @@ def _tile_shape(n_rows: int, n_cols: int):
     return block_rows, block_cols
 
 
-def _blocks(n: int, size: int):
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
+def _tiles(n_rows: int, n_cols: int):
+    """(r0, r1, c0, c1) of every tile, row blocks outermost."""
+    br, bc = _tile_shape(n_rows, n_cols)
+    for r0 in range(0, n_rows, br):
+        for c0 in range(0, n_cols, bc):
+            yield r0, min(r0 + br, n_rows), c0, min(c0 + bc, n_cols)
+
+
+class _Buffer:
+    """A reusable flat buffer handing out views of the current tile's shape."""
+
+    def __init__(self, n_rows, n_cols, dtype, device):
+        br, bc = _tile_shape(n_rows, n_cols)
+        self.data = torch.empty(br * bc, dtype=dtype, device=device)
+
+    def view(self, rows: int, cols: int) -> torch.Tensor:
+        return self.data[: rows * cols].view(rows, cols)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,42 +88,13 @@ def _sum_to_scale(ds_rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return ds.to(scale.dtype)
 
 
-class _Tile:
-    """One recomputed tile ``S[r0:r1, c0:c1]``, excluded entries set to -inf.
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """Replace -inf (an empty denominator) by 0 so exp(S - x) stays 0 for masked entries."""
+    return torch.where(x == NEG_INF, torch.zeros_like(x), x)
 
-    ``match`` is the tile's label-positive mask (``None`` for one-hot positives). The decoupled
-    mask is applied separately by :meth:`hide_positives`, because the forward first needs the
-    positive logits it hides.
-    """
 
-    def __init__(self, q, k, s_rows, bias, spec: SoftmaxSpec, r0, r1, c0, c1, out):
-        self.spec, self.bounds = spec, (r0, r1, c0, c1)
-        torch.matmul(q[r0:r1], k[c0:c1].T, out=out)
-        tile = out
-        tile.mul_(s_rows[r0:r1, None])
-        if bias:
-            tile.add_(bias)
-        self.match = None
-        if spec.uses_labels:
-            match = spec.row_labels[r0:r1, None] == spec.col_labels[None, c0:c1]
-            if spec.col_has_label is not None:
-                match &= spec.col_has_label[None, c0:c1]
-            if spec.exclude_self:
-                _fill_diagonal(match, r0, c0, False)
-            self.match = match
-        if spec.exclude_self:
-            _fill_diagonal(tile, r0, c0, NEG_INF)
-        self.s = tile
-
-    def hide_positives(self) -> "_Tile":
-        """Remove the positives from the denominator when the spec is decoupled."""
-        if self.spec.decoupled:
-            if self.match is not None:
-                self.s.masked_fill_(self.match, NEG_INF)
-            else:
-                rows, cols = _positives_in_tile(self.spec.positive_index, *self.bounds)
-                self.s[rows, cols] = NEG_INF
-        return self
+# ----------------------------------------------------------------------------------------------
+# Tiles and masks
 
 
 def _fill_diagonal(tile: torch.Tensor, r0: int, c0: int, value) -> None:
@@ -102,32 +105,103 @@ def _fill_diagonal(tile: torch.Tensor, r0: int, c0: int, value) -> None:
         tile[idx - r0, idx - c0] = value
 
 
-def _positives_in_tile(positive_index, r0, r1, c0, c1):
-    pos = positive_index[r0:r1]
+def _label_match(spec: SoftmaxSpec, r0, r1, c0, c1) -> torch.Tensor:
+    match = spec.row_labels[r0:r1, None] == spec.col_labels[None, c0:c1]
+    if spec.col_has_label is not None:
+        match &= spec.col_has_label[None, c0:c1]
+    if spec.exclude_self:
+        _fill_diagonal(match, r0, c0, False)
+    return match
+
+
+def _hide_positives(tile, spec: SoftmaxSpec, match, r0, r1, c0, c1) -> None:
+    """Decoupled losses drop the positives from the denominator."""
+    if match is not None:
+        tile.masked_fill_(match, NEG_INF)
+        return
+    pos = spec.positive_index[r0:r1]
     rows = torch.nonzero((pos >= c0) & (pos < c1)).flatten()
-    return rows, pos[rows] - c0
+    tile[rows, pos[rows] - c0] = NEG_INF
 
 
-def _online_update(m: torch.Tensor, l: torch.Tensor, tile: torch.Tensor, dim: int, work):
-    """Merge one tile into a running (max, sum exp(x - max)) along ``dim``.
+def _masked_tile(a, b, spec: SoftmaxSpec, r0, r1, c0, c1, out, on_positives=None):
+    """``a[r0:r1] @ b[c0:c1].T`` with excluded (and, if decoupled, positive) entries at -inf.
 
-    Fully masked lines keep max -inf; the subtraction uses 0 there so no -inf - -inf appears.
+    ``on_positives(tile, match)`` sees the tile before the decoupled mask hides the positives
+    (the forward sums label-positive logits there). Returns ``(tile, match)``; ``match`` is the
+    label-positive mask, ``None`` for one-hot positives.
     """
-    m_new = torch.maximum(m, tile.amax(dim=dim))
-    m_safe = torch.where(m_new == NEG_INF, torch.zeros_like(m_new), m_new)
-    shifted = torch.sub(tile, m_safe.unsqueeze(dim), out=work)
-    l.mul_(torch.exp(m - m_safe)).add_(shifted.exp_().sum(dim=dim))
-    m.copy_(m_new)
+    tile = torch.matmul(a[r0:r1], b[c0:c1].T, out=out)
+    match = _label_match(spec, r0, r1, c0, c1) if spec.uses_labels else None
+    if spec.exclude_self:
+        _fill_diagonal(tile, r0, c0, NEG_INF)
+    if on_positives is not None:
+        on_positives(tile, match)
+    if spec.decoupled:
+        _hide_positives(tile, spec, match, r0, r1, c0, c1)
+    return tile, match
 
 
-def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
-    """Replace -inf (an empty denominator) by 0 so exp(S - x) stays 0 for masked entries."""
-    return torch.where(x == NEG_INF, torch.zeros_like(x), x)
+# ----------------------------------------------------------------------------------------------
+# Online log-sum-exp statistics
 
 
-def _positive_logit(q, k, s_rows, bias, positive_index):
-    dots = (q * k[positive_index]).sum(dim=1)
-    return s_rows * dots + bias
+def _merge_exact(ref: torch.Tensor, acc: torch.Tensor, tile: torch.Tensor, dim: int, work) -> None:
+    """Merge a tile into running ``(ref, acc = sum exp(x - ref))`` along ``dim`` with its own max.
+
+    Fully masked lines keep ref -inf; the subtraction uses 0 there so no -inf - -inf appears.
+    """
+    new = torch.maximum(ref, tile.amax(dim=dim))
+    safe = _finite_or_zero(new)
+    shifted = torch.sub(tile, safe.unsqueeze(dim), out=work)
+    acc.mul_(torch.exp(ref - safe)).add_(shifted.exp_().sum(dim=dim))
+    ref.copy_(new)
+
+
+def _merge_partial(ref, acc, part_log, part_sum) -> None:
+    """Merge a partial sum ``part_sum * exp(part_log)`` into running ``(ref, acc)``."""
+    new = torch.maximum(ref, part_log)
+    safe = _finite_or_zero(new)
+    acc.mul_(torch.exp(ref - safe)).add_(part_sum * torch.exp(part_log - safe))
+    ref.copy_(new)
+
+
+def _merge_rows_and_cols(tile, row_ref, row_acc, col_ref, col_acc, work, safe_log) -> None:
+    """Row and column statistics of one tile from a single ``exp(tile - tile_max)``.
+
+    Row i's share is exact while its max is within ``safe_log`` of the tile max; column j's
+    while its sum of shares is at least ``exp(-safe_log)``. Lines outside that (far below the
+    rest of the tile, or fully masked) are merged again exactly.
+    """
+    row_max = tile.amax(dim=1)
+    top = float(row_max.max())
+    if not math.isfinite(top):  # fully masked, or inf/NaN to propagate: the exact path
+        _merge_exact(row_ref, row_acc, tile, 1, work)
+        _merge_exact(col_ref, col_acc, tile, 0, work)
+        return
+    shared = torch.sub(tile, top, out=work).exp_()
+    row_sum, col_sum = shared.sum(dim=1), shared.sum(dim=0)
+    floor = math.exp(-safe_log)
+
+    row_ok = row_max >= top - safe_log
+    # rows: the exact max is known, so reference them to it (sum * exp(top - max) <= cols)
+    _merge_partial(row_ref, row_acc, torch.where(row_ok, row_max, NEG_INF),
+                   torch.where(row_ok, row_sum * torch.exp(top - row_max.clamp(min=top - safe_log)), 0))
+    col_ok = col_sum >= floor
+    col_log = torch.where(col_ok, top + torch.log(col_sum.clamp(min=floor)), NEG_INF)
+    _merge_partial(col_ref, col_acc, col_log, col_ok.to(tile.dtype))
+
+    for ok, ref, acc, dim in ((row_ok, row_ref, row_acc, 1), (col_ok, col_ref, col_acc, 0)):
+        bad = torch.nonzero(~ok).flatten()
+        if bad.numel():
+            lines = tile.index_select(1 - dim, bad)
+            sub_ref, sub_acc = ref[bad], acc[bad]
+            _merge_exact(sub_ref, sub_acc, lines, dim, torch.empty_like(lines))
+            ref[bad], acc[bad] = sub_ref, sub_acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Softmax family
 
 
 class SoftmaxLoss(torch.autograd.Function):
@@ -136,59 +210,64 @@ class SoftmaxLoss(torch.autograd.Function):
     Returns ``(row_loss[N], col_loss[N] or empty, row_valid[N], col_valid[N] or empty)`` in the
     compute dtype. ``col_loss[i]`` is the loss of column ``positive_index[i]`` as an anchor.
     Invalid anchors (no positive, or an empty denominator) have loss 0 and no gradient.
+
+    A scalar bias ``b`` shifts every logit of a row equally, so the softmax ignores it: tiles are
+    built without it and the loss gains ``b * (1 - pos_weight_i)`` (0 unless DCLW weights).
     """
 
     @staticmethod
     def forward(ctx, query, key, scale, bias, spec: SoftmaxSpec):
         cd = _compute_dtype(query.dtype)
         q, k = query.to(cd), key.to(cd)
-        n, c = q.shape[0], k.shape[0]
+        n, c, dev = q.shape[0], k.shape[0], q.device
         s_rows = _row_scale(scale, n, cd)
-        b = _bias_value(bias)
-        br, bc = _tile_shape(n, c)
-        work = torch.empty(br * bc, dtype=cd, device=q.device)
-        tile_buf = torch.empty(br * bc, dtype=cd, device=q.device)
+        qs = q * s_rows[:, None]
+        tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
 
-        m_row = torch.full((n,), NEG_INF, dtype=cd, device=q.device)
-        l_row = torch.zeros(n, dtype=cd, device=q.device)
+        row_ref = torch.full((n,), NEG_INF, dtype=cd, device=dev)
+        row_acc = torch.zeros(n, dtype=cd, device=dev)
         if spec.symmetric:
-            m_col = torch.full((c,), NEG_INF, dtype=cd, device=q.device)
-            l_col = torch.zeros(c, dtype=cd, device=q.device)
+            col_ref = torch.full((c,), NEG_INF, dtype=cd, device=dev)
+            col_acc = torch.zeros(c, dtype=cd, device=dev)
+        on_positives = None
         if spec.uses_labels:
-            pos_sum = torch.zeros(n, dtype=cd, device=q.device)
-            pos_cnt = torch.zeros(n, dtype=cd, device=q.device)
+            pos_sum = torch.zeros(n, dtype=cd, device=dev)
+            pos_cnt = torch.zeros(n, dtype=cd, device=dev)
 
-        for r0, r1 in _blocks(n, br):
-            for c0, c1 in _blocks(c, bc):
-                shape = (r1 - r0, c1 - c0)
-                t = _Tile(q, k, s_rows, b, spec, r0, r1, c0, c1, tile_buf[: shape[0] * shape[1]].view(shape))
-                w = work[: shape[0] * shape[1]].view(shape)
-                if t.match is not None:
-                    pos_sum[r0:r1] += torch.where(t.match, t.s, 0).sum(1)
-                    pos_cnt[r0:r1] += t.match.sum(1)
-                t.hide_positives()
-                _online_update(m_row[r0:r1], l_row[r0:r1], t.s, 1, w)
-                if spec.symmetric:
-                    _online_update(m_col[c0:c1], l_col[c0:c1], t.s, 0, w)
+        for r0, r1, c0, c1 in _tiles(n, c):
+            if spec.uses_labels:
+                def on_positives(tile, match, r0=r0, r1=r1):
+                    pos_sum[r0:r1] += torch.where(match, tile, 0).sum(1)
+                    pos_cnt[r0:r1] += match.sum(1)
+            tile, _ = _masked_tile(qs, k, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0), on_positives)
+            work = work_buf.view(r1 - r0, c1 - c0)
+            if spec.symmetric:
+                _merge_rows_and_cols(tile, row_ref[r0:r1], row_acc[r0:r1], col_ref[c0:c1], col_acc[c0:c1],
+                                     work, _SAFE_LOG[cd])
+            else:
+                _merge_exact(row_ref[r0:r1], row_acc[r0:r1], tile, 1, work)
 
-        lse_row = m_row + torch.log(l_row)
+        lse_row = row_ref + torch.log(row_acc)
         if spec.uses_labels:
             row_valid = (pos_cnt > 0) & (lse_row != NEG_INF)
             pos_term = pos_sum / pos_cnt.clamp(min=1)
         else:
             row_valid = lse_row != NEG_INF
-            pos_term = _positive_logit(q, k, s_rows, b, spec.positive_index)
+            pos_term = (qs * k[spec.positive_index]).sum(dim=1)
+        bias_term = 0.0
         if spec.pos_weight is not None:
-            pos_term = pos_term * spec.pos_weight.to(cd)
-        row_loss = torch.where(row_valid, lse_row - pos_term, torch.zeros_like(lse_row))
+            pw = spec.pos_weight.to(cd)
+            pos_term = pos_term * pw
+            bias_term = _bias_value(bias) * (1 - pw)
+        row_loss = torch.where(row_valid, lse_row - pos_term + bias_term, torch.zeros_like(lse_row))
 
         if spec.symmetric:
-            lse_col = (m_col + torch.log(l_col))[spec.positive_index]
+            lse_col = (col_ref + torch.log(col_acc))[spec.positive_index]
             col_valid = lse_col != NEG_INF
-            col_loss = torch.where(col_valid, lse_col - pos_term, torch.zeros_like(lse_col))
+            col_loss = torch.where(col_valid, lse_col - pos_term + bias_term, torch.zeros_like(lse_col))
         else:
-            lse_col = col_loss = torch.empty(0, dtype=cd, device=q.device)
-            col_valid = torch.empty(0, dtype=torch.bool, device=q.device)
+            lse_col = col_loss = torch.empty(0, dtype=cd, device=dev)
+            col_valid = torch.empty(0, dtype=torch.bool, device=dev)
 
         ctx.spec = spec
         ctx.has_bias = bias is not None
@@ -199,93 +278,116 @@ class SoftmaxLoss(torch.autograd.Function):
         return row_loss, col_loss, row_valid, col_valid
 
     @staticmethod
-    def backward(ctx, grad_row, grad_col, _gv1, _gv2):
+    def backward(ctx, grad_row, grad_col, _grad_row_valid, _grad_col_valid):
         query, key, scale, bias, lse_row, lse_col, row_valid, col_valid, pos_cnt = ctx.saved_tensors
         spec: SoftmaxSpec = ctx.spec
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
         cd = lse_row.dtype
         q, k = query.to(cd), key.to(cd)
-        n, c = q.shape[0], k.shape[0]
+        n, c, d, dev = q.shape[0], k.shape[0], q.shape[1], q.device
         s_rows = _row_scale(scale, n, cd)
-        b = _bias_value(bias if ctx.has_bias else None)
         n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
+        pw = None if spec.pos_weight is None else spec.pos_weight.to(cd)
 
-        # Per-row / per-column weights of the softmax terms: the incoming gradient, zero on
-        # invalid anchors.
+        # Softmax-term weight of each anchor: the incoming gradient, zero on invalid anchors.
         w_row = torch.where(row_valid, grad_row.to(cd), torch.zeros_like(lse_row))
         w_col_by_row = None
         if spec.symmetric:
             w_col_by_row = torch.where(col_valid, grad_col.to(cd), torch.zeros_like(lse_col))
-            w_col = torch.zeros(c, dtype=cd, device=q.device)
-            w_col[spec.positive_index] = w_col_by_row
-            lse_col_full = torch.zeros(c, dtype=cd, device=q.device)
-            lse_col_full[spec.positive_index] = _finite_or_zero(lse_col)
-        lse_row_safe = _finite_or_zero(lse_row)
-        pos_w = None if spec.pos_weight is None else spec.pos_weight.to(cd)
+            w_col = torch.zeros(c, dtype=cd, device=dev).index_put_((spec.positive_index,), w_col_by_row)
+            is_anchor = w_col != 0
+            # +inf on columns that are not anchors keeps exp(S - LSE'_j) at 0 there
+            lse_col_full = torch.full((c,), float("inf"), dtype=cd, device=dev)
+            lse_col_full[spec.positive_index[w_col_by_row != 0]] = lse_col[w_col_by_row != 0]
         if spec.uses_labels:
-            # -t_ij * w_row_i on every label positive: t_ij = pos_weight_i / |P_i|
+            # -t_ij on each label positive: t_ij = pos_weight_i / |P_i|
             label_coef = w_row / pos_cnt.clamp(min=1)
-            if pos_w is not None:
-                label_coef = label_coef * pos_w
+            if pw is not None:
+                label_coef = label_coef * pw
 
-        qs = q * s_rows[:, None]
+        # [qs | -LSE_i] @ [k | 1]^T = S - LSE_i: the matmul yields the exponent of the row softmax.
+        lse_safe = _finite_or_zero(lse_row)
+        qs_aug = torch.cat([q * s_rows[:, None], -lse_safe[:, None]], dim=1)
+        k_aug = torch.cat([k, torch.ones(c, 1, dtype=cd, device=dev)], dim=1)
+        qs, k_view = qs_aug[:, :d], k_aug[:, :d]
         dq_acc = torch.zeros_like(q)  # sum_j G_ij k_j, before the row scale
         dk = torch.zeros_like(k) if need_k else None
-        db = torch.zeros((), dtype=cd, device=q.device)
+        safe_log = _SAFE_LOG[cd]
 
-        br, bc = _tile_shape(n, c)
-        tile_buf = torch.empty(br * bc, dtype=cd, device=q.device)
-        grad_buf = torch.empty(br * bc, dtype=cd, device=q.device)
-        for r0, r1 in _blocks(n, br):
-            for c0, c1 in _blocks(c, bc):
-                shape = (r1 - r0, c1 - c0)
-                t = _Tile(q, k, s_rows, b, spec, r0, r1, c0, c1, tile_buf[: shape[0] * shape[1]].view(shape))
-                t.hide_positives()
-                g = grad_buf[: shape[0] * shape[1]].view(shape)
-                torch.sub(t.s, lse_row_safe[r0:r1, None], out=g).exp_().mul_(w_row[r0:r1, None])
-                if spec.symmetric:
-                    t.s.sub_(lse_col_full[None, c0:c1]).exp_().mul_(w_col[None, c0:c1])
-                    g.add_(t.s)
-                if t.match is not None:
-                    g.sub_(t.match * label_coef[r0:r1, None])
-                dq_acc[r0:r1].addmm_(g, k[c0:c1])
-                if need_k and c0 < n_grad_cols:
-                    hi = min(c1, n_grad_cols)
-                    dk[c0:hi].addmm_(g[:, : hi - c0].T, qs[r0:r1])
-                if need_b:
-                    db += g.sum()
+        tile_buf, grad_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
+        for r0, r1, c0, c1 in _tiles(n, c):
+            tile, match = _masked_tile(qs_aug, k_aug, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
+            g = grad_buf.view(r1 - r0, c1 - c0)
+            if spec.symmetric:
+                _symmetric_grad(g, tile, w_row[r0:r1], lse_safe[r0:r1], w_col[c0:c1], lse_col_full[c0:c1],
+                                is_anchor[c0:c1], safe_log)
+            else:
+                torch.mul(tile.exp_(), w_row[r0:r1, None], out=g)  # w_i * exp(S_ij - LSE_i)
+            if match is not None:
+                g.sub_(match * label_coef[r0:r1, None])
+            dq_acc[r0:r1].addmm_(g, k_view[c0:c1])
+            if need_k and c0 < n_grad_cols:
+                hi = min(c1, n_grad_cols)
+                dk[c0:hi].addmm_(g[:, : hi - c0].T, qs[r0:r1])
 
+        # sum_j G_ij = w_row_i * (1 - pos_weight_i) (+ the column anchor's share): d(bias)
+        bias_coef = w_row if w_col_by_row is None else w_row + w_col_by_row
         if not spec.uses_labels:
-            # the one-hot target term -t_ij lives on one entry per row: apply it outside the tiles
-            coef = w_row if w_col_by_row is None else w_row + w_col_by_row
-            coef = -coef if pos_w is None else -coef * pos_w
+            # the one-hot target -t_ij lives on one entry per row: applied outside the tiles
+            coef = -bias_coef if pw is None else -bias_coef * pw
             pos = spec.positive_index
             dq_acc.add_(coef[:, None] * k[pos])
             if need_k:
-                grad_pos = (coef * (pos < n_grad_cols))[:, None] * qs
-                dk.index_add_(0, pos, grad_pos)
-            if need_b:
-                db += coef.sum()
+                dk.index_add_(0, pos, (coef * (pos < n_grad_cols))[:, None] * qs)
 
         grad_q = (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None
         grad_k = dk.to(key.dtype) if need_k else None
         grad_s = _sum_to_scale((dq_acc * q).sum(dim=1), scale) if need_s else None
-        grad_b = db.to(bias.dtype).reshape(bias.shape) if need_b else None
+        grad_b = None
+        if need_b:
+            db = torch.zeros((), dtype=cd, device=dev) if pw is None else (bias_coef * (1 - pw)).sum()
+            grad_b = db.to(bias.dtype).reshape(bias.shape)
         return grad_q, grad_k, grad_s, grad_b, None
+
+
+def _symmetric_grad(g, tile, w_row, lse_row, w_col, lse_col, is_anchor, safe_log) -> None:
+    """``g = w_row_i * p_ij + w_col_j * p'_ij`` for a tile holding ``S_ij - LSE_i``.
+
+    ``p = exp(tile)`` and ``p'_ij = exp(S_ij - LSE'_j) = p_ij * exp(LSE_i - LSE'_j)``, split as
+    ``a_i * b_j`` around the tile's largest row LSE so neither factor overflows: one exp per
+    entry. When an anchor column's LSE lies more than ``safe_log`` below that, ``p_ij`` could
+    underflow where ``p'_ij`` matters, and the column term gets its own exp. Consumes ``tile``.
+    """
+    top = float(lse_row.max())
+    anchors_lse = lse_col[is_anchor]
+    if math.isfinite(top) and (anchors_lse.numel() == 0 or top - float(anchors_lse.min()) <= safe_log):
+        a = torch.exp(lse_row - top)
+        b = w_col * torch.exp(top - lse_col)
+        torch.outer(a, b, out=g).add_(w_row[:, None]).mul_(tile.exp_())
+        return
+    torch.exp(tile, out=g).mul_(w_row[:, None])
+    tile.add_(lse_row[:, None]).sub_(lse_col[None, :]).exp_().mul_(w_col[None, :])
+    g.add_(tile)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sigmoid family
 
 
 class SigmoidLoss(torch.autograd.Function):
     """Sigmoid-family loss (a scalar), blockwise.
 
-    The gradient of a logit needs no global statistic, so when autograd will need gradients
-    the forward forms them tile by tile and the backward only scales them (6NMD FLOPs in all).
+    Every entry is first treated as a negative (``softplus(L_ij)``); each positive then gets
+    ``softplus(-x) - softplus(x) = -x``. The gradient of a logit needs no global statistic, so
+    when autograd will need gradients the forward forms them tile by tile and the backward only
+    scales them (6NMD FLOPs in all).
     """
 
     @staticmethod
     def forward(ctx, query, key, scale, bias, spec: SigmoidSpec):
         cd = _compute_dtype(query.dtype)
         q, k = query.to(cd), key.to(cd)
-        n, c = q.shape[0], k.shape[0]
+        n, c, dev = q.shape[0], k.shape[0], q.device
         s_rows = _row_scale(scale, n, cd)
         b = _bias_value(bias)
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
@@ -293,48 +395,38 @@ class SigmoidLoss(torch.autograd.Function):
         inv_n = 1.0 / spec.n_rows_norm
 
         qs = q * s_rows[:, None]
-        total = torch.zeros((), dtype=cd, device=q.device)
+        total = torch.zeros((), dtype=cd, device=dev)
         if need_grad:
             dq_acc = torch.zeros_like(q)
             dk = torch.zeros_like(k)
-            db = torch.zeros((), dtype=cd, device=q.device)
-        br, bc = _tile_shape(n, c)
-        tile_buf = torch.empty(br * bc, dtype=cd, device=q.device)
-        work = torch.empty(br * bc, dtype=cd, device=q.device)
-        for r0, r1 in _blocks(n, br):
-            for c0, c1 in _blocks(c, bc):
-                shape = (r1 - r0, c1 - c0)
-                tile = tile_buf[: shape[0] * shape[1]].view(shape)
-                torch.matmul(qs[r0:r1], k[c0:c1].T, out=tile)
-                if b:
-                    tile.add_(b)
-                # every entry as a negative: softplus(L); positives are corrected below
-                w = work[: shape[0] * shape[1]].view(shape)
-                total += torch.nn.functional.softplus(tile, threshold=50.0).sum()
-                if need_grad:
-                    g = torch.sigmoid(tile, out=w)
-                    dq_acc[r0:r1].addmm_(g, k[c0:c1])
-                    dk[c0:c1].addmm_(g.T, qs[r0:r1])
-                    if need_b:
-                        db += g.sum()
+            db = torch.zeros((), dtype=cd, device=dev)
+        tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
+        for r0, r1, c0, c1 in _tiles(n, c):
+            tile = torch.matmul(qs[r0:r1], k[c0:c1].T, out=tile_buf.view(r1 - r0, c1 - c0))
+            if b:
+                tile.add_(b)
+            work = work_buf.view(r1 - r0, c1 - c0)
+            total += torch.ops.aten.softplus.out(tile, 1.0, 50.0, out=work).sum()
+            if need_grad:
+                g = torch.sigmoid(tile, out=work)
+                dq_acc[r0:r1].addmm_(g, k[c0:c1])
+                dk[c0:c1].addmm_(g.T, qs[r0:r1])
+                if need_b:
+                    db += g.sum()
 
-        has_pos = spec.positive_index >= 0
-        rows = torch.nonzero(has_pos).flatten()
+        rows = torch.nonzero(spec.positive_index >= 0).flatten()
         pos = spec.positive_index[rows]
-        pos_logit = _positive_logit(q[rows], k, s_rows[rows], b, pos)
-        # softplus(-x) = softplus(x) - x on each positive
+        pos_logit = (qs[rows] * k[pos]).sum(dim=1) + b
         loss = (total - pos_logit.sum()) * inv_n
 
         if need_grad:
             dq_acc.index_add_(0, rows, -k[pos])
             dk.index_add_(0, pos, -qs[rows])
-            if need_b:
-                db -= rows.numel()
+            db -= rows.numel()
             dq_acc *= inv_n
-            dk *= inv_n
             ctx.save_for_backward(
                 (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None,
-                dk.to(key.dtype) if need_k else None,
+                (dk * inv_n).to(key.dtype) if need_k else None,
                 _sum_to_scale((dq_acc * q).sum(dim=1), scale) if need_s else None,
                 (db * inv_n).to(bias.dtype).reshape(bias.shape) if need_b else None,
             )
@@ -356,5 +448,5 @@ def sigmoid_loss(query, key, scale, bias, spec: SigmoidSpec):
 
 
 def available(device: torch.device) -> Optional[str]:
-    """``None`` if this backend can run on ``device``, else the reason it cannot."""
+    """``None``: the torch backend runs wherever PyTorch does."""
     return None
