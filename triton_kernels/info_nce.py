@@ -1,0 +1,324 @@
+"""Triton kernels for every fastcl loss: one tile loop, two epilogue families.
+
+Shapes: ``Q`` is ``[N, D]`` (rows, anchors), ``K`` is ``[C, D]`` (columns), both contiguous in
+the input dtype (fp16 / bf16 / fp32 / fp64). ``S = s_i * Q K^T + b`` is never stored: every
+kernel walks tiles of it and keeps them in registers. Statistics and accumulators are in ``ACC``
+(fp32, or fp64 for fp64 inputs). The launcher is ``fastcl/backends/triton.py``; the readable
+specification of the same algorithm is ``fastcl/backends/torch.py``.
+
+Orientation. A program *owns* a block of one axis (``OWN_ROWS``: rows of Q, else columns of K)
+and loops over the other. The owned side is ``A`` and the looped side ``B``; the tile is
+``A_tile @ B_tile^T`` (``BLOCK_A x BLOCK_B``). Masks and epilogues are written once in terms of
+global ``rows`` / ``cols`` index tensors that are ``[BLOCK_A, 1]`` / ``[1, BLOCK_B]`` or the
+transpose, so broadcasting puts every per-row and per-column quantity in place for both
+orientations. That is what lets one kernel serve the row and the column direction.
+
+Kernels:
+
+* ``softmax_stats_kernel``: the forward online (max, sum-exp) per anchor in fp32/fp64, masked
+  entries at -inf and a zero shift for all-masked lines (no ``-inf - -inf``). With ``OWN_ROWS``
+  it also sums the positive logits and counts the positives (one-hot positives and label
+  positives alike are an in-tile comparison). For symmetric losses it runs a second time with
+  columns as anchors: a second pass costs ``2NMD`` more FLOPs, whereas merging per-row-tile
+  column partials needs an ``(N / BLOCK_A) x C`` buffer, which grows like ``N * C``; atomics
+  would make the merge order (and the bits) vary run to run.
+* ``grad_kernel``: recomputes tiles and forms the gradient tile ``G = d loss / d S`` (softmax:
+  ``w_i p_ij + w'_j p'_ij - [j in P_i] coef_i``; sigmoid: ``(sigmoid(L_ij) - z_ij) / N``), then
+  ``acc += G @ B_tile[:, D-chunk]``. Owning rows gives ``dQ = s_i * acc`` and
+  ``ds_i = <q_i, acc_i>``; owning columns (``G`` scaled by ``s_i``) gives ``dK``. Each output
+  element is written by exactly one program that sums in a fixed order: no atomics, so the
+  backward is bitwise deterministic (FlashAttention-2's dQ / dK split; both kernels recompute
+  ``S``, so a backward costs ``8NMD`` FLOPs with the recompute, forward excluded). Row sums of
+  ``G`` (for the bias gradient) and, for the sigmoid family, the loss per row come from the same
+  row-owning pass; the sigmoid family needs no statistics, so its gradient kernels run inside
+  the forward.
+
+Large D (DESIGN section 8). ``S`` is always built by walking D in ``BLOCK_D`` chunks. The
+gradient accumulator is ``BLOCK_A x BLOCK_X``: the grid's second axis splits D into
+``BLOCK_X`` chunks and each program rebuilds ``S`` over the full D. With ``BLOCK_X >= D`` this is
+the fully fused backward (a ``BLOCK_A x D`` accumulator); with ``BLOCK_X < D`` it is the
+split-D scheme whose recompute grows like ``D / BLOCK_X``. Both are the same kernel; the
+autotuner's configs pick the point between them per (D, dtype, variant). To measure on a GPU:
+TFLOP/s of ``grad_kernel`` at D in {256, 768, 1024, 4096} for ``BLOCK_X`` in {64, 128, 256} and
+BLOCK_A in {32, 64, 128} (register spills via ``n_spills``), against a dense bf16 matmul, and
+whether holding the A tile in shared memory for small D beats re-reading it from L2.
+
+Precision: fp16/bf16 inputs feed ``tl.dot`` and accumulate in fp32 (``G`` is rounded to the
+input dtype for ``G @ B``, as FlashAttention rounds P); fp32 inputs use ``PREC`` (``"tf32"``
+when ``torch.backends.cuda.matmul.allow_tf32`` is set, else ``"ieee"``); fp64 stays fp64.
+
+Under ``TRITON_INTERPRET=1`` these kernels run on CPU tensors (numpy per op): tests use 16-wide
+blocks and tiny shapes, and no autotuning.
+"""
+
+import triton
+import triton.language as tl
+
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _oriented(offs_a, offs_b, OWN_ROWS: tl.constexpr):
+    """Global (row, column) index tensors of the tile, broadcastable to [BLOCK_A, BLOCK_B]."""
+    if OWN_ROWS:
+        rows = offs_a[:, None]
+        cols = offs_b[None, :]
+    else:
+        rows = offs_b[None, :]
+        cols = offs_a[:, None]
+    return rows, cols
+
+
+@triton.jit
+def _scaled_logits(a_ptr, b_ptr, offs_a, offs_b, n_a, n_b, D, rows, N, scale_ptr, scalars_ptr,
+                   HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``s_row * <a, b> (+ bias)`` for one tile; the D tail and out-of-range lines read as 0."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=ACC)
+    a_rows = a_ptr + offs_a.to(tl.int64)[:, None] * D
+    b_rows = b_ptr + offs_b.to(tl.int64)[:, None] * D
+    a_in = offs_a[:, None] < n_a
+    b_in = offs_b[:, None] < n_b
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_in = offs_d[None, :] < D
+        a = tl.load(a_rows + offs_d[None, :], mask=a_in & d_in, other=0.0)
+        b = tl.load(b_rows + offs_d[None, :], mask=b_in & d_in, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC, out_dtype=ACC)
+    acc = acc * tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
+    if HAS_BIAS:
+        acc = acc + tl.load(scalars_ptr)
+    return acc
+
+
+@triton.jit
+def _tile_masks(rows, cols, N, C, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
+                LABELS: tl.constexpr, COL_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr):
+    """``(keep, match)``: entries that exist and are not excluded, and the positives among them.
+
+    One-hot positives are ``col == positive_index[row]`` (``-1`` never matches); label positives
+    are equal labels on a labelled column.
+    """
+    row_in = rows < N
+    col_in = cols < C
+    keep = row_in & col_in
+    if EXCLUDE_SELF:
+        keep = keep & (rows != cols)
+    if LABELS:
+        row_lab = tl.load(row_lab_ptr + rows, mask=row_in, other=0)
+        col_lab = tl.load(col_lab_ptr + cols, mask=col_in, other=0)
+        match = keep & (row_lab == col_lab)
+        if COL_MASK:
+            match = match & (tl.load(col_has_ptr + cols, mask=col_in, other=0) != 0)
+    else:
+        pos = tl.load(pos_ptr + rows, mask=row_in, other=-1)
+        match = keep & (cols == pos)
+    return keep, match
+
+
+@triton.jit
+def _log1p(x):
+    # log(1 + x) with the rounding of 1 + x corrected (exact enough for tiny x, no libdevice)
+    u = 1.0 + x
+    d = u - 1.0
+    return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    return tl.where(x >= 0, r, e * r)
+
+
+@triton.jit
+def softmax_stats_kernel(
+    a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
+    lse_ptr, pos_sum_ptr, pos_cnt_ptr,
+    N, C, D,
+    OWN_ROWS: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    DECOUPLED: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per anchor of the owned axis: ``lse = LSE_{j in D} S``; with ``OWN_ROWS`` also the sum of
+    positive logits and the positive count (``[N]`` each, ``ACC``)."""
+    if OWN_ROWS:
+        n_a = N
+        n_b = C
+    else:
+        n_a = C
+        n_b = N
+    offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    m = tl.full((BLOCK_A,), NEG_INF, dtype=ACC)
+    l = tl.zeros((BLOCK_A,), dtype=ACC)
+    pos_sum = tl.zeros((BLOCK_A,), dtype=ACC)
+    pos_cnt = tl.zeros((BLOCK_A,), dtype=ACC)
+    for b0 in range(0, n_b, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        rows, cols = _oriented(offs_a, offs_b, OWN_ROWS)
+        t = _scaled_logits(a_ptr, b_ptr, offs_a, offs_b, n_a, n_b, D, rows, N, scale_ptr, scalars_ptr,
+                           HAS_BIAS, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
+        keep, match = _tile_masks(rows, cols, N, C, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
+                                  LABELS, COL_MASK, EXCLUDE_SELF)
+        if OWN_ROWS:
+            pos_sum += tl.sum(tl.where(match, t, 0.0), axis=1)
+            pos_cnt += tl.sum(match.to(ACC), axis=1)
+        if DECOUPLED:
+            keep = keep & ~match
+        t = tl.where(keep, t, NEG_INF)
+        m_new = tl.maximum(m, tl.max(t, axis=1))
+        # an all-masked line keeps max -inf; shifting by 0 there keeps exp(-inf - 0) = 0
+        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(t - m_safe[:, None]), axis=1)
+        m = m_new
+    a_in = offs_a < n_a
+    # log(0) = -inf is meant (an empty denominator); the where only keeps the interpreter quiet
+    lse = tl.where(l == 0.0, NEG_INF, m + tl.log(tl.where(l == 0.0, 1.0, l)))
+    tl.store(lse_ptr + offs_a, lse, mask=a_in)
+    if OWN_ROWS:
+        tl.store(pos_sum_ptr + offs_a, pos_sum, mask=a_in)
+        tl.store(pos_cnt_ptr + offs_a, pos_cnt, mask=a_in)
+
+
+@triton.jit
+def grad_kernel(
+    a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
+    lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
+    out_ptr, ds_ptr, gsum_ptr, loss_ptr,
+    N, C, D, n_out,
+    SIGMOID: tl.constexpr, OWN_ROWS: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, DECOUPLED: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACCUMULATE: tl.constexpr, STORE_OUT: tl.constexpr, WRITE_DS: tl.constexpr, WRITE_GSUM: tl.constexpr,
+    WRITE_LOSS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr,
+):
+    """Gradient of the owned block, for features ``[pid_x * BLOCK_X, +BLOCK_X)``.
+
+    ``OWN_ROWS``: ``out = dQ = s_i * sum_j G_ij k_j`` (``[N, D]``, input dtype),
+    ``ds[pid_x, i] = <q_i, sum_j G_ij k_j>`` over this D-chunk, ``gsum[i] = sum_j G_ij`` and
+    (sigmoid) ``loss[i] = sum_j softplus(-z_ij L_ij)``. Otherwise ``out = dK = sum_i G_ij s_i q_i``
+    for the first ``n_out`` columns. Softmax inputs: per row ``lse_row`` (finite), ``w_row`` (the
+    upstream gradient, 0 on invalid anchors) and ``coef`` (the positive weight ``t_ij`` summed over
+    both directions); per column ``lse_col``/``w_col`` for symmetric. Sigmoid: ``scalars[1]`` is
+    the ``1/N`` on every ``G``.
+    """
+    if OWN_ROWS:
+        n_a = N
+        n_b = C
+    else:
+        n_a = C
+        n_b = N
+    pid_x = tl.program_id(1)
+    offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
+    x_in = offs_x[None, :] < D
+    acc = tl.zeros((BLOCK_A, BLOCK_X), dtype=ACC)
+    gsum = tl.zeros((BLOCK_A,), dtype=ACC)
+    loss = tl.zeros((BLOCK_A,), dtype=ACC)
+    for b0 in range(0, n_b, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        rows, cols = _oriented(offs_a, offs_b, OWN_ROWS)
+        t = _scaled_logits(a_ptr, b_ptr, offs_a, offs_b, n_a, n_b, D, rows, N, scale_ptr, scalars_ptr,
+                           HAS_BIAS, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
+        keep, match = _tile_masks(rows, cols, N, C, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
+                                  LABELS, COL_MASK, EXCLUDE_SELF)
+        if SIGMOID:
+            if WRITE_LOSS:
+                # every entry as a negative, softplus(L); a positive is softplus(L) - L
+                loss += tl.sum(tl.where(keep, _softplus(t), 0.0) - tl.where(match, t, 0.0), axis=1)
+            g = tl.where(keep, (_sigmoid(t) - match.to(ACC)) * tl.load(scalars_ptr + 1), 0.0)
+        else:
+            if DECOUPLED:
+                t = tl.where(keep & ~match, t, NEG_INF)
+            else:
+                t = tl.where(keep, t, NEG_INF)
+            in_row = rows < N
+            w_row = tl.load(w_row_ptr + rows, mask=in_row, other=0.0)
+            # where(w != 0): an anchor left out of the loss must not turn exp overflow into NaN
+            g = tl.where(w_row != 0.0, w_row * tl.exp(t - tl.load(lse_row_ptr + rows, mask=in_row, other=0.0)), 0.0)
+            if SYMMETRIC:
+                in_col = cols < C
+                w_col = tl.load(w_col_ptr + cols, mask=in_col, other=0.0)
+                g += tl.where(w_col != 0.0, w_col * tl.exp(t - tl.load(lse_col_ptr + cols, mask=in_col, other=0.0)), 0.0)
+            g -= tl.where(match, tl.load(coef_ptr + rows, mask=in_row, other=0.0), 0.0)
+        if WRITE_GSUM:
+            gsum += tl.sum(g, axis=1)
+        if ACCUMULATE:
+            if not OWN_ROWS:
+                # dK_j = sum_i G_ij s_i q_i: the row scale rides on G
+                g = g * tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
+            x = tl.load(b_ptr + offs_b.to(tl.int64)[:, None] * D + offs_x[None, :],
+                        mask=(offs_b[:, None] < n_b) & x_in, other=0.0)
+            acc = tl.dot(g.to(x.dtype), x, acc, input_precision=PREC, out_dtype=ACC)
+
+    a_in = offs_a < n_a
+    first_chunk = pid_x == 0
+    if WRITE_GSUM:
+        tl.store(gsum_ptr + offs_a, gsum, mask=a_in & first_chunk)
+    if WRITE_LOSS:
+        tl.store(loss_ptr + offs_a, loss, mask=a_in & first_chunk)
+    if ACCUMULATE:
+        offs_a64 = offs_a.to(tl.int64)
+        if OWN_ROWS:
+            if WRITE_DS:
+                q = tl.load(a_ptr + offs_a64[:, None] * D + offs_x[None, :], mask=a_in[:, None] & x_in, other=0.0)
+                tl.store(ds_ptr + pid_x * N + offs_a, tl.sum(q.to(ACC) * acc, axis=1), mask=a_in)
+            acc = acc * tl.load(scale_ptr + offs_a, mask=a_in, other=0.0)[:, None]
+        if STORE_OUT:
+            tl.store(out_ptr + offs_a64[:, None] * D + offs_x[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=(offs_a < n_out)[:, None] & x_in)
+
+
+# GPU configs. Untested on hardware in this repository so far: the starting points of a search,
+# to be replaced by measured ones (module docstring). The launcher picks BLOCK_X from D (it fixes
+# how many ``ds`` partials there are); ``fit_to_width`` clips BLOCK_D to the padded width, so small
+# D does not waste lanes, and drops accumulators of more than 64 x 256 fp32 (register spills).
+def _config(a, b, d, warps, stages):
+    return triton.Config({"BLOCK_A": a, "BLOCK_B": b, "BLOCK_D": d}, num_warps=warps, num_stages=stages)
+
+
+STATS_CONFIGS = [
+    _config(64, 64, 64, 4, 3),
+    _config(128, 64, 64, 8, 3),
+    _config(128, 128, 32, 8, 3),
+    _config(64, 128, 64, 4, 4),
+]
+
+GRAD_CONFIGS = [
+    _config(32, 64, 64, 4, 2),
+    _config(64, 64, 64, 4, 3),
+    _config(64, 64, 64, 8, 3),
+    _config(64, 32, 64, 8, 2),
+    _config(128, 64, 32, 8, 2),
+]
+
+# autotuning key: the width and the variant; the autotuner adds the tensors' dtypes itself
+STATS_KEY = ["D", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "PREC"]
+GRAD_KEY = ["D", "BLOCK_X", "SIGMOID", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "SYMMETRIC", "ACCUMULATE",
+            "PREC"]
+_MAX_ACCUMULATOR = 64 * 256
+
+
+def fit_to_width(configs, named_args, **kwargs):
+    width = max(16, triton.next_power_of_2(named_args["D"]))
+    block_x = kwargs.get("BLOCK_X", 0)
+    seen, fitted = set(), []
+    for cfg in sorted(configs, key=lambda c: c.kwargs["BLOCK_A"]):
+        kw = dict(cfg.kwargs, BLOCK_D=min(cfg.kwargs["BLOCK_D"], width))
+        if fitted and kw["BLOCK_A"] * block_x > _MAX_ACCUMULATOR:
+            continue
+        sig = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
+        if sig not in seen:
+            seen.add(sig)
+            fitted.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return fitted
+
+
+def tuned(kernel, configs, key):
+    """``kernel`` behind Triton's autotuner (compiled mode only; the launcher creates it lazily)."""
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": fit_to_width})(kernel)
