@@ -1,0 +1,100 @@
+"""Bad input raises at the public boundary with a message naming the argument."""
+
+import pytest
+import torch
+
+import fastcl
+
+
+def x(n=4, d=3, dtype=torch.float32):
+    return torch.randn(n, d, dtype=dtype)
+
+
+CASES = [
+    ("query rank", lambda: fastcl.info_nce(torch.randn(4), x()), ValueError, "query must be 2-D"),
+    ("key width", lambda: fastcl.info_nce(x(4, 3), x(4, 5)), ValueError, "feature width"),
+    ("empty", lambda: fastcl.info_nce(x(0, 3), x()), ValueError, "query must not be empty"),
+    ("not a tensor", lambda: fastcl.info_nce([[1.0]], x()), TypeError, "query must be a torch.Tensor"),
+    ("integer features", lambda: fastcl.info_nce(torch.ones(4, 3, dtype=torch.long), x()), TypeError, "floating"),
+    ("tower dtypes", lambda: fastcl.clip_loss(x(), x(dtype=torch.float64), 10.0), TypeError, "text_features has dtype"),
+    ("tower rows", lambda: fastcl.clip_loss(x(4), x(5), 10.0), ValueError, "text_features has 5 rows"),
+    ("m < n default positives", lambda: fastcl.info_nce(x(6), x(4)), ValueError, "need M >= N"),
+    ("positive_index range", lambda: fastcl.info_nce(x(), x(), positive_index=torch.tensor([0, 1, 2, 4])), ValueError, "positive_index values"),
+    ("positive_index negative", lambda: fastcl.info_nce(x(), x(), positive_index=torch.tensor([0, 1, 2, -1])), ValueError, "positive_index values"),
+    ("positive_index dtype", lambda: fastcl.info_nce(x(), x(), positive_index=torch.tensor([0.0, 1, 2, 3])), TypeError, "positive_index must have an integer dtype"),
+    ("positive_index length", lambda: fastcl.info_nce(x(), x(), positive_index=torch.tensor([0, 1])), ValueError, "positive_index must have shape (4,)"),
+    ("labels length", lambda: fastcl.info_nce(x(), x(), labels=torch.tensor([0, 1])), ValueError, "labels must have shape (4,)"),
+    ("key_labels length", lambda: fastcl.info_nce(x(), x(6), labels=torch.zeros(4, dtype=torch.long), key_labels=torch.zeros(4, dtype=torch.long)), ValueError, "key_labels must have shape (6,)"),
+    ("key_labels missing", lambda: fastcl.info_nce(x(), x(6), labels=torch.zeros(4, dtype=torch.long)), ValueError, "key_labels is required"),
+    ("negative_labels length", lambda: fastcl.info_nce(x(), x(), labels=torch.zeros(4, dtype=torch.long), negatives=x(3), negative_labels=torch.zeros(2, dtype=torch.long)), ValueError, "negative_labels must have shape (3,)"),
+    ("labels and positive_index", lambda: fastcl.info_nce(x(), x(), labels=torch.zeros(4, dtype=torch.long), positive_index=torch.arange(4)), ValueError, "either labels or positive_index"),
+    ("temperature zero", lambda: fastcl.info_nce(x(), x(), temperature=0.0), ValueError, "temperature must be > 0"),
+    ("temperature negative tensor", lambda: fastcl.info_nce(x(), x(), temperature=torch.tensor([0.1, -0.1, 0.1, 0.1])), ValueError, "temperature must be > 0"),
+    ("temperature shape", lambda: fastcl.info_nce(x(), x(), temperature=torch.ones(3)), ValueError, "temperature must be a scalar, shape (1,) or shape (4,)"),
+    ("scale shape", lambda: fastcl.info_nce(x(), x(), scale=torch.ones(2, 2)), ValueError, "scale must be a scalar"),
+    ("scale and temperature", lambda: fastcl.info_nce(x(), x(), temperature=0.2, scale=5.0), ValueError, "either temperature or scale"),
+    ("scale and default-valued temperature", lambda: fastcl.info_nce(x(), x(), temperature=0.1, scale=5.0), ValueError, "either temperature or scale"),
+    ("symmetric labels", lambda: fastcl.info_nce(x(), x(), labels=torch.zeros(4, dtype=torch.long), symmetric=True), ValueError, "symmetric needs one-to-one"),
+    ("symmetric duplicate positives", lambda: fastcl.info_nce(x(), x(), positive_index=torch.tensor([0, 0, 1, 2]), symmetric=True), ValueError, "symmetric needs one-to-one"),
+    ("exclude_self default positives", lambda: fastcl.info_nce(x(), x(), exclude_self=True), ValueError, "exclude_self"),
+    ("exclude_self own positive", lambda: fastcl.info_nce(x(), x(), exclude_self=True, positive_index=torch.tensor([1, 1, 3, 0])), ValueError, "its own column"),
+    ("reduction", lambda: fastcl.info_nce(x(), x(), reduction="avg"), ValueError, "reduction must be one of"),
+    ("backend", lambda: fastcl.info_nce(x(), x(), backend="numpy"), ValueError, "backend must be one of"),
+    ("siglip without bias", lambda: fastcl.siglip_loss(x(), x(), 10.0, None), ValueError, "needs logit_bias"),
+    ("logit_scale shape", lambda: fastcl.clip_loss(x(), x(), torch.ones(4)), ValueError, "logit_scale must be a scalar"),
+    ("logit_bias shape", lambda: fastcl.clip_loss(x(), x(), 10.0, torch.ones(2)), ValueError, "logit_bias must be a scalar"),
+    ("supcon rank", lambda: fastcl.supcon(x()), ValueError, "features must be 3-D"),
+    ("supcon mode", lambda: fastcl.supcon(torch.randn(4, 2, 3), contrast_mode="some"), ValueError, "contrast_mode must be one of"),
+    ("supcon labels", lambda: fastcl.supcon(torch.randn(4, 2, 3), torch.zeros(3, dtype=torch.long)), ValueError, "labels must have shape (4,)"),
+    ("nt_xent rows", lambda: fastcl.nt_xent(x(4), x(5)), ValueError, "z2 has 5 rows"),
+    ("nt_xent temperature", lambda: fastcl.nt_xent(x(), x(), temperature=-1.0), ValueError, "temperature must be > 0"),
+    ("dcl sigma", lambda: fastcl.dcl(x(), x(), weight_sigma=0.0), ValueError, "weight_sigma must be > 0"),
+    ("negative_labels without negatives", lambda: fastcl.info_nce(x(), x(), labels=torch.zeros(4, dtype=torch.long), negative_labels=torch.zeros(2, dtype=torch.long)), ValueError, "negative_labels was given without negatives"),
+    ("key_labels without labels", lambda: fastcl.info_nce(x(), x(), key_labels=torch.zeros(4, dtype=torch.long)), ValueError, "need labels"),
+    ("bool temperature", lambda: fastcl.info_nce(x(), x(), temperature=True), TypeError, "temperature must be a float or a tensor"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_raises(name, call, exc, message):
+    with pytest.raises(exc) as info:
+        call()
+    assert message in str(info.value), str(info.value)
+
+
+def test_env_backend_is_validated(monkeypatch):
+    monkeypatch.setenv("FASTCL_BACKEND", "fast")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastcl.info_nce(x(), x())
+
+
+def test_requested_backend_that_cannot_run_says_why():
+    # "cuda" on CPU tensors can never run: the message must carry a reason, not just fail
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run on cpu: .+"):
+        fastcl.info_nce(x(), x(), backend="cuda")
+
+
+def test_auto_and_env_fall_back_to_torch_on_cpu(monkeypatch):
+    q, k = x(), x()
+    monkeypatch.delenv("FASTCL_BACKEND", raising=False)
+    ref = fastcl.info_nce(q, k, backend="torch")
+    assert torch.equal(fastcl.info_nce(q, k), ref)
+    monkeypatch.setenv("FASTCL_BACKEND", "torch")
+    assert torch.equal(fastcl.info_nce(q, k), ref)
+
+
+def test_devices_must_match():
+    meta = torch.randn(4, 3, device="meta")
+    with pytest.raises(ValueError, match="key is on meta but query is on cpu"):
+        fastcl.info_nce(x(), meta)
+    with pytest.raises(ValueError, match="labels is on meta"):
+        fastcl.info_nce(x(), x(), labels=torch.zeros(4, dtype=torch.long, device="meta"))
+
+
+def test_build_info():
+    info = fastcl.build_info()
+    for key in ("version", "torch", "triton", "cuda_extension", "cuda_archs", "backends"):
+        assert key in info
+    assert info["version"] == fastcl.__version__
+    assert "torch" in info["backends"]
+    assert isinstance(info["cuda_extension"], bool) and isinstance(info["cuda_archs"], list)
