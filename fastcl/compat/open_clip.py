@@ -1,0 +1,178 @@
+"""open_clip's losses (``open_clip.loss``, open-clip-torch 3.3.0) on fastcl's fused kernels.
+
+Swap ``from open_clip.loss import ClipLoss, SigLipLoss`` for
+``from fastcl.compat.open_clip import ClipLoss, SigLipLoss``.
+
+=================  ==========================================================================
+class              fastcl
+=================  ==========================================================================
+ClipLoss           fused (:func:`fastcl.clip_loss`), one process
+SigLipLoss         fused (:func:`fastcl.siglip_loss`), one process
+CoCaLoss           contrastive part fused; the caption cross-entropy is plain torch, as in open_clip
+DistillClipLoss    delegated to open_clip (needs teacher soft targets, which fastcl does not fuse)
+=================  ==========================================================================
+
+Differences from open_clip: the loss comes back in float32 for float16/bfloat16 features
+(open_clip returns the features' dtype outside autocast); ``world_size > 1`` raises
+``NotImplementedError`` (no cross-process gather in fastcl yet); ``cache_labels`` and
+``use_horovod`` are accepted and have nothing to do (no label tensor is built).
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from . import _import_host, _not_distributed
+
+__all__ = ["ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss"]
+
+_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+def _single_process(cls_name: str, world_size: int):
+    if world_size > 1:
+        _not_distributed(f"{cls_name}(world_size={world_size})")
+
+
+class ClipLoss(nn.Module):
+    """CLIP's symmetric InfoNCE, ``open_clip.loss.ClipLoss``.
+
+    ``forward(image_features [B, D], text_features [B, D], logit_scale, logit_bias=None,
+    output_dict=False)`` returns ``(CE(L, arange) + CE(L.T, arange)) / 2`` with
+    ``L = logit_scale * image @ text.T (+ logit_bias)``, or ``{"contrastive_loss": loss}``.
+
+    open_clip conventions kept:
+
+    * ``logit_scale`` is the already-exponentiated scale (the model returns
+      ``self.logit_scale.exp()``); a 0-dim or ``[1]`` tensor, or a float. Its gradient and
+      ``logit_bias``'s come back in their own shapes.
+    * Features are used as given: the model normalises them, the loss does not.
+    * ``logit_bias`` (added to both logit matrices, for fine-tuning SigLIP checkpoints with the
+      CLIP loss) is optional.
+
+    Args:
+        local_loss, gather_with_grad, rank, world_size: open_clip's distributed settings. Only
+            ``world_size=1`` is supported; ``local_loss`` and ``gather_with_grad`` then have no
+            effect, as in open_clip.
+        cache_labels, use_horovod: accepted for compatibility; nothing to cache or gather.
+    """
+
+    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
+                 use_horovod=False):
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.use_horovod = use_horovod
+        _single_process(type(self).__name__, world_size)
+
+    def _contrastive(self, image_features, text_features, logit_scale, logit_bias=None):
+        _single_process(type(self).__name__, self.world_size)
+        return F.clip_loss(image_features, text_features, logit_scale, logit_bias)
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        total_loss = self._contrastive(image_features, text_features, logit_scale, logit_bias)
+        return {"contrastive_loss": total_loss} if output_dict else total_loss
+
+
+class CoCaLoss(ClipLoss):
+    """``open_clip.loss.CoCaLoss``: weighted CLIP loss plus a captioning cross-entropy.
+
+    ``forward(image_features, text_features, logits [B, T, V], labels [B, T], logit_scale,
+    output_dict=False)`` returns ``(clip_loss, caption_loss)`` or
+    ``{"contrastive_loss", "caption_loss"}``.
+
+    The contrastive term is :class:`ClipLoss` (fused, no ``logit_bias``, as in open_clip) times
+    ``clip_loss_weight``. The caption term is ``CrossEntropyLoss(ignore_index=pad_id)`` over
+    ``logits.permute(0, 2, 1)`` times ``caption_loss_weight``, in plain torch as in open_clip.
+
+    Quirk kept: with ``clip_loss_weight`` 0 (or None) the contrastive term is
+    ``torch.tensor(0)``, an int64 tensor on ``logits.device``.
+    """
+
+    def __init__(self, caption_loss_weight, clip_loss_weight, pad_id=0, local_loss=False, gather_with_grad=False,
+                 cache_labels=False, rank=0, world_size=1, use_horovod=False):
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
+                         rank=rank, world_size=world_size, use_horovod=use_horovod)
+        self.clip_loss_weight = clip_loss_weight
+        self.caption_loss_weight = caption_loss_weight
+        self.caption_loss = nn.CrossEntropyLoss(ignore_index=pad_id)
+
+    def forward(self, image_features, text_features, logits, labels, logit_scale, output_dict=False):
+        if self.clip_loss_weight:
+            clip_loss = self.clip_loss_weight * self._contrastive(image_features, text_features, logit_scale)
+        else:
+            clip_loss = torch.tensor(0, device=logits.device)
+        caption_loss = self.caption_loss(logits.permute(0, 2, 1), labels) * self.caption_loss_weight
+        if output_dict:
+            return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}
+        return clip_loss, caption_loss
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss, ``open_clip.loss.SigLipLoss``.
+
+    ``forward(image_features [B, D], text_features [B, D], logit_scale, logit_bias,
+    output_dict=False)`` returns ``-sum_ij log sigmoid(z_ij * L_ij) / B`` with
+    ``L = logit_scale * image @ text.T + logit_bias``, ``z = +1`` on the diagonal and ``-1``
+    elsewhere, or ``{"contrastive_loss": loss}``.
+
+    open_clip conventions kept: the sum over columns is averaged over the rows (not the mean
+    over pairs); ``logit_scale`` is already exponentiated; ``logit_bias`` is a required
+    positional argument that may be ``None`` (then no bias is added); features are used as
+    given.
+
+    Args:
+        cache_labels: accepted; no label matrix is built.
+        rank, world_size, dist_impl: open_clip's distributed settings. ``dist_impl`` is checked
+            against open_clip's choices ('bidir', 'shift', 'reduce', 'gather'; default 'bidir');
+            only ``world_size=1`` is supported.
+        chunk_size: open_clip ``main``'s row chunking (PR #1145); accepted and ignored, since
+            fastcl never builds the ``[B, B]`` logits.
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, chunk_size: int = 0):
+        super().__init__()
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl or "bidir"
+        if self.dist_impl not in _DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {_DIST_IMPLS} (or None for 'bidir'); got {dist_impl!r}")
+        self.chunk_size = chunk_size
+        _single_process(type(self).__name__, world_size)
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
+        _single_process(type(self).__name__, self.world_size)
+        loss = F.siglip_loss(image_features, text_features, logit_scale, 0.0 if logit_bias is None else logit_bias)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class DistillClipLoss(nn.Module):
+    """``open_clip.loss.DistillClipLoss``, delegated to open_clip (not fused).
+
+    Its distillation term ``-(softmax(teacher) * log_softmax(student)).sum(1).mean()`` weighs every
+    student logit by a teacher probability: a second logit stream that fastcl's kernels do not
+    take yet. This class forwards to open_clip so that a script importing everything from
+    ``fastcl.compat.open_clip`` keeps working; it raises ``NotImplementedError`` when open_clip is
+    not installed. Same constructor and ``forward(image_features, text_features, logit_scale,
+    dist_image_features, dist_text_features, dist_logit_scale, output_dict=False)``.
+    """
+
+    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
+                 use_horovod=False):
+        super().__init__()
+        host = _import_host("open_clip.loss", "DistillClipLoss (teacher soft targets)", "open_clip_torch")
+        self.host = host.DistillClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad,
+                                         cache_labels=cache_labels, rank=rank, world_size=world_size,
+                                         use_horovod=use_horovod)
+
+    def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                dist_logit_scale, output_dict=False):
+        return self.host(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                         dist_logit_scale, output_dict=output_dict)
