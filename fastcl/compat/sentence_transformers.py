@@ -1,0 +1,267 @@
+"""sentence-transformers' in-batch-negatives losses (6.2.0) on fastcl's fused kernels.
+
+Swap ``from sentence_transformers.losses import MultipleNegativesRankingLoss`` (or
+``...SymmetricRankingLoss``) for ``from fastcl.compat.sentence_transformers import ...``.
+
+``forward(sentence_features, labels)`` embeds the columns ``(anchor, positive, negative_1, ...,
+negative_n)`` with ``model`` (as sentence-transformers does) and calls
+``compute_loss_from_embeddings(embeddings, labels)``, which takes the ``[B, D]`` embeddings of
+each column; ``labels`` are unused. The candidates are laid out in column blocks
+``[P | N1 | N2 ...]`` (``B * (1 + n)`` documents); anchor i's target is document i.
+
+Fused (one :func:`fastcl.info_nce` call, scale ``s`` = ``scale``):
+
+* ``directions=("query_to_doc",)`` (any ``partition_mode``): ``CE(s * cos(q, docs), i)``, mean
+  over the B anchors;
+* ``directions=("query_to_doc", "doc_to_query")`` with ``partition_mode="per_direction"``
+  (``MultipleNegativesSymmetricRankingLoss``): the mean of that and of each positive document
+  against the B anchors (``symmetric=True``; hard negatives are candidates of the first term
+  only, as in sentence-transformers);
+* ``similarity_fct`` ``cos_sim`` (normalised inside) or ``dot_score``;
+* ``hardness_mode`` with ``hardness_strength=0`` (no effect, as in sentence-transformers);
+* ``gather_across_devices=True`` without an initialised multi-process group (sentence-transformers
+  then uses the local batch too).
+
+Delegated to sentence-transformers (raises ``NotImplementedError`` naming the option if it is not
+installed): other ``similarity_fct``, ``query_to_query`` / ``doc_to_doc`` directions, joint
+``doc_to_query``, hardness weighting. ``gather_across_devices`` with world size > 1 raises
+``NotImplementedError`` (no cross-process gather in fastcl yet).
+
+Wrappers: ``MatryoshkaLoss`` and ``AdaptiveLayerLoss`` decorate ``model.forward`` for
+non-cached losses, which these classes call through ``model``, so they keep working.
+
+Difference: the loss is float32 for float16/bfloat16 embeddings.
+"""
+
+import logging
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+
+from .. import functional as F
+from . import _import_host, _not_distributed, _world_size
+
+__all__ = ["MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "cos_sim", "dot_score"]
+
+logger = logging.getLogger(__name__)
+
+_ST = "sentence-transformers"
+_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+
+
+def cos_sim(a: Tensor, b: Tensor) -> Tensor:
+    """``sentence_transformers.util.cos_sim`` for dense ``[N, D]`` x ``[M, D]`` tensors."""
+    return torch.mm(TF.normalize(a, p=2, dim=-1), TF.normalize(b, p=2, dim=-1).transpose(0, 1))
+
+
+def dot_score(a: Tensor, b: Tensor) -> Tensor:
+    """``sentence_transformers.util.dot_score`` for dense ``[N, D]`` x ``[M, D]`` tensors."""
+    return torch.mm(a, b.transpose(0, 1))
+
+
+def _similarity_kind(fn) -> str:
+    """'cos', 'dot', or '' for a similarity function fastcl does not fuse."""
+    name = getattr(fn, "__name__", "")
+    host_fn = getattr(fn, "__module__", "").startswith("sentence_transformers.")
+    if fn is cos_sim or (host_fn and name == "cos_sim"):
+        return "cos"
+    if fn is dot_score or (host_fn and name == "dot_score"):
+        return "dot"
+    return ""
+
+
+def _similarity_fct_name(fn) -> str:
+    """The name sentence-transformers' config dict gives ``fn``."""
+    if _similarity_kind(fn):
+        return fn.__name__
+    try:
+        from sentence_transformers.util import similarity_fct_name
+    except ImportError:
+        return getattr(fn, "__name__", type(fn).__name__)
+    return similarity_fct_name(fn)
+
+
+def _embed_columns(model, sentence_features):
+    try:
+        from sentence_transformers.base.losses.merged_forward import embed_columns
+    except ImportError:  # older sentence-transformers: one forward per column
+        return [model(features)["sentence_embedding"] for features in sentence_features]
+    return embed_columns(model, sentence_features)
+
+
+class MultipleNegativesRankingLoss(nn.Module):
+    """``sentence_transformers.losses.MultipleNegativesRankingLoss`` with the same constructor,
+    ``forward(sentence_features, labels)``, ``compute_loss_from_embeddings(embeddings, labels)``,
+    ``get_config_dict()``, ``temperature`` (``1 / scale``) and ``citation``.
+
+    Default: ``loss = mean_i [ -s cos(q_i, d_i) + log sum_j e^{s cos(q_i, d_j)} ]`` over the
+    candidates ``d = [P | N1 | ...]`` (InfoNCE at temperature ``1/scale``). See the module doc
+    for what is fused and what is delegated.
+    """
+
+    def __init__(self, model, scale: float = 20.0, similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
+                 gather_across_devices: bool = False, directions=("query_to_doc",), partition_mode="joint",
+                 hardness_mode=None, hardness_strength: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        self.scale = scale
+        if not scale > 0:
+            raise ValueError("Scale must be a positive value.")
+        self.similarity_fct = similarity_fct
+        self.gather_across_devices = gather_across_devices
+        if not directions:
+            raise ValueError("At least one direction must be specified.")
+        if not set(directions).issubset(_DIRECTIONS):
+            raise ValueError(f"Invalid directions: {set(directions) - set(_DIRECTIONS)}. Valid: {set(_DIRECTIONS)}")
+        if "query_to_doc" not in directions:
+            raise ValueError("'query_to_doc' direction is required (contains the positive pair).")
+        self.directions = tuple(directions)
+        if partition_mode not in ("joint", "per_direction"):
+            raise ValueError(f"partition_mode must be 'joint' or 'per_direction', got {partition_mode}")
+        if partition_mode == "per_direction" and set(directions) & {"query_to_query", "doc_to_doc"}:
+            raise ValueError(
+                "partition_mode='per_direction' requires every direction's candidate pool to include the positive "
+                "pair. 'query_to_query' and 'doc_to_doc' only contain same-type similarities and never include the "
+                "positive, making the per-direction loss ill-defined. Use partition_mode='joint' instead."
+            )
+        self.partition_mode = partition_mode
+        valid_hardness = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
+        if hardness_mode not in valid_hardness:
+            raise ValueError(f"hardness_mode must be one of {set(valid_hardness)}, got {hardness_mode!r}")
+        self.hardness_mode = hardness_mode
+        if hardness_strength < 0.0:
+            raise ValueError("hardness_strength must be non-negative.")
+        self.hardness_strength = hardness_strength
+        if hardness_mode is not None and hardness_strength == 0.0:
+            logger.warning(f"hardness_mode={hardness_mode!r} is set but hardness_strength=0.0, so hardness weighting "
+                           "has no effect. Set hardness_strength to a positive value to enable hardness weighting.")
+        object.__setattr__(self, "_host", None)
+
+    def forward(self, sentence_features: Iterable[dict], labels: Tensor) -> Tensor:
+        embeddings = _embed_columns(self.model, sentence_features)
+        return self.compute_loss_from_embeddings(embeddings, labels)
+
+    def unfused_options(self) -> list:
+        """The options of this configuration that fastcl does not fuse (delegated)."""
+        out = []
+        if not _similarity_kind(self.similarity_fct):
+            out.append(f"similarity_fct={getattr(self.similarity_fct, '__name__', self.similarity_fct)!r}")
+        directions = set(self.directions)
+        if directions - {"query_to_doc", "doc_to_query"}:
+            out.append(f"directions={self.directions}")
+        elif directions == {"query_to_doc", "doc_to_query"} and self.partition_mode == "joint":
+            out.append("directions=('query_to_doc', 'doc_to_query') with partition_mode='joint'")
+        if self.hardness_mode is not None and self.hardness_strength > 0.0:
+            out.append(f"hardness_mode={self.hardness_mode!r}")
+        return out
+
+    def _host_loss(self, option: str):
+        if self._host is None:
+            losses = _import_host("sentence_transformers.sentence_transformer.losses", option, _ST)
+            util = _import_host("sentence_transformers.util", option, _ST)
+            kind = _similarity_kind(self.similarity_fct)
+            fn = {"cos": util.cos_sim, "dot": util.dot_score}.get(kind, self.similarity_fct)
+            host = losses.MultipleNegativesRankingLoss(
+                self.model, scale=self.scale, similarity_fct=fn, gather_across_devices=self.gather_across_devices,
+                directions=self.directions, partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
+                hardness_strength=self.hardness_strength)
+            object.__setattr__(self, "_host", host)
+        return self._host
+
+    def compute_loss_from_embeddings(self, embeddings: list, labels: Tensor) -> Tensor:
+        if len(embeddings) < 2:
+            raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+        unfused = self.unfused_options()
+        if unfused:
+            return self._host_loss(", ".join(unfused)).compute_loss_from_embeddings(embeddings, labels)
+        if self.gather_across_devices and _world_size() > 1:
+            _not_distributed(f"{type(self).__name__}(gather_across_devices=True) with world size {_world_size()}")
+        queries, docs = embeddings[0], torch.cat(list(embeddings[1:]), dim=0)
+        if _similarity_kind(self.similarity_fct) == "cos":
+            queries, docs = TF.normalize(queries, p=2, dim=-1), TF.normalize(docs, p=2, dim=-1)
+        symmetric = "doc_to_query" in self.directions
+        return F.info_nce(queries, docs, scale=self.scale, symmetric=symmetric)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "similarity_fct": _similarity_fct_name(self.similarity_fct),
+            "gather_across_devices": self.gather_across_devices,
+            "directions": self.directions,
+            "partition_mode": self.partition_mode,
+            "hardness_mode": self.hardness_mode,
+            "hardness_strength": self.hardness_strength,
+        }
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / self.scale
+
+    @property
+    def citation(self) -> str:
+        directions = set(self.directions)
+        if directions == set(_DIRECTIONS) and self.partition_mode == "joint":
+            return _CITATION_GTE
+        if directions == {"query_to_doc", "doc_to_query"} and self.partition_mode == "per_direction":
+            return _CITATION_JINA
+        return _CITATION_CPC
+
+
+class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
+    """``sentence_transformers.losses.MultipleNegativesSymmetricRankingLoss(model, scale=20.0,
+    similarity_fct=cos_sim, gather_across_devices=False)``: ``MultipleNegativesRankingLoss`` with
+    ``directions=("query_to_doc", "doc_to_query")`` and ``partition_mode="per_direction"``, as in
+    sentence-transformers 6.2 (which deprecates the class; the same ``DeprecationWarning`` is
+    given). Quirk kept: hard-negative columns are candidates of the query-to-doc term (the host's
+    docstring says they are ignored; its code uses them).
+    """
+
+    def __init__(self, model, scale: float = 20.0, similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
+                 gather_across_devices: bool = False) -> None:
+        warnings.warn(
+            "The MultipleNegativesSymmetricRankingLoss is deprecated and will be removed in a future release. "
+            "Please use MultipleNegativesRankingLoss with `directions=('query_to_doc', 'doc_to_query')` and "
+            "`partition_mode='per_direction'` instead.", DeprecationWarning, stacklevel=2)
+        super().__init__(model=model, scale=scale, similarity_fct=similarity_fct,
+                         gather_across_devices=gather_across_devices, directions=("query_to_doc", "doc_to_query"),
+                         partition_mode="per_direction")
+
+
+_CITATION_GTE = """
+@misc{li2023generaltextembeddingsmultistage,
+      title={Towards General Text Embeddings with Multi-stage Contrastive Learning},
+      author={Zehan Li and Xin Zhang and Yanzhao Zhang and Dingkun Long and Pengjun Xie and Meishan Zhang},
+      year={2023},
+      eprint={2308.03281},
+      archivePrefix={arXiv},
+      primaryClass={cs.CL},
+      url={https://arxiv.org/abs/2308.03281},
+}
+"""
+
+_CITATION_JINA = """
+@misc{günther2024jinaembeddings28192token,
+      title={Jina Embeddings 2: 8192-Token General-Purpose Text Embeddings for Long Documents},
+      author={Michael Günther and Jackmin Ong and Isabelle Mohr and Alaeddine Abdessalem and Tanguy Abel and Mohammad Kalim Akram and Susana Guzman and Georgios Mastrapas and Saba Sturua and Bo Wang and Maximilian Werk and Nan Wang and Han Xiao},
+      year={2024},
+      eprint={2310.19923},
+      archivePrefix={arXiv},
+      primaryClass={cs.CL},
+      url={https://arxiv.org/abs/2310.19923},
+}
+"""
+
+_CITATION_CPC = """
+@misc{oord2019representationlearningcontrastivepredictive,
+      title={Representation Learning with Contrastive Predictive Coding},
+      author={Aaron van den Oord and Yazhe Li and Oriol Vinyals},
+      year={2019},
+      eprint={1807.03748},
+      archivePrefix={arXiv},
+      primaryClass={cs.LG},
+      url={https://arxiv.org/abs/1807.03748},
+}
+"""
