@@ -1,0 +1,302 @@
+"""The Triton backend: the whole variant matrix through Triton's interpreter, and checks of the
+launcher (no N x M allocation, bitwise determinism, D-chunked accumulators, availability).
+
+Triton decides interpreter or compiler when the kernels are first imported, and another test in
+this process may already have imported them, so the interpreter runs happen in subprocesses
+(``test_subprocess_*``) with ``TRITON_INTERPRET=1``:
+
+* ``tests/test_losses.py`` with ``FASTCL_TEST_BACKEND=triton`` in float64 and float32 (the
+  interpreter's bfloat16 ``tl.dot`` returns garbage, so bf16 is left to GPU runs), once per
+  variant, not once per torch-backend tile shape;
+* the direct tests of this file, which run in-process whenever the Triton backend can run on
+  ``FASTCL_TEST_DEVICE`` (default ``cpu``, i.e. under the interpreter). On a GPU:
+  ``FASTCL_TEST_DEVICE=cuda pytest tests/test_triton.py -k "not subprocess"`` and
+  ``FASTCL_TEST_BACKEND=triton FASTCL_TEST_DEVICE=cuda pytest tests/test_losses.py``.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import fastcl
+import oracle
+from fastcl._dispatch import unavailable_reason
+from helpers import check_against_oracle
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEVICE = os.environ.get("FASTCL_TEST_DEVICE", "cpu")
+ON_GPU = DEVICE.startswith("cuda")
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+
+
+def _triton_reason():
+    if not HAVE_TRITON:
+        return "Triton is not installed"
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "runs under TRITON_INTERPRET=1 (test_subprocess_direct_tests does that)"
+    return unavailable_reason("triton", torch.device(DEVICE))
+
+
+direct = pytest.mark.skipif(_triton_reason() is not None, reason=str(_triton_reason()))
+
+
+# --- the interpreter runs --------------------------------------------------------------------
+
+def pytest_collection_modifyitems(config, items):
+    """Plugin hook, active only in the subprocess that loads this module with ``-p test_triton``:
+    drop bf16 and the torch backend's second tile shape, which the Triton backend ignores."""
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        skip = params.get("dtype") == torch.bfloat16 or params.get("torch_blocks", "default") != "default"
+        (dropped if skip else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+def _pytest_under_interpreter(*args):
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTCL_TEST_BACKEND="triton", FASTCL_TEST_DEVICE="cpu",
+               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    env.pop("FASTCL_TRITON_BLOCK", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning", *args]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+    return run.stdout
+
+
+MATRIX = {
+    "info_nce": ["tests/test_losses.py::test_info_nce"],
+    "other_losses": ["tests/test_losses.py", "--deselect", "tests/test_losses.py::test_info_nce"],
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("group", sorted(MATRIX))
+def test_subprocess_variant_matrix(group):
+    out = _pytest_under_interpreter("-p", "test_triton", *MATRIX[group])
+    assert " passed" in out and "deselected" in out, out[-2000:]
+
+
+@needs_triton
+def test_subprocess_direct_tests():
+    out = _pytest_under_interpreter("tests/test_triton.py", "-k", "not subprocess", "-rs")
+    assert " passed" in out and "SKIPPED" not in out, out[-2000:]
+
+
+def test_subprocess_import_without_triton():
+    """fastcl imports, reports the reason and falls back when Triton cannot be imported."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fastcl\n"
+        "from fastcl.backends import triton as tb\n"
+        "reason = tb.available(torch.device('cpu'))\n"
+        "assert reason and 'Triton is not installed' in reason, reason\n"
+        "q = torch.randn(4, 3)\n"
+        "fastcl.info_nce(q, q, backend='auto')\n"
+        "try:\n"
+        "    fastcl.info_nce(q, q, backend='triton')\n"
+        "except RuntimeError as exc:\n"
+        "    assert 'Triton is not installed' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('backend=triton ran without triton')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+# --- direct tests: the backend in this process ----------------------------------------------
+
+def unit(n, d):
+    return F.normalize(torch.randn(n, d, dtype=torch.float64, device=DEVICE), dim=1)
+
+
+@pytest.fixture
+def blocks(request, monkeypatch):
+    value = getattr(request, "param", None)
+    if value is None:
+        monkeypatch.delenv("FASTCL_TRITON_BLOCK", raising=False)
+    else:
+        monkeypatch.setenv("FASTCL_TRITON_BLOCK", value)
+    return value
+
+
+# D-chunks of the gradient accumulator narrower and wider than the S chunks, odd tile counts
+BLOCK_SETS = [None, "16,32,32,16", "32,16,16,64"]
+WIDTHS = [1, 19, 67] + ([300, 777] if ON_GPU else [])
+
+
+@direct
+@pytest.mark.parametrize("blocks", BLOCK_SETS, indirect=True, ids=str)
+@pytest.mark.parametrize("d", WIDTHS)
+def test_widths_and_block_shapes(d, blocks):
+    n, m = 21, 37
+    labels = torch.randint(0, 4, (n,), device=DEVICE)
+    key_labels = torch.randint(0, 4, (m,), device=DEVICE)
+    for dtype in (torch.float64,) if blocks else (torch.float64, torch.float32):
+        check_against_oracle(
+            lambda **kw: fastcl.info_nce(**kw, positive_index=torch.arange(n, device=DEVICE) + 3, symmetric=True,
+                                         backend="triton"),
+            lambda **kw: oracle.info_nce(**kw, positive_index=torch.arange(n, device=DEVICE) + 3, symmetric=True),
+            {"query": unit(n, d), "key": unit(m, d), "temperature": torch.rand(n, dtype=torch.float64, device=DEVICE) + 0.05},
+            dtype)
+        check_against_oracle(
+            lambda **kw: fastcl.info_nce(**kw, labels=labels, key_labels=key_labels, decoupled=True, backend="triton"),
+            lambda **kw: oracle.info_nce(**kw, labels=labels, key_labels=key_labels, decoupled=True),
+            {"query": unit(n, d), "key": unit(m, d), "temperature": 0.2}, dtype)
+        check_against_oracle(
+            lambda **kw: fastcl.siglip_loss(**kw, backend="triton"), oracle.siglip_loss,
+            {"image_features": unit(n, d), "text_features": unit(n, d),
+             "logit_scale": torch.tensor(10.0, dtype=torch.float64, device=DEVICE),
+             "logit_bias": torch.tensor(-5.0, dtype=torch.float64, device=DEVICE)}, dtype)
+
+
+@direct
+@pytest.mark.parametrize("which", ["scale", "bias", "scale_and_bias"])
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_scalar_gradients_without_feature_gradients(loss, which):
+    """Only the scale and/or bias need a gradient: the row pass runs without storing dQ."""
+    n, d = 19, 20
+    inputs = {"image_features": unit(n, d), "text_features": unit(n, d),
+              "logit_scale": torch.tensor(10.0, dtype=torch.float64, device=DEVICE),
+              "logit_bias": torch.tensor(-3.0, dtype=torch.float64, device=DEVICE)}
+    names = {"scale": ["logit_scale"], "bias": ["logit_bias"], "scale_and_bias": ["logit_scale", "logit_bias"]}[which]
+    fast, ref = {"clip": (fastcl.clip_loss, oracle.clip_loss), "siglip": (fastcl.siglip_loss, oracle.siglip_loss)}[loss]
+    check_against_oracle(lambda **kw: fast(**kw, backend="triton"), ref, inputs, torch.float32, differentiable=names)
+
+
+@direct
+def test_no_grad_forward_matches():
+    n, d = 17, 12
+    q, k = unit(n, d).float(), unit(n, d).float()
+    with torch.no_grad():
+        for fn in (lambda b: fastcl.clip_loss(q, k, 20.0, backend=b),
+                   lambda b: fastcl.siglip_loss(q, k, 10.0, -10.0, backend=b),
+                   lambda b: fastcl.nt_xent(q, k, backend=b)):
+            torch.testing.assert_close(fn("triton"), fn("torch"), rtol=2e-5, atol=1e-6)
+
+
+HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+@direct
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_half_precision(dtype):
+    """fp16 (and, on a GPU, bf16) inputs: tensor-core dots with fp32 accumulation."""
+    n, d = 23, 40
+    inputs = {"image_features": unit(n, d), "text_features": unit(n, d),
+              "logit_scale": torch.tensor(30.0, dtype=torch.float64, device=DEVICE)}
+    check_against_oracle(lambda **kw: fastcl.clip_loss(**kw, backend="triton"), oracle.clip_loss, inputs, dtype)
+    inputs["logit_bias"] = torch.tensor(-10.0, dtype=torch.float64, device=DEVICE)
+    check_against_oracle(lambda **kw: fastcl.siglip_loss(**kw, backend="triton"), oracle.siglip_loss, inputs, dtype)
+    feats = F.normalize(torch.randn(9, 2, d, dtype=torch.float64, device=DEVICE), dim=-1)
+    labels = torch.randint(0, 3, (9,), device=DEVICE)
+    check_against_oracle(lambda **kw: fastcl.supcon(**kw, labels=labels, backend="triton"),
+                         lambda **kw: oracle.supcon(**kw, labels=labels), {"features": feats}, dtype)
+
+
+def _loss_and_grads(fn, tensors):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    loss = fn(*leaves)
+    loss.backward()
+    return [loss.detach()] + [t.grad for t in leaves]
+
+
+CALLS = {
+    "clip": lambda q, k, s, b: fastcl.clip_loss(q, k, s, b, backend="triton"),
+    "siglip": lambda q, k, s, b: fastcl.siglip_loss(q, k, s, b, backend="triton"),
+    "supcon": lambda q, k, s, b: fastcl.info_nce(q, k, scale=s, labels=torch.arange(q.shape[0], device=q.device) % 5,
+                                                 key_labels=torch.arange(k.shape[0], device=q.device) % 5,
+                                                 backend="triton"),
+    "queue": lambda q, k, s, b: fastcl.info_nce(q, k[: q.shape[0]], negatives=k[q.shape[0]:], scale=s,
+                                                symmetric=True, decoupled=True, backend="triton"),
+}
+
+
+@direct
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_backward_is_bitwise_deterministic(call):
+    n, d = (200, 48) if ON_GPU else (40, 24)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    tensors = [torch.randn(n, d, generator=g).to(DEVICE), torch.randn(n + 7, d, generator=g).to(DEVICE),
+               torch.tensor(8.0, device=DEVICE), torch.tensor(-4.0, device=DEVICE)]
+    if call in ("clip", "siglip"):
+        tensors[1] = tensors[1][:n]
+    first = _loss_and_grads(CALLS[call], tensors)
+    second = _loss_and_grads(CALLS[call], tensors)
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any aten op returns while active (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.ops = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@direct
+@pytest.mark.parametrize("call", ["clip", "siglip", "supcon", "queue"])
+def test_launcher_never_allocates_n_by_m(call, monkeypatch):
+    n, d = 512, 16
+    if not ON_GPU:
+        # 64-wide tiles keep the interpreter to seconds at this size; the launcher allocates the
+        # same buffers whatever the blocks
+        monkeypatch.setenv("FASTCL_TRITON_BLOCK", "64,64,16,16")
+    tensors = [torch.randn(n, d, device=DEVICE), torch.randn(n + 64, d, device=DEVICE),
+               torch.tensor(10.0, device=DEVICE), torch.tensor(-5.0, device=DEVICE)]
+    if call in ("clip", "siglip"):
+        tensors[1] = tensors[1][:n]
+    tensors = [t.requires_grad_() for t in tensors]
+    m = tensors[1].shape[0]
+    if ON_GPU:
+        CALLS[call](*tensors).backward()  # warm-up: compile and autotune outside the recording
+    with _LargestAllocation() as mode:
+        CALLS[call](*tensors).backward()
+    assert mode.ops > 0
+    assert mode.largest >= n * d  # the recording saw the gradients being made
+    assert mode.largest < n * m // 4, f"{call}: a tensor of {mode.largest} elements for N={n}, M={m}"
+
+
+@needs_triton
+def test_available_reasons(monkeypatch):
+    from fastcl.backends import triton as tb
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = tb.available(torch.device("cpu"))
+    assert reason and "TRITON_INTERPRET" in reason
+    assert tb.available(torch.device("meta"))
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in tb.available(torch.device("cuda"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    loaded = sys.modules.get("fastcl.triton_kernels.info_nce")
+    reason = tb.available(torch.device("cpu"))
+    if loaded is None or tb._kernels_interpreted(loaded):
+        assert reason is None
+    else:  # compiled for a GPU earlier in this process: the interpreter cannot take over
+        assert "already loaded" in reason
