@@ -1,0 +1,207 @@
+"""The benchmarked losses as other implementations compute them, on the same inputs.
+
+* ``naive``: the textbook materialised PyTorch (the N x M logits in the input dtype), one logits
+  matmul per loss; what a user writes by hand. Written apart from fastcl; the tests check it
+  gives fastcl's value.
+* ``open_clip``: ``open_clip.loss.ClipLoss`` / ``SigLipLoss`` (single process). ``ClipLoss``
+  computes the logits twice (image->text and text->image matmuls).
+* ``inf_cl``: Inf-CL's ``cal_inf_loss`` (PyPI ``inf-cl``; CUDA only, one-directional InfoNCE
+  with one positive per row). CLIP's symmetric loss is its two directions averaged, as Inf-CL's
+  own trainer does. It computes in fp32/TF32, so it is given fp32 copies of the inputs.
+  The scale is applied as ``scale * q`` outside the call (what ``cal_inf_loss`` does inside),
+  because its ``GradientGather`` all-reduces the scale gradient and fails without a process group.
+"""
+
+import importlib
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .cases import NT_XENT_TEMPERATURE, TEMPERATURE, Inputs
+
+PEERS = ("naive", "open_clip", "inf_cl")
+
+
+# --- naive materialised PyTorch ------------------------------------------------------------
+
+def naive_clip_loss(x, y, scale, bias=None):
+    logits = scale * x @ y.T
+    if bias is not None:
+        logits = logits + bias
+    labels = torch.arange(x.shape[0], device=x.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def naive_siglip_loss(x, y, scale, bias):
+    logits = scale * x @ y.T + bias
+    z = 2 * torch.eye(x.shape[0], device=x.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(z * logits).sum() / x.shape[0]
+
+
+def _mean_over_positives(log_prob, positive):
+    """SupCon row loss ``-mean_{p in P_i} log p_ip``, averaged over rows with a positive."""
+    count = positive.sum(1)
+    row = -log_prob.masked_fill(~positive, 0).sum(1) / count.clamp(min=1)
+    return row[count > 0].mean()
+
+
+def naive_info_nce_labels(q, k, labels):
+    log_prob = F.log_softmax(q @ k.T / TEMPERATURE, dim=1)
+    return _mean_over_positives(log_prob, labels[:, None] == labels[None, :])
+
+
+def naive_info_nce_queue(q, k, queue):
+    logits = q @ torch.cat([k, queue]).T / TEMPERATURE
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+
+
+def naive_info_nce_hardneg(q, k, pos):
+    return F.cross_entropy(q @ k.T / TEMPERATURE, pos)
+
+
+def _two_view_logits(z1, z2, temperature):
+    x = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = z1.shape[0]
+    pos = torch.cat([torch.arange(n, 2 * n, device=x.device), torch.arange(n, device=x.device)])
+    return x @ x.T / temperature, pos
+
+
+def naive_nt_xent(z1, z2):
+    logits, pos = _two_view_logits(z1, z2, NT_XENT_TEMPERATURE)
+    self_mask = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    return F.cross_entropy(logits.masked_fill(self_mask, float("-inf")), pos)
+
+
+def naive_supcon(features, labels):
+    b, v, d = features.shape
+    contrast = features.transpose(0, 1).reshape(b * v, d)
+    lab = labels.repeat(v)
+    self_mask = torch.eye(b * v, dtype=torch.bool, device=features.device)
+    logits = (contrast @ contrast.T / TEMPERATURE).masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    return _mean_over_positives(log_prob, (lab[:, None] == lab[None, :]) & ~self_mask)
+
+
+def naive_dcl(z1, z2):
+    logits, pos = _two_view_logits(z1, z2, TEMPERATURE)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    hidden = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    hidden[rows, pos] = True
+    negatives = logits.masked_fill(hidden, float("-inf"))
+    return (torch.logsumexp(negatives, dim=1) - logits[rows, pos]).mean()
+
+
+NAIVE: Dict[str, Callable[[Inputs], torch.Tensor]] = {
+    "clip_loss": lambda i: naive_clip_loss(i["x"], i["y"], i["scale"]),
+    "siglip_loss": lambda i: naive_siglip_loss(i["x"], i["y"], i["scale"], i["bias"]),
+    "info_nce_labels": lambda i: naive_info_nce_labels(i["q"], i["k"], i["labels"]),
+    "info_nce_queue": lambda i: naive_info_nce_queue(i["q"], i["k"], i["queue"]),
+    "info_nce_hardneg": lambda i: naive_info_nce_hardneg(i["q"], i["k"], i["pos"]),
+    "nt_xent": lambda i: naive_nt_xent(i["z1"], i["z2"]),
+    "supcon": lambda i: naive_supcon(i["features"], i["labels"]),
+    "dcl": lambda i: naive_dcl(i["z1"], i["z2"]),
+}
+
+
+# --- open_clip -----------------------------------------------------------------------------
+
+_OPEN_CLIP_CASES = ("clip_loss", "siglip_loss")
+
+
+def _open_clip_loss_module():
+    return importlib.import_module("open_clip.loss")
+
+
+def _open_clip(case: str):
+    loss = _open_clip_loss_module()
+    if case == "clip_loss":
+        fn = loss.ClipLoss()
+        return lambda i: fn(i["x"], i["y"], i["scale"])
+    fn = loss.SigLipLoss()
+    return lambda i: fn(i["x"], i["y"], i["scale"], i["bias"])
+
+
+# --- Inf-CL --------------------------------------------------------------------------------
+
+_INF_CL_CASES = ("clip_loss", "info_nce_queue", "info_nce_hardneg")
+
+
+def inf_cl_head_dim(d: int) -> Optional[int]:
+    """Inf-CL splits D into power-of-two chunks of at most 256; the largest one dividing D."""
+    for hd in (256, 128, 64, 32, 16):
+        if d % hd == 0:
+            return hd
+    return None
+
+
+def _inf_cl(case: str, d: int):
+    cal_inf_loss = importlib.import_module("inf_cl").cal_inf_loss
+    hd = inf_cl_head_dim(d)
+    if case == "clip_loss":
+        def clip(i):
+            x, y, s = i["x"], i["y"], i["scale"]
+            return (cal_inf_loss(s * x, y, head_dim=hd) + cal_inf_loss(s * y, x, head_dim=hd)) / 2
+        return clip
+    if case == "info_nce_queue":
+        return lambda i: cal_inf_loss(i["q"] / TEMPERATURE, torch.cat([i["k"], i["queue"]]), head_dim=hd)
+    return lambda i: cal_inf_loss(i["q"] / TEMPERATURE, i["k"], labels=i["pos"], head_dim=hd)
+
+
+def inf_cl_inputs(inputs: Inputs, leaves):
+    """fp32 leaf copies of the floating inputs (Inf-CL computes in fp32 and wants fp32 inputs)."""
+    if not any(isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float32
+               for v in inputs.values()):
+        return inputs, leaves
+    ids = {id(t) for t in leaves}
+    out, new_leaves = {}, []
+    for key, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            w = v.detach().float()
+            if id(v) in ids:
+                new_leaves.append(w.requires_grad_())
+            v = w
+        out[key] = v
+    return out, new_leaves
+
+
+# --- availability --------------------------------------------------------------------------
+
+def _import_error(module: str) -> Optional[str]:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # a broken install is as unavailable as a missing one
+        return f"`import {module}` failed ({type(exc).__name__}: {exc})"
+    return None
+
+
+def unavailable(peer: str, case: str, device: torch.device, d: int) -> Optional[str]:
+    """``None`` if ``peer`` can compute ``case`` on ``device`` at width ``d``, else why not."""
+    if peer == "naive":
+        return None
+    if peer == "open_clip":
+        if case not in _OPEN_CLIP_CASES:
+            return f"open_clip has no {case}"
+        err = _import_error("open_clip.loss")
+        return err and f"{err}; pip install open_clip_torch"
+    if peer == "inf_cl":
+        if case not in _INF_CL_CASES:
+            return f"Inf-CL computes one-positive InfoNCE only (no {case})"
+        if device.type != "cuda":
+            return "Inf-CL runs on CUDA only"
+        if inf_cl_head_dim(d) is None:
+            return f"Inf-CL needs D divisible by 16; D={d}"
+        err = _import_error("inf_cl")
+        return err and f"{err}; pip install inf-cl"
+    raise ValueError(f"unknown peer {peer!r}; expected one of {PEERS}")
+
+
+def make(peer: str, case: str, d: int) -> Callable[[Inputs], torch.Tensor]:
+    """The peer's loss for ``case`` as a function of the case's inputs."""
+    if peer == "naive":
+        return NAIVE[case]
+    if peer == "open_clip":
+        return _open_clip(case)
+    if peer == "inf_cl":
+        return _inf_cl(case, d)
+    raise ValueError(f"unknown peer {peer!r}; expected one of {PEERS}")

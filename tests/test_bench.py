@@ -1,0 +1,173 @@
+"""The benchmark suite (bench/) at tiny sizes on the CPU, so it cannot rot; the naive peers it
+compares against, checked against fastcl; and pytest-benchmark microbenchmarks of the hot
+public functions (``pytest tests/test_bench.py --benchmark-only`` prints their table).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench import __main__ as cli  # noqa: E402
+from bench import peers, plot, results  # noqa: E402
+from bench.cases import CASES, Shape  # noqa: E402
+
+# one thread in the worker: tiny ops stay fast when other jobs share the machine's cores
+TINY = ["--d", "8", "--target-s", "0.01", "--min-reps", "1", "--threads", "1"]
+
+
+def _json(out_dir):
+    (name,) = [f for f in os.listdir(out_dir) if f.endswith(".json")]
+    return os.path.join(out_dir, name)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    cli.main(["quick", "--n", "32", "48", *TINY, "--out", str(out)])
+    return results.load(_json(out)), out
+
+
+def test_quick_writes_tagged_results(quick_run):
+    data, out = quick_run
+    meta, rows = data["meta"], data["rows"]
+    assert meta["device"]["type"] == "cpu" and meta["device"]["name"]
+    assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["fastcl"]
+    assert meta["git_commit"] and len(meta["source_sha"]) == 12
+    assert any(f.endswith(".csv") for f in os.listdir(out))
+    fastcl_rows = [r for r in rows if r["impl"] == "fastcl"]
+    assert {(r["loss"], r["n"]) for r in fastcl_rows} == {(l, n) for l in ("clip_loss", "siglip_loss") for n in (32, 48)}
+    for r in fastcl_rows:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["tflops"] > 0 and r["pct_matmul"] > 0
+        assert r["flops"] == 8 * r["n"] * r["n"] * r["d"]
+        assert r["vs_fastcl"] == 1.0 and r["vs_naive"] > 0
+        assert r["extra_mb"] is not None and r["peak_mb"] >= 0
+        assert r["loss_rel_diff"] < 1e-5
+    for r in rows:
+        if r["impl"] == "open_clip":
+            assert r["status"] == "ok" or "open_clip" in r["reason"], r
+            if r["status"] == "ok":
+                assert r["loss_rel_diff"] < 1e-5
+        if r["impl"] == "inf_cl":
+            assert r["status"] == "skipped" and r["reason"]
+    assert {r["loss"] for r in rows if r["impl"] == "matmul" and r["status"] == "ok"} == {"matmul", "matmul_peak"}
+
+
+def test_full_runs_every_loss_and_mode(tmp_path):
+    cli.main(["full", "--losses", *CASES, "--n", "24", "--modes", "fwd", "fwd+bwd", "--backends", "torch", "triton",
+              "--peers", "naive", "inf_cl", *TINY, "--out", str(tmp_path)])
+    rows = results.load(_json(tmp_path))["rows"]
+    for loss in CASES:
+        for mode in ("fwd", "fwd+bwd"):
+            group = {r["impl"] + str(r["backend"]): r for r in rows if r["loss"] == loss and r["mode"] == mode}
+            assert group["fastcltorch"]["status"] == "ok", group["fastcltorch"]
+            assert group["naiveNone"]["status"] == "ok", group["naiveNone"]
+            assert group["fastcltorch"]["loss_rel_diff"] < 1e-5, (loss, mode)
+            assert group["fastcltriton"]["status"] in ("ok", "skipped")
+            assert group["inf_clNone"]["status"] == "skipped" and group["inf_clNone"]["reason"]
+
+
+def test_maxbatch_stops_naive_at_the_memory_cap(tmp_path):
+    cli.main(["maxbatch", "--start-n", "256", "--max-n", "2048", "--d", "8", "--mem-cap-gb", "0.03",
+              "--backends", "torch", "--peers", "naive", *TINY[2:], "--out", str(tmp_path)])
+    data = results.load(_json(tmp_path))
+    largest = {s["impl"]: s for s in data["meta"]["maxbatch"]}
+    assert largest["fastcl"]["largest_n"] == 2048, largest
+    assert largest["naive"]["largest_n"] is not None and largest["naive"]["largest_n"] < 2048, largest
+    assert "cap" in largest["naive"]["stopped"]
+
+
+def test_plot_draws_pngs(quick_run):
+    pytest.importorskip("matplotlib")
+    _, out = quick_run
+    paths = plot.main([_json(out)])
+    assert len(paths) == 2 and all(os.path.getsize(p) > 0 for p in paths)
+
+
+def test_summary_table(quick_run):
+    _, out = quick_run
+    text = results.summary(_json(out))
+    assert "clip_loss" in text and "x naive" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
+def test_gpu_visit_skips_cleanly_without_gpu(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_visit.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "GPU stages skipped" in proc.stdout
+    assert (tmp_path / "summary.txt").exists() and (tmp_path / "visit.log").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
+def test_gpu_checks_skip_without_gpu(capsys):
+    assert cli.main(["check"]) == 0
+    assert "skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_naive_peer_matches_fastcl(name):
+    """The bench compares like with like: the naive peer is the same loss (value and gradients)."""
+    case = CASES[name]
+    gen = torch.Generator().manual_seed(len(name))
+    inputs, leaves = case.make(13, 7, torch.float64, torch.device("cpu"), True, gen)
+    want = peers.NAIVE[name](inputs)
+    want_grads = torch.autograd.grad(want, leaves)
+    got = case.fastcl(inputs, "torch")
+    got_grads = torch.autograd.grad(got, leaves)
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-9, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+
+
+def test_flop_count_is_design_section_7():
+    assert Shape(5, 5, 5).flops(3, backward=True) == 8 * 5 * 5 * 3
+    assert Shape(5, 5, 5).flops(3, backward=False) == 2 * 5 * 5 * 3
+    assert Shape(4, 8, 4).flops(3, backward=True) == 3 * 2 * 4 * 8 * 3 + 2 * 4 * 4 * 3  # queue: no dK on it
+
+
+def test_peer_skip_reasons():
+    cpu = torch.device("cpu")
+    assert peers.unavailable("naive", "supcon", cpu, 64) is None
+    assert "open_clip has no" in peers.unavailable("open_clip", "supcon", cpu, 64)
+    assert "CUDA" in peers.unavailable("inf_cl", "clip_loss", cpu, 64)
+    assert peers.inf_cl_head_dim(768) == 256 and peers.inf_cl_head_dim(384) == 128
+    assert peers.inf_cl_head_dim(100) is None
+
+
+# --- microbenchmarks of the hot functions (small sizes; pytest-benchmark) -----------------
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["clip_loss", "siglip_loss", "info_nce_labels", "nt_xent"])
+def test_microbench_forward_backward(benchmark, one_thread, name):
+    case = CASES[name]
+    inputs, leaves = case.make(256, 64, torch.float32, torch.device("cpu"), True, torch.Generator().manual_seed(0))
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        case.fastcl(inputs, "torch").backward()
+
+    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    assert all(t.grad is not None for t in leaves)
+
+
+def test_microbench_clip_forward(benchmark, one_thread):
+    case = CASES["clip_loss"]
+    inputs, _ = case.make(512, 64, torch.float32, torch.device("cpu"), False, torch.Generator().manual_seed(0))
+    value = benchmark.pedantic(lambda: case.fastcl(inputs, "torch"), rounds=5, iterations=1, warmup_rounds=1)
+    assert torch.isfinite(value)
