@@ -128,6 +128,15 @@ def test_distill_clip_loss_is_delegated():
 
 
 @pytest.mark.parametrize("cls", ["ClipLoss", "SigLipLoss"])
-def test_world_size_above_one_raises(cls):
-    with pytest.raises(NotImplementedError, match="world_size=2"):
-        getattr(compat, cls)(rank=0, world_size=2)
+def test_world_size_above_one_needs_a_process_group(cls):
+    """Several processes go through fastcl's group= (tests/test_compat_distributed.py); without an
+    initialised process group, or with a fastcl that cannot gather, the loss says so."""
+    import fastcl.compat
+    if not fastcl.compat._distributed_supported():
+        with pytest.raises(NotImplementedError, match="world_size=2"):
+            getattr(compat, cls)(rank=0, world_size=2)
+        return
+    loss = getattr(compat, cls)(rank=0, world_size=2)
+    feats = _unit(4, 3, torch.float32)
+    with pytest.raises(ValueError, match="initialised"):
+        loss(feats, feats, torch.tensor(10.0), torch.tensor(-1.0))

@@ -16,12 +16,14 @@ or O(#positive pairs) terms (each module says how). Options that fastcl does not
 delegated to the host library when it is installed, and raise ``NotImplementedError`` naming the
 option when it is not. Host libraries are imported lazily, only to delegate.
 
-Not yet supported: several processes (``world_size > 1``, ``gather_distributed``,
-``gather_across_devices`` under an initialised process group). Those raise
-``NotImplementedError`` until :mod:`fastcl.functional` gathers across processes.
+Several processes (``world_size > 1``, ``gather_distributed``, ``gather_across_devices`` under
+an initialised process group) go through fastcl's ``group=`` argument on the default process
+group, reproducing each host's per-rank loss value and gradients (each module says how). With a
+fastcl whose :mod:`fastcl.functional` has no ``group=`` they raise ``NotImplementedError``.
 """
 
 import importlib
+import inspect
 from typing import Optional
 
 import torch
@@ -52,9 +54,37 @@ def _world_size() -> int:
 
 def _not_distributed(option: str):
     raise NotImplementedError(
-        f"{option}: fastcl.compat computes single-process losses only for now; fastcl.functional has no "
-        "cross-process gather (group=) in this version. Use the host library for multi-process training."
+        f"{option}: this fastcl.functional has no cross-process gather (group=), so fastcl.compat computes "
+        "single-process losses only. Use the host library for multi-process training."
     )
+
+
+def _distributed_supported() -> bool:
+    return "group" in inspect.signature(F.info_nce).parameters
+
+
+def _process_group(option: str):
+    """The default process group, for fastcl's ``group=``; raises if fastcl cannot gather."""
+    if not _distributed_supported():
+        _not_distributed(option)
+    return torch.distributed.group.WORLD
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x, factor: float):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return _ScaleGrad.apply(x, factor)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -23,7 +23,6 @@ delegated to info-nce-pytorch when installed and raises ``NotImplementedError`` 
 Difference: the loss is float32 for float16/bfloat16 inputs.
 """
 
-import torch
 import torch.nn.functional as TF
 from torch import nn
 

@@ -13,8 +13,15 @@ NTXentLoss, no memory bank         fused: :func:`fastcl.nt_xent`
 NTXentLoss, ``memory_bank_size``   fused: one direction against the bank (see the class)
 DCLLoss / DCLWLoss                 fused: :func:`fastcl.dcl` (``weight_sigma`` for DCLW)
 DCLLoss(weight_fn=callable)        fused DCL plus an O(B) correction for the weights
-``gather_distributed=True``        same as False in one process; raises with world size > 1
+``gather_distributed=True``        fastcl ``group=`` (default group), local anchors
 =================================  ======================================================
+
+With ``gather_distributed=True`` and several processes, each rank's anchors are contrasted with
+every rank's views (lightly's ``GatherLayer``, exact gradient) and each rank reports the mean
+over its own anchors: fastcl's ``group=..., local_loss=True``. In MoCo mode the loss stays local
+and the keys of every rank are enqueued (gathered without gradient), as lightly. DCLW's weights
+are computed over the local batch, as lightly (``fastcl.dcl(weight_sigma=...)`` would take them
+over the global batch), so they enter as an O(B) correction to the gathered unweighted loss.
 
 Differences from lightly: the loss is float32 for float16/bfloat16 inputs, and normalisation
 is computed in float32 for them; the memory bank is read in the queries' dtype (lightly's
@@ -29,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from . import _not_distributed, _own_positive_shared_negatives, _row_dots, _world_size
+from . import _own_positive_shared_negatives, _process_group, _row_dots, _world_size
 
 __all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "MemoryBankModule", "negative_mises_fisher_weights"]
 
@@ -42,9 +49,19 @@ def _check_gather(gather_distributed: bool):
         )
 
 
-def _single_process(option: str, gather_distributed: bool):
+def _gathered(option: str, gather_distributed: bool) -> dict:
+    """fastcl's distributed keyword arguments for lightly's ``gather_distributed`` (none in one process)."""
     if gather_distributed and _world_size() > 1:
-        _not_distributed(f"{option}(gather_distributed=True) with world size {_world_size()}")
+        return {"group": _process_group(f"{option}(gather_distributed=True)"), "local_loss": True}
+    return {}
+
+
+@torch.no_grad()
+def _concat_all_gather(x: Tensor) -> Tensor:
+    """Every rank's ``x`` concatenated in rank order, without gradient (lightly's ``concat_all_gather``)."""
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
 
 
 class MemoryBankModule(nn.Module):
@@ -93,7 +110,7 @@ class MemoryBankModule(nn.Module):
     @torch.no_grad()
     def _dequeue_and_enqueue(self, batch: Tensor) -> None:
         if self.gather_distributed and _world_size() > 1:
-            _not_distributed("memory bank with gather_distributed=True")
+            batch = _concat_all_gather(batch)
         batch_size = batch.shape[0]
         ptr = int(self.bank_ptr)
         if ptr + batch_size >= self.size[0]:
@@ -143,9 +160,8 @@ class NTXentLoss(nn.Module):
         _check_gather(gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        _single_process("NTXentLoss", self.gather_distributed)
         if self.memory_bank.size[0] == 0:
-            return F.nt_xent(out0, out1, self.temperature)
+            return F.nt_xent(out0, out1, self.temperature, **_gathered("NTXentLoss", self.gather_distributed))
         out0 = nn.functional.normalize(out0, dim=1)
         out1 = nn.functional.normalize(out1, dim=1)
         out1, bank = self.memory_bank(out1, update=out0.requires_grad)
@@ -196,15 +212,15 @@ class DCLLoss(nn.Module):
         _check_gather(gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        _single_process(type(self).__name__, self.gather_distributed)
+        gathered = _gathered(type(self).__name__, self.gather_distributed)
         if not self.weight_fn:
-            return F.dcl(out0, out1, self.temperature)
+            return F.dcl(out0, out1, self.temperature, **gathered)
         sigma = _vmf_sigma(self.weight_fn)
-        if sigma is not None:
+        if sigma is not None and not gathered:
             return F.dcl(out0, out1, self.temperature, weight_sigma=sigma)
         out0 = nn.functional.normalize(out0, dim=1)
         out1 = nn.functional.normalize(out1, dim=1)
-        loss = F.dcl(out0, out1, self.temperature, normalize=False)
+        loss = F.dcl(out0, out1, self.temperature, normalize=False, **gathered)
         positive = _row_dots(out0, out1) / self.temperature
         w0 = self.weight_fn(out0, out1)
         w1 = self.weight_fn(out1, out0)

@@ -12,10 +12,27 @@ CoCaLoss           contrastive part fused; the caption cross-entropy is plain to
 DistillClipLoss    delegated to open_clip (needs teacher soft targets, which fastcl does not fuse)
 =================  ==========================================================================
 
+Several processes (``world_size > 1``, default process group, ``rank``/``world_size`` as open_clip
+takes them) go through fastcl's ``group=``, reproducing open_clip's per-rank loss and gradients
+in each mode:
+
+==================================  ==============================  ===========================
+ClipLoss mode                       per-rank loss                   gradients (after DDP mean)
+==================================  ==============================  ===========================
+gather_with_grad=True (+local_loss)  global loss (local share)       exact -- recommended
+gather_with_grad=False (default)    global loss                     features 1/W of exact
+gather_with_grad=False, local_loss  local rows vs detached columns  query side only (inexact)
+SigLipLoss, every dist_impl         local images vs all texts / B   exact
+==================================  ==============================  ===========================
+
+The inexact open_clip modes are reproduced, not fixed: pass ``gather_with_grad=True`` (or call
+:func:`fastcl.clip_loss` with ``group=``) for the exact gradient.
+
 Differences from open_clip: the loss comes back in float32 for float16/bfloat16 features
-(open_clip returns the features' dtype outside autocast); ``world_size > 1`` raises
-``NotImplementedError`` (no cross-process gather in fastcl yet); ``cache_labels`` and
-``use_horovod`` are accepted and have nothing to do (no label tensor is built).
+(open_clip returns the features' dtype outside autocast); ``cache_labels`` and ``use_horovod``
+are accepted and have nothing to do (no label tensor is built; torch.distributed is used in
+place of horovod); ``dist_impl`` only names open_clip's exchange pattern (fastcl's gather gives
+the same values).
 """
 
 from typing import Optional
@@ -23,17 +40,30 @@ from typing import Optional
 import torch
 from torch import nn
 
+import torch.distributed as dist
+
 from .. import functional as F
-from . import _import_host, _not_distributed
+from . import _distributed_supported, _import_host, _not_distributed, _process_group, _scale_grad
 
 __all__ = ["ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss"]
 
 _DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 
-def _single_process(cls_name: str, world_size: int):
-    if world_size > 1:
+def _check_world(cls_name: str, world_size: int):
+    if world_size > 1 and not _distributed_supported():
         _not_distributed(f"{cls_name}(world_size={world_size})")
+
+
+def _group(cls_name: str, rank: int, world_size: int):
+    """The default process group, checked against open_clip's ``rank`` / ``world_size``."""
+    group = _process_group(f"{cls_name}(world_size={world_size})")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{cls_name}(world_size={world_size}) needs torch.distributed to be initialised")
+    if dist.get_world_size() != world_size or dist.get_rank() != rank:
+        raise ValueError(f"{cls_name}: rank={rank}, world_size={world_size} but the default process group has "
+                         f"rank {dist.get_rank()} of {dist.get_world_size()}")
+    return group
 
 
 class ClipLoss(nn.Module):
@@ -53,10 +83,11 @@ class ClipLoss(nn.Module):
       CLIP loss) is optional.
 
     Args:
-        local_loss, gather_with_grad, rank, world_size: open_clip's distributed settings. Only
-            ``world_size=1`` is supported; ``local_loss`` and ``gather_with_grad`` then have no
-            effect, as in open_clip.
-        cache_labels, use_horovod: accepted for compatibility; nothing to cache or gather.
+        local_loss, gather_with_grad, rank, world_size: open_clip's distributed settings, with
+            open_clip's per-rank values and gradients (module doc); with ``world_size=1`` the
+            first two have no effect, as in open_clip.
+        cache_labels, use_horovod: accepted for compatibility; nothing to cache; horovod is not
+            used (torch.distributed's default group is).
     """
 
     def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
@@ -68,11 +99,30 @@ class ClipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.use_horovod = use_horovod
-        _single_process(type(self).__name__, world_size)
+        _check_world(type(self).__name__, world_size)
 
     def _contrastive(self, image_features, text_features, logit_scale, logit_bias=None):
-        _single_process(type(self).__name__, self.world_size)
-        return F.clip_loss(image_features, text_features, logit_scale, logit_bias)
+        if self.world_size <= 1:
+            return F.clip_loss(image_features, text_features, logit_scale, logit_bias)
+        group = _group(type(self).__name__, self.rank, self.world_size)
+        if self.gather_with_grad:
+            # torch.distributed.nn.all_gather: the exact global loss (or this rank's share of it)
+            return F.clip_loss(image_features, text_features, logit_scale, logit_bias, group=group,
+                               local_loss=self.local_loss)
+        if not self.local_loss:
+            # no-grad gather with the local slot put back: every rank computes the global loss but
+            # only its own rows carry gradient, 1/W of what fastcl's exact gather gives them
+            w = 1.0 / self.world_size
+            return F.clip_loss(_scale_grad(image_features, w), _scale_grad(text_features, w), logit_scale,
+                               logit_bias, group=group)
+        # no-grad gather and local_loss: the gathered columns carry no gradient at all, so only the
+        # local rows (queries) of each direction do; a logit bias cancels in both softmaxes
+        i2t = F.info_nce(image_features, text_features.detach(), scale=logit_scale, group=group, local_loss=True)
+        t2i = F.info_nce(text_features, image_features.detach(), scale=logit_scale, group=group, local_loss=True)
+        loss = (i2t + t2i) / 2
+        if isinstance(logit_bias, torch.Tensor):
+            loss = loss + 0 * logit_bias.sum()
+        return loss
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         total_loss = self._contrastive(image_features, text_features, logit_scale, logit_bias)
@@ -130,7 +180,7 @@ class SigLipLoss(nn.Module):
         cache_labels: accepted; no label matrix is built.
         rank, world_size, dist_impl: open_clip's distributed settings. ``dist_impl`` is checked
             against open_clip's choices ('bidir', 'shift', 'reduce', 'gather'; default 'bidir');
-            only ``world_size=1`` is supported.
+            all give the same per-rank values and gradients, which fastcl reproduces.
         chunk_size: open_clip ``main``'s row chunking (PR #1145); accepted and ignored, since
             fastcl never builds the ``[B, B]`` logits.
     """
@@ -145,11 +195,17 @@ class SigLipLoss(nn.Module):
         if self.dist_impl not in _DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {_DIST_IMPLS} (or None for 'bidir'); got {dist_impl!r}")
         self.chunk_size = chunk_size
-        _single_process(type(self).__name__, world_size)
+        _check_world(type(self).__name__, world_size)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
-        _single_process(type(self).__name__, self.world_size)
-        loss = F.siglip_loss(image_features, text_features, logit_scale, 0.0 if logit_bias is None else logit_bias)
+        bias = 0.0 if logit_bias is None else logit_bias
+        if self.world_size <= 1:
+            loss = F.siglip_loss(image_features, text_features, logit_scale, bias)
+        else:
+            # open_clip's exchanges all give each rank its images against every rank's texts,
+            # divided by the local batch: fastcl's local share of the global loss
+            group = _group(type(self).__name__, self.rank, self.world_size)
+            loss = F.siglip_loss(image_features, text_features, logit_scale, bias, group=group, local_loss=True)
         return {"contrastive_loss": loss} if output_dict else loss
 
 

@@ -19,13 +19,14 @@ Fused (one :func:`fastcl.info_nce` call, scale ``s`` = ``scale``):
   only, as in sentence-transformers);
 * ``similarity_fct`` ``cos_sim`` (normalised inside) or ``dot_score``;
 * ``hardness_mode`` with ``hardness_strength=0`` (no effect, as in sentence-transformers);
-* ``gather_across_devices=True`` without an initialised multi-process group (sentence-transformers
-  then uses the local batch too).
+* ``gather_across_devices=True``: in one process the local batch (as sentence-transformers);
+  with several, each rank's anchors against every rank's documents (and, symmetric, each rank's
+  positives against every rank's anchors), reporting the mean over the local anchors, with
+  sentence-transformers' exact gradient: fastcl's ``group=..., local_loss=True``.
 
 Delegated to sentence-transformers (raises ``NotImplementedError`` naming the option if it is not
 installed): other ``similarity_fct``, ``query_to_query`` / ``doc_to_doc`` directions, joint
-``doc_to_query``, hardness weighting. ``gather_across_devices`` with world size > 1 raises
-``NotImplementedError`` (no cross-process gather in fastcl yet).
+``doc_to_query``, hardness weighting.
 
 Wrappers: ``MatryoshkaLoss`` and ``AdaptiveLayerLoss`` decorate ``model.forward`` for
 non-cached losses, which these classes call through ``model``, so they keep working.
@@ -42,7 +43,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .. import functional as F
-from . import _import_host, _not_distributed, _world_size
+from . import _import_host, _process_group, _world_size
 
 __all__ = ["MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "cos_sim", "dot_score"]
 
@@ -177,13 +178,15 @@ class MultipleNegativesRankingLoss(nn.Module):
         unfused = self.unfused_options()
         if unfused:
             return self._host_loss(", ".join(unfused)).compute_loss_from_embeddings(embeddings, labels)
+        gathered = {}
         if self.gather_across_devices and _world_size() > 1:
-            _not_distributed(f"{type(self).__name__}(gather_across_devices=True) with world size {_world_size()}")
+            group = _process_group(f"{type(self).__name__}(gather_across_devices=True)")
+            gathered = {"group": group, "local_loss": True}
         queries, docs = embeddings[0], torch.cat(list(embeddings[1:]), dim=0)
         if _similarity_kind(self.similarity_fct) == "cos":
             queries, docs = TF.normalize(queries, p=2, dim=-1), TF.normalize(docs, p=2, dim=-1)
         symmetric = "doc_to_query" in self.directions
-        return F.info_nce(queries, docs, scale=self.scale, symmetric=symmetric)
+        return F.info_nce(queries, docs, scale=self.scale, symmetric=symmetric, **gathered)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {
