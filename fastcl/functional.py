@@ -4,6 +4,13 @@ picks a backend (``_dispatch.py``) and reduces the per-anchor losses the backend
 Shapes: ``N`` anchors (rows), ``M`` key columns, ``K`` extra negative columns, ``D`` features.
 Losses come back in float32 (float64 for float64 inputs) whatever the input dtype; gradients
 come back in the dtype of the tensor they belong to.
+
+Every function takes ``group=None, gather="all_gather", local_loss=False``. With a
+``torch.distributed`` process group, each rank passes its shard and the loss is the one over the
+concatenated global batch (every rank's keys are negatives for every rank's anchors); see
+:mod:`fastcl.distributed` for the two gather modes and the gradient convention: the mean over
+ranks of the returned losses is the single-process loss, and after DDP averages gradients over
+the W ranks every gradient (features, scale or temperature, bias) is the single-process one.
 """
 
 from typing import Optional, Union
@@ -12,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
+from . import distributed as _dist
 from ._dispatch import resolve
 from ._spec import SigmoidSpec, SoftmaxSpec
 
@@ -59,10 +67,24 @@ def _reduce(row_loss, col_loss, row_valid, col_valid, symmetric: bool, reduction
     return (rows + cols) / 2
 
 
-def _softmax(query, key, scale, bias, spec: SoftmaxSpec, reduction: str, backend):
+def _softmax(query, key, scale, bias, spec: SoftmaxSpec, reduction: str, backend, negatives=None, dist=None):
+    """Per-anchor losses over the columns ``[key; negatives]``, reduced; with a distributed
+    context ``dist``, over every rank's keys followed by this rank's negatives."""
     module = resolve(backend, query.device)
-    row_loss, col_loss, row_valid, col_valid = module.softmax_loss(query, key, scale, bias, spec)
+    if dist is not None:
+        outs = _dist.softmax_loss(dist, module, query, key, negatives, scale, bias, spec)
+        return _dist.reduce(dist, *outs, spec.symmetric, reduction)
+    columns = key if negatives is None else torch.cat([key, negatives])
+    row_loss, col_loss, row_valid, col_valid = module.softmax_loss(query, columns, scale, bias, spec)
     return _reduce(row_loss, col_loss, row_valid, col_valid, spec.symmetric, reduction)
+
+
+def _per_row(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == 1
+
+
+def _requires_grad(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
 
 
 def _pair_positions(n: int, device: torch.device) -> torch.Tensor:
@@ -87,6 +109,9 @@ def info_nce(
     symmetric: bool = False,
     reduction: str = "mean",
     backend: Optional[str] = None,
+    group=None,
+    gather: str = "all_gather",
+    local_loss: bool = False,
 ):
     r"""InfoNCE / softmax contrastive loss without materialising the N x (M+K) logits.
 
@@ -125,6 +150,29 @@ def info_nce(
             positive column of row ``i``. Anchors without a positive have loss 0.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``; default ``FASTCL_BACKEND``
             or ``"auto"``.
+        group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``). Every rank
+            passes its own shard (shards may differ in size) and the loss is the one over the
+            concatenated global batch: every rank's keys are columns for every rank's rows.
+            ``positive_index`` and ``exclude_self`` refer to this rank's keys (the local
+            ``i``-th key is column ``offset_r + i`` globally); ``labels`` are compared across
+            ranks; ``negatives`` (and ``negative_labels``) stay local to the rank that passes
+            them (a MoCo queue replicated on every rank gives the single-process loss over that
+            queue); a per-row ``temperature``/``scale`` belongs to this rank's rows. ``None``
+            (default): this process's batch only.
+        gather: ``"all_gather"`` (gather the keys, and the queries of symmetric losses; any
+            backend; O(N_global * D) memory per rank) or ``"ring"`` (key blocks passed around
+            the ring; O(N_local * D) extra memory whatever the world size; per-block arithmetic
+            of the torch backend). Ignored without ``group``.
+        local_loss: return this rank's anchors' share of the global loss times W (open_clip's
+            ``local_loss``: with equal shards and every anchor valid, the mean over the local
+            anchors) instead of the global loss. Ignored without ``group``.
+
+    Gradient convention with ``group``: the mean over ranks of the returned losses equals the
+    single-process loss over the concatenated batch, and gradients are summed over ranks (each
+    rank's feature gradient is W times its slice of the single-process gradient), so after DDP
+    averages over W ranks every gradient -- features, scale/temperature, bias -- equals the
+    single-process one. With ``reduction="none"`` the local anchors' losses are returned as they
+    are, and the same summing applies to whatever each rank backpropagates.
 
     Returns:
         The loss, float32 (float64 for float64 inputs). If no anchor has a positive the mean is
@@ -144,7 +192,6 @@ def info_nce(
     else:
         s = _as_scale(_checks.scalar_or_rows("temperature", temperature, n, device, positive=True), True, query)
 
-    columns = key
     n_grad_cols = None
     n_neg = 0
     if negatives is not None:
@@ -152,7 +199,6 @@ def info_nce(
         _checks.same_width("negatives", negatives, "query", query)
         _checks.same_kind("negatives", negatives, "query", query)
         n_neg = negatives.shape[0]
-        columns = torch.cat([key, negatives])
         if not negatives.requires_grad:
             n_grad_cols = m
     elif negative_labels is not None:
@@ -202,11 +248,21 @@ def info_nce(
             if bool((pos >= m).any()) or torch.unique(pos).numel() != n:
                 raise ValueError("symmetric needs one-to-one positives: positive_index must be distinct key columns (< M)")
 
+    # a symmetric exclude_self loss gathered by all_gather needs this layout (checked on every rank alike)
+    permutation = bool(group is not None and gather == "all_gather" and symmetric and exclude_self
+                       and (torch.sort(pos).values == torch.arange(n, device=device)).all())
+    dist = _dist.prepare(
+        group, gather, local_loss, op="info_nce", query=query, n_keys=m,
+        options={"reduction": _REDUCTIONS.index(reduction), "labels": labels is not None, "negatives": n_neg,
+                 "negative_labels": negative_labels is not None, "negatives_require_grad": _requires_grad(negatives),
+                 "key_requires_grad": key.requires_grad, "per_row_scale": _per_row(s), "exclude_self": exclude_self,
+                 "decoupled": decoupled, "symmetric": symmetric, "positive_index_is_permutation": permutation},
+        scalars={"scale": s})
     spec = SoftmaxSpec(
         positive_index=pos, row_labels=row_labels, col_labels=col_labels, col_has_label=col_has_label,
         exclude_self=exclude_self, decoupled=decoupled, symmetric=symmetric, n_grad_cols=n_grad_cols,
     )
-    return _softmax(query, columns, s, None, spec, reduction, backend)
+    return _softmax(query, key, s, None, spec, reduction, backend, negatives, dist)
 
 
 def _two_towers(names, a, b):
@@ -218,7 +274,8 @@ def _two_towers(names, a, b):
     return a, b
 
 
-def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, backend=None):
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, backend=None, group=None,
+              gather="all_gather", local_loss=False):
     r"""CLIP's symmetric contrastive loss, equal to open_clip ``ClipLoss``.
 
     ``L = logit_scale * image @ text.T (+ logit_bias)``;
@@ -230,6 +287,12 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, ba
         logit_scale: the already-exponentiated scale: float or tensor ``()`` / ``(1,)``.
         logit_bias: optional float or tensor ``()`` / ``(1,)``.
         backend: see :func:`info_nce`.
+        group, gather, local_loss: cross-rank negatives, see :func:`info_nce`. With ``group``,
+            each rank passes its ``N_r`` pairs and the loss is CLIP's over all ``sum N_r`` pairs
+            (open_clip ``gather_with_grad=True``), exact in value and gradient: the mean over
+            ranks of the returned losses is the single-process loss, and after DDP's averaging
+            the gradients of the features, ``logit_scale`` and ``logit_bias`` are the
+            single-process ones (not W times too large).
     """
     image_features, text_features = _two_towers(("image_features", "text_features"), image_features, text_features)
     n, device = image_features.shape[0], image_features.device
@@ -237,11 +300,15 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, ba
         raise ValueError(f"logit_scale must be a scalar (shape () or (1,)); got {tuple(logit_scale.shape)}")
     s = _as_scale(_checks.scalar_or_rows("logit_scale", logit_scale, n, device, positive=False), False, image_features)
     bias = _as_bias(_checks.optional_bias("logit_bias", logit_bias, device), image_features)
+    dist = _dist.prepare(group, gather, local_loss, op="clip_loss", query=image_features, n_keys=n,
+                         options={"bias": bias is not None, "text_requires_grad": text_features.requires_grad},
+                         scalars={"logit_scale": s, "logit_bias": bias})
     spec = SoftmaxSpec(positive_index=torch.arange(n, device=device), symmetric=True)
-    return _softmax(image_features, text_features, s, bias, spec, "mean", backend)
+    return _softmax(image_features, text_features, s, bias, spec, "mean", backend, dist=dist)
 
 
-def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend=None):
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend=None, group=None,
+                gather="all_gather", local_loss=False):
     r"""SigLIP's pairwise sigmoid loss, equal to open_clip ``SigLipLoss`` and big_vision.
 
     ``L = logit_scale * image @ text.T + logit_bias``;
@@ -253,6 +320,10 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
         logit_scale: already-exponentiated scale (float or tensor ``()`` / ``(1,)``).
         logit_bias: float or tensor ``()`` / ``(1,)``.
         backend: see :func:`info_nce`.
+        group, gather, local_loss: cross-rank negatives, see :func:`info_nce`. With ``group``,
+            every (image, text) pair of the global batch is counted exactly once (open_clip's
+            neighbour exchange): a rank's images meet their own texts with the positives and
+            every other rank's texts as negatives only; the sum is divided by the global N.
     """
     image_features, text_features = _two_towers(("image_features", "text_features"), image_features, text_features)
     n, device = image_features.shape[0], image_features.device
@@ -262,8 +333,14 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
         raise ValueError("siglip_loss needs logit_bias (a float or a scalar tensor); SigLIP initialises it to -10")
     s = _as_scale(_checks.scalar_or_rows("logit_scale", logit_scale, n, device, positive=False), False, image_features)
     bias = _as_bias(_checks.optional_bias("logit_bias", logit_bias, device), image_features)
+    dist = _dist.prepare(group, gather, local_loss, op="siglip_loss", query=image_features, n_keys=n,
+                         options={"text_requires_grad": text_features.requires_grad},
+                         scalars={"logit_scale": s, "logit_bias": bias})
     spec = SigmoidSpec(positive_index=torch.arange(n, device=device), n_rows_norm=n)
-    return resolve(backend, device).sigmoid_loss(image_features, text_features, s, bias, spec)
+    module = resolve(backend, device)
+    if dist is not None:
+        return _dist.finish(dist, _dist.sigmoid_loss(dist, module, image_features, text_features, s, bias, spec))
+    return module.sigmoid_loss(image_features, text_features, s, bias, spec)
 
 
 def _views(names, z1, z2, normalize: bool):
@@ -275,7 +352,8 @@ def _views(names, z1, z2, normalize: bool):
     return x
 
 
-def nt_xent(z1, z2, temperature: Number = 0.5, *, normalize: bool = True, backend=None):
+def nt_xent(z1, z2, temperature: Number = 0.5, *, normalize: bool = True, backend=None, group=None,
+            gather="all_gather", local_loss=False):
     r"""SimCLR's NT-Xent over the 2N views (lightly ``NTXentLoss``'s value).
 
     The anchors are the 2N rows of ``x = [z1; z2]`` (L2-normalised when ``normalize``); each row
@@ -287,18 +365,23 @@ def nt_xent(z1, z2, temperature: Number = 0.5, *, normalize: bool = True, backen
         temperature: float > 0 or a tensor ``()`` / ``(1,)``.
         normalize: L2-normalise the views inside the op (its backward included).
         backend: see :func:`info_nce`.
+        group, gather, local_loss: cross-rank negatives, see :func:`info_nce`. With ``group``,
+            each rank passes its ``N_r`` pairs and the loss is over all ``2 * sum N_r`` views.
     """
     x = _views(("z1", "z2"), z1, z2, normalize)
     n2 = x.shape[0]
     t = _checks.scalar_or_rows("temperature", temperature, 1, x.device, positive=True)
     if isinstance(t, torch.Tensor) and t.dim():
         raise ValueError(f"temperature must be a scalar; got {tuple(t.shape)}")
+    scale = _as_scale(t, True, x)
+    dist = _dist.prepare(group, gather, local_loss, op="nt_xent", query=x, n_keys=n2,
+                         options={"normalize": normalize}, scalars={"temperature": t})
     spec = SoftmaxSpec(positive_index=_pair_positions(n2 // 2, x.device), exclude_self=True)
-    return _softmax(x, x, _as_scale(t, True, x), None, spec, "mean", backend)
+    return _softmax(x, x, scale, None, spec, "mean", backend, dist=dist)
 
 
 def supcon(features, labels=None, *, temperature: Number = 0.1, base_temperature: Optional[float] = None,
-           contrast_mode: str = "all", backend=None):
+           contrast_mode: str = "all", backend=None, group=None, gather="all_gather", local_loss=False):
     r"""Supervised contrastive loss (Khosla et al. 2020).
 
     ``features [B, V, D]`` holds V views of B samples. The contrast set is all B*V views; anchors
@@ -316,6 +399,10 @@ def supcon(features, labels=None, *, temperature: Number = 0.1, base_temperature
         base_temperature: defaults to ``temperature``.
         contrast_mode: ``"all"`` or ``"one"``.
         backend: see :func:`info_nce`.
+        group, gather, local_loss: cross-rank negatives, see :func:`info_nce`. With ``group``,
+            each rank passes its ``B_r`` samples (and their labels, compared across ranks); the
+            contrast set is every rank's views and the mean is over every rank's anchors that
+            have a positive. ``labels=None`` means each sample is its own class across ranks.
     """
     features = _checks.features("features", features, rank=3)
     _checks.choice("contrast_mode", contrast_mode, ("all", "one"))
@@ -323,6 +410,8 @@ def supcon(features, labels=None, *, temperature: Number = 0.1, base_temperature
     device = features.device
     if labels is None:
         labels = torch.arange(b, device=device)
+        if group is not None:
+            labels = _dist.unique_labels(group, b, device)
     labels = _checks.integer_vector("labels", labels, b, device)
     t = _checks.scalar_or_rows("temperature", temperature, 1, device, positive=True)
     if isinstance(t, torch.Tensor) and t.dim():
@@ -337,19 +426,26 @@ def supcon(features, labels=None, *, temperature: Number = 0.1, base_temperature
         anchors, anchor_labels = contrast, contrast_labels
     else:
         anchors, anchor_labels = features[:, 0], labels
+    scale = _as_scale(t, True, features)
+    dist = _dist.prepare(group, gather, local_loss, op="supcon", query=anchors, n_keys=contrast.shape[0],
+                         options={"contrast_mode": contrast_mode == "all", "views": v},
+                         scalars={"temperature": t, "base_temperature": base_temperature})
     spec = SoftmaxSpec(row_labels=anchor_labels, col_labels=contrast_labels, exclude_self=True)
-    loss = _softmax(anchors, contrast, _as_scale(t, True, features), None, spec, "mean", backend)
+    loss = _softmax(anchors, contrast, scale, None, spec, "mean", backend, dist=dist)
     return loss * (t / base_temperature)
 
 
-def _von_mises_fisher_weights(x1: torch.Tensor, x2: torch.Tensor, sigma: float) -> torch.Tensor:
-    """DCLW's positive weights ``2 - N * softmax(<x1_i, x2_i> / sigma)`` (no gradient)."""
+def _von_mises_fisher_weights(x1: torch.Tensor, x2: torch.Tensor, sigma: float, dist=None) -> torch.Tensor:
+    """DCLW's positive weights ``2 - N * softmax(<x1_i, x2_i> / sigma)`` (no gradient); with a
+    distributed context the softmax and N run over every rank's pairs."""
     sim = (x1.detach() * x2.detach()).sum(dim=1).to(_compute_dtype(x1.dtype)) / sigma
+    if dist is not None:
+        return 2 - (dist.total_rows // 2) * torch.exp(sim - _dist.logsumexp(sim, dist))
     return 2 - x1.shape[0] * torch.softmax(sim, dim=0)
 
 
 def dcl(z1, z2, temperature: Number = 0.1, *, weight_sigma: Optional[float] = None, normalize: bool = True,
-        backend=None):
+        backend=None, group=None, gather="all_gather", local_loss=False):
     r"""Decoupled contrastive loss (Yeh et al. 2022), lightly ``DCLLoss`` / ``DCLWLoss``'s value.
 
     Like :func:`nt_xent` but the positive is removed from the denominator, and the positive term
@@ -367,18 +463,25 @@ def dcl(z1, z2, temperature: Number = 0.1, *, weight_sigma: Optional[float] = No
         weight_sigma: ``None`` (DCL) or sigma > 0 (DCLW).
         normalize: L2-normalise inside the op.
         backend: see :func:`info_nce`.
+        group, gather, local_loss: cross-rank negatives, see :func:`info_nce`. With ``group``,
+            the loss is over every rank's ``2 * N_r`` views, and the DCLW weights' softmax and
+            ``N`` run over every rank's pairs.
     """
     x = _views(("z1", "z2"), z1, z2, normalize)
     n = x.shape[0] // 2
     t = _checks.scalar_or_rows("temperature", temperature, 1, x.device, positive=True)
     if isinstance(t, torch.Tensor) and t.dim():
         raise ValueError(f"temperature must be a scalar; got {tuple(t.shape)}")
+    scale = _as_scale(t, True, x)
+    dist = _dist.prepare(group, gather, local_loss, op="dcl", query=x, n_keys=2 * n,
+                         options={"normalize": normalize, "weighted": weight_sigma is not None},
+                         scalars={"temperature": t, "weight_sigma": weight_sigma})
     pos_weight = None
     if weight_sigma is not None:
         sigma = _checks.scalar_or_rows("weight_sigma", weight_sigma, 1, x.device, positive=True)
-        w = _von_mises_fisher_weights(x[:n], x[n:], sigma)
+        w = _von_mises_fisher_weights(x[:n], x[n:], sigma, dist)
         pos_weight = torch.cat([w, w])
     spec = SoftmaxSpec(positive_index=_pair_positions(n, x.device), exclude_self=True, decoupled=True,
                        pos_weight=pos_weight)
-    return _softmax(x, x, _as_scale(t, True, x), None, spec, "mean", backend)
+    return _softmax(x, x, scale, None, spec, "mean", backend, dist=dist)
 

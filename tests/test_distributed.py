@@ -1,0 +1,463 @@
+"""Cross-rank losses (fastcl.distributed) against the single-process loss over the concatenated
+batch, on W = 2, 3, 4 gloo processes on CPU.
+
+One launch per world size runs every check (the process start-up dominates the cost) and writes
+a JSON report that the tests below read. Each rank builds the same global float64 batch, runs
+the single-process loss over it, then the distributed loss over its own (unequal) shard, and
+compares: the mean over ranks of the returned losses with the reference loss, each rank's
+feature gradient / W with its slice of the reference gradient (DDP averages over W ranks), and
+the sum over ranks of a shared scalar's gradient / W (logit scale, bias, a replicated queue) with
+the reference. Ring mode's per-rank peak of live tensor bytes is measured at a fixed shard size.
+
+Run one world size by hand: ``python tests/test_distributed.py RANK WORLD PORT OUTDIR`` per rank.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+WORLD_SIZES = (2, 3, 4)
+MODES = ("all_gather", "ring")
+RTOL = 1e-10
+LAUNCH_TIMEOUT_S = 240
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases: each returns (function, tensors, local_extra(rank), global_extra).
+# tensors: name -> (global float64 tensor, row sizes per rank or None for a replicated tensor,
+# requires_grad). Integer tensors (labels) are sliced by their sizes too.
+
+
+def _shards(world, base, spread=3, shift=0):
+    """Unequal shard sizes, different for every world size."""
+    return [base + (2 * r + world + shift) % spread for r in range(world)]
+
+
+def _offsets(sizes):
+    out, acc = [], 0
+    for s in sizes:
+        out.append(acc)
+        acc += s
+    return out
+
+
+def _unit(g, n, d):
+    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+
+
+def case_clip(world, g, bias=True):
+    sizes = _shards(world, 3)
+    n, d = sum(sizes), 7
+    tensors = {"image_features": (_unit(g, n, d), sizes, True), "text_features": (_unit(g, n, d), sizes, True),
+               "logit_scale": (torch.tensor(7.5, dtype=torch.float64), None, True)}
+    if bias:
+        tensors["logit_bias"] = (torch.tensor(-0.7, dtype=torch.float64), None, True)
+    import fastcl
+    return fastcl.clip_loss, tensors, lambda r: {}, {}
+
+
+def case_siglip(world, g):
+    sizes = _shards(world, 3)
+    n, d = sum(sizes), 6
+    tensors = {"image_features": (_unit(g, n, d), sizes, True), "text_features": (_unit(g, n, d), sizes, True),
+               "logit_scale": (torch.tensor(6.0, dtype=torch.float64), None, True),
+               "logit_bias": (torch.tensor(-2.5, dtype=torch.float64), None, True)}
+    import fastcl
+    return fastcl.siglip_loss, tensors, lambda r: {}, {}
+
+
+def _info_nce_case(world, g, *, key_extra=0, n_neg=0, neg_grad=False, labels=0, neg_labels=False,
+                   positives="diag", per_row_t=False, symmetric=False, exclude_self=False, decoupled=False,
+                   reduction="mean", d=5):
+    import fastcl
+    rows = _shards(world, 3)
+    keys = [r + key_extra for r in rows]
+    n, m = sum(rows), sum(keys)
+    koff = _offsets(keys)
+    tensors = {"query": (torch.randn(n, d, generator=g, dtype=torch.float64) / 2, rows, True),
+               "key": (torch.randn(m, d, generator=g, dtype=torch.float64) / 2, keys, True)}
+    if n_neg:
+        tensors["negatives"] = (torch.randn(n_neg, d, generator=g, dtype=torch.float64) / 2, None, neg_grad)
+    if per_row_t:
+        tensors["temperature"] = (0.2 + torch.rand(n, generator=g, dtype=torch.float64) * 0.3, rows, True)
+    local, glob = [dict() for _ in range(world)], {"reduction": reduction, "symmetric": symmetric,
+                                                     "exclude_self": exclude_self, "decoupled": decoupled}
+    if not per_row_t:
+        glob["temperature"] = 0.3
+    if labels:
+        tensors["labels"] = (torch.randint(0, labels, (n,), generator=g), rows, False)
+        if key_extra:
+            tensors["key_labels"] = (torch.randint(0, labels, (m,), generator=g), keys, False)
+        if neg_labels:
+            tensors["negative_labels"] = (torch.randint(0, labels, (n_neg,), generator=g), None, False)
+    elif positives != "diag":
+        glob_pos = []
+        for r in range(world):
+            if positives == "random":  # anywhere among the local keys and the queue
+                p = torch.randint(0, keys[r] + n_neg, (rows[r],), generator=g)
+            elif positives == "shifted":  # a permutation of range(N_r), never the row itself
+                p = (torch.arange(rows[r]) + 1) % rows[r]
+            else:  # "perm": distinct local keys, for symmetric losses
+                p = torch.randperm(keys[r], generator=g)[: rows[r]]
+            local[r]["positive_index"] = p
+            glob_pos.append(torch.where(p < keys[r], p + koff[r], p - keys[r] + m))
+        glob["positive_index"] = torch.cat(glob_pos)
+    for r in range(world):
+        local[r].update({k: v for k, v in glob.items() if k != "positive_index"})
+    return fastcl.info_nce, tensors, lambda r: local[r], glob
+
+
+def case_nt_xent(world, g):
+    import fastcl
+    sizes = _shards(world, 2)
+    n = sum(sizes)
+    tensors = {"z1": (torch.randn(n, 6, generator=g, dtype=torch.float64), sizes, True),
+               "z2": (torch.randn(n, 6, generator=g, dtype=torch.float64), sizes, True)}
+    return fastcl.nt_xent, tensors, lambda r: {"temperature": 0.4}, {"temperature": 0.4}
+
+
+def case_supcon(world, g, contrast_mode="all", labels=True):
+    import fastcl
+    sizes = _shards(world, 3)
+    b = sum(sizes)
+    tensors = {"features": (F.normalize(torch.randn(b, 2, 5, generator=g, dtype=torch.float64), dim=-1), sizes, True)}
+    if labels:
+        tensors["labels"] = (torch.randint(0, 4, (b,), generator=g), sizes, False)
+    opts = {"temperature": 0.2, "base_temperature": 0.3, "contrast_mode": contrast_mode}
+    return fastcl.supcon, tensors, lambda r: opts, opts
+
+
+def case_dcl(world, g, weight_sigma=0.5):
+    import fastcl
+    sizes = _shards(world, 2)
+    n = sum(sizes)
+    tensors = {"z1": (torch.randn(n, 6, generator=g, dtype=torch.float64), sizes, True),
+               "z2": (torch.randn(n, 6, generator=g, dtype=torch.float64), sizes, True)}
+    opts = {"temperature": 0.3, "weight_sigma": weight_sigma}
+    return fastcl.dcl, tensors, lambda r: opts, opts
+
+
+CASES = {
+    "clip_loss": case_clip,
+    "clip_loss_no_bias": lambda w, g: case_clip(w, g, bias=False),
+    "siglip_loss": case_siglip,
+    "info_nce": lambda w, g: _info_nce_case(w, g),
+    "info_nce_positive_index_m_gt_n": lambda w, g: _info_nce_case(w, g, key_extra=2, positives="random"),
+    "info_nce_per_row_temperature": lambda w, g: _info_nce_case(w, g, key_extra=1, positives="random", per_row_t=True),
+    "info_nce_labels": lambda w, g: _info_nce_case(w, g, labels=3),
+    "info_nce_labels_key_labels": lambda w, g: _info_nce_case(w, g, labels=3, key_extra=2),
+    "info_nce_labels_exclude_self_decoupled": lambda w, g: _info_nce_case(w, g, labels=3, exclude_self=True, decoupled=True),
+    "info_nce_queue": lambda w, g: _info_nce_case(w, g, n_neg=5),
+    "info_nce_queue_with_grad_positive_in_queue": lambda w, g: _info_nce_case(w, g, n_neg=5, neg_grad=True, positives="random"),
+    "info_nce_labels_labelled_queue": lambda w, g: _info_nce_case(w, g, labels=3, n_neg=4, neg_labels=True),
+    "info_nce_labels_unlabelled_queue": lambda w, g: _info_nce_case(w, g, labels=3, n_neg=4),
+    "info_nce_symmetric_per_row_temperature": lambda w, g: _info_nce_case(w, g, key_extra=2, positives="perm",
+                                                                          per_row_t=True, symmetric=True),
+    "info_nce_symmetric_exclude_self_decoupled": lambda w, g: _info_nce_case(w, g, positives="shifted", symmetric=True,
+                                                                             exclude_self=True, decoupled=True),
+    "info_nce_symmetric_queue_sum": lambda w, g: _info_nce_case(w, g, n_neg=3, symmetric=True, reduction="sum"),
+    "nt_xent": case_nt_xent,
+    "supcon": case_supcon,
+    "supcon_one_no_labels": lambda w, g: case_supcon(w, g, contrast_mode="one", labels=False),
+    "dcl": lambda w, g: case_dcl(w, g, weight_sigma=None),
+    "dclw": case_dcl,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker side
+
+
+def _rel_err(got, want, floor):
+    got, want = got.detach().double(), want.detach().double()
+    if got.shape != want.shape:
+        return float("inf")
+    scale = max(float(want.abs().max()), floor) if want.numel() else 1.0
+    return float((got - want).abs().max()) / scale if want.numel() else 0.0
+
+
+def _run_case(name, mode, local_loss, world, rank, upstream=False):
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(1000 + 17 * world + sum(map(ord, name)))
+    fn, tensors, local_extra, glob_extra = CASES[name](world, g)
+
+    ref_in = {k: (v.clone().requires_grad_(grad) if v.dtype.is_floating_point else v)
+              for k, (v, _, grad) in tensors.items()}
+    ref_loss = fn(**ref_in, **glob_extra)
+
+    local_in = {}
+    for k, (v, sizes, grad) in tensors.items():
+        if sizes is not None:
+            start = sum(sizes[:rank])
+            v = v[start: start + sizes[rank]]
+        v = v.clone()
+        local_in[k] = v.requires_grad_(grad) if v.dtype.is_floating_point else v
+    loss = fn(**local_in, **local_extra(rank), group=dist.group.WORLD, gather=mode, local_loss=local_loss)
+
+    # ranks may weight their losses differently; the sum of their gradients is then the
+    # gradient of the weighted sum: sum_r c_r * L in global mode
+    weight = float(rank + 1) if upstream else 1.0
+    (loss * weight).backward()
+    total_weight = sum(range(1, world + 1)) if upstream else world
+    ref_loss.backward()
+
+    losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(losses, loss.detach().double().reshape(()))
+    # global mode: every rank returns the global loss; local_loss: the mean over ranks is it
+    got_loss = torch.stack(losses).mean() if local_loss else loss.detach()
+    errs = {"loss": _rel_err(got_loss, ref_loss.detach(), 1.0)}
+    for k, (v, sizes, grad) in tensors.items():
+        if not grad:
+            continue
+        got = local_in[k].grad
+        if got is None:
+            errs[f"d{k}"] = float("inf")
+            continue
+        want = ref_in[k].grad
+        if sizes is None:  # replicated: DDP averages the ranks' gradients
+            got = got.clone()
+            dist.all_reduce(got)
+            errs[f"d{k}"] = _rel_err(got / total_weight, want, 1.0)
+        else:  # this rank's rows: W times (or sum c_r times) its slice of the reference
+            start = sum(sizes[:rank])
+            errs[f"d{k}"] = _rel_err(got / total_weight, want[start: start + sizes[rank]], 1e-3)
+    return errs
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the mode and still alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def _free(self, key, nbytes):
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = id(st)
+                if key in self.seen:
+                    continue
+                self.seen.add(key)
+                self.live += st.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(st, self._free, key, st.nbytes())
+        return out
+
+
+MEMORY_ROWS, MEMORY_DIM = 256, 64
+
+
+def _peak_bytes(op, mode, world, rank):
+    """Peak live bytes, beyond the inputs, of one forward + backward at a fixed shard size.
+
+    Measured on rank 0 only (every rank holds the same shard size): entering a dispatch mode
+    imports torch._dynamo, seconds of CPU per process."""
+    import fastcl
+    import torch.distributed as dist
+
+    os.environ.pop("FASTCL_TORCH_BLOCK", None)  # the default tile shape, as in use
+    g = torch.Generator().manual_seed(rank)
+    a = F.normalize(torch.randn(MEMORY_ROWS, MEMORY_DIM, generator=g), dim=1).requires_grad_()
+    b = F.normalize(torch.randn(MEMORY_ROWS, MEMORY_DIM, generator=g), dim=1).requires_grad_()
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-5.0, requires_grad=True)
+    dist.barrier()
+    meter = _LiveBytes() if rank == 0 else contextlib.nullcontext()
+    with meter:
+        if op == "clip_loss":
+            loss = fastcl.clip_loss(a, b, scale, group=dist.group.WORLD, gather=mode)
+        elif op == "siglip_loss":
+            loss = fastcl.siglip_loss(a, b, scale, bias, group=dist.group.WORLD, gather=mode)
+        else:
+            labels = torch.randint(0, 16, (MEMORY_ROWS,), generator=g)
+            loss = fastcl.info_nce(a, b, labels=labels, group=dist.group.WORLD, gather=mode)
+        loss.backward()
+        del loss
+    return meter.peak if rank == 0 else 0
+
+
+def _bad_setups(world, rank):
+    """Mismatched calls must raise the same error on every rank, not hang."""
+    import fastcl
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    x = torch.randn(4, 6, dtype=torch.float64)
+    calls = {
+        "width": lambda: fastcl.info_nce(x[:, : 5 if rank == 0 else 6], x[:, : 5 if rank == 0 else 6], group=group),
+        "dtype": lambda: fastcl.info_nce(x.float() if rank == 0 else x, x.float() if rank == 0 else x, group=group),
+        "scale": lambda: fastcl.clip_loss(x, x, 10.0 + (rank == 0), group=group),
+        "gather": lambda: fastcl.info_nce(x, x, group=group, gather="ring" if rank == 0 else "all_gather"),
+        "labels": lambda: fastcl.info_nce(x, x, labels=torch.zeros(4, dtype=torch.long) if rank else None, group=group),
+    }
+    out = {}
+    for name, call in calls.items():
+        try:
+            call()
+            out[name] = "no error"
+        except (ValueError, TypeError) as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+    dist.barrier()
+    return out
+
+
+def _worker(rank, world, port, outdir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                           timeout=timedelta(seconds=90))
+    report = {"checks": {}, "memory": {}, "bad_setups": {}, "seconds": {}}
+    t0 = time.perf_counter()
+    for name in CASES:
+        for mode in MODES:
+            for local_loss in (False, True):
+                key = f"{name}|{mode}|{'local' if local_loss else 'global'}"
+                report["checks"][key] = _run_case(name, mode, local_loss, world, rank)
+    for mode in MODES:
+        report["checks"][f"clip_loss|{mode}|global_weighted_ranks"] = _run_case("clip_loss", mode, False, world, rank,
+                                                                              upstream=True)
+    report["seconds"]["checks"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for op in ("clip_loss", "siglip_loss", "info_nce_labels"):
+        for mode in MODES:
+            peak = torch.tensor([float(_peak_bytes(op, mode, world, rank))])
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            report["memory"][f"{op}|{mode}"] = int(peak)
+    report["seconds"]["memory"] = time.perf_counter() - t0
+    report["bad_setups"] = _bad_setups(world, rank)
+
+    # every rank's errors -> the max over ranks; bad-setup messages from every rank
+    flat = [(k, e) for k, errs in sorted(report["checks"].items()) for e in sorted(errs)]
+    values = torch.tensor([report["checks"][k][e] for k, e in flat], dtype=torch.float64)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    for (k, e), v in zip(flat, values.tolist()):
+        report["checks"][k][e] = v
+    messages = [None] * world
+    dist.all_gather_object(messages, report["bad_setups"])
+    report["bad_setups"] = messages
+    if rank == 0:
+        with open(os.path.join(outdir, f"report_{world}.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# pytest side
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(world: int, outdir: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCL_BACKEND": "torch",
+           # tiny tiles: every tile boundary inside the blocks is exercised
+           "FASTCL_TORCH_BLOCK": "3,4"}
+    if os.path.isdir("/sys/class/net/lo"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), str(port), outdir],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(world)]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    logs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                if q.poll() is None:
+                    q.kill()
+            out, _ = p.communicate()
+        logs.append(out.decode(errors="replace"))
+    path = os.path.join(outdir, f"report_{world}.json")
+    if any(p.returncode for p in procs) or not os.path.exists(path):
+        tails = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{log[-3000:]}"
+                          for r, (p, log) in enumerate(zip(procs, logs)))
+        raise RuntimeError(f"gloo workers for W={world} failed:\n{tails}")
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def reports():
+    with tempfile.TemporaryDirectory() as outdir:
+        return {world: _launch(world, outdir) for world in WORLD_SIZES}
+
+
+CHECK_IDS = [f"{name}|{mode}|{scope}" for name in CASES for mode in MODES for scope in ("global", "local")]
+CHECK_IDS += [f"clip_loss|{mode}|global_weighted_ranks" for mode in MODES]
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("check", CHECK_IDS)
+def test_matches_single_process(reports, world, check):
+    errs = reports[world]["checks"][check]
+    bad = {k: v for k, v in errs.items() if not v <= RTOL}
+    assert not bad, f"W={world} {check}: relative errors {bad}"
+
+
+@pytest.mark.parametrize("op", ["clip_loss", "siglip_loss", "info_nce_labels"])
+def test_ring_memory_does_not_grow_with_world_size(reports, op):
+    ring = {w: reports[w]["memory"][f"{op}|ring"] for w in WORLD_SIZES}
+    gathered = {w: reports[w]["memory"][f"{op}|all_gather"] for w in WORLD_SIZES}
+    print(f"{op}: peak live bytes per rank, {MEMORY_ROWS} rows x {MEMORY_DIM} fp32 per rank: "
+          f"ring {ring}, all_gather {gathered}")
+    # the same shard on every rank: the ring holds at most two incoming blocks (one at W = 2,
+    # where only one transfer happens) beside its own, whatever W
+    block = MEMORY_ROWS * MEMORY_DIM * 4
+    assert max(ring.values()) - min(ring.values()) <= block + 4096
+    assert abs(ring[4] - ring[3]) <= 4096
+    assert ring[4] < gathered[4]
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("setup,expected", [("width", "ValueError: info_nce: the feature width D differs"),
+                                            ("dtype", "TypeError: info_nce: the feature dtype differs"),
+                                            ("scale", "ValueError: clip_loss: logit_scale differs across ranks"),
+                                            ("gather", "ValueError: info_nce: ranks disagree on gather"),
+                                            ("labels", "ValueError: info_nce: ranks disagree on labels")])
+def test_bad_setups_raise_on_every_rank(reports, world, setup, expected):
+    for rank, messages in enumerate(reports[world]["bad_setups"]):
+        assert messages[setup].startswith(expected), f"rank {rank}: {messages[setup]}"
+
+
+def test_group_without_init_process_group_raises():
+    import fastcl
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        fastcl.info_nce(x, x, group=object())
+    with pytest.raises(ValueError, match="gather must be one of"):
+        fastcl.clip_loss(x, x, 10.0, gather="rings")
+    with pytest.raises(TypeError, match="local_loss must be a bool"):
+        fastcl.siglip_loss(x, x, 10.0, -10.0, local_loss=1)
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
