@@ -1,4 +1,9 @@
-"""``torch.nn.Module`` wrappers: they hold configuration and call :mod:`fastcl.functional`."""
+"""``torch.nn.Module`` wrappers: they hold configuration and call :mod:`fastcl.functional`.
+
+Every module takes ``group=None, gather="all_gather", local_loss=False`` (cross-rank negatives on
+a ``torch.distributed`` process group; see :func:`fastcl.info_nce` and :mod:`fastcl.distributed`
+for the modes and the gradient convention).
+"""
 
 from typing import Optional
 
@@ -11,7 +16,8 @@ class InfoNCELoss(torch.nn.Module):
     """Module form of :func:`fastcl.info_nce`; keyword arguments are stored and passed through.
 
     ``forward(query, key, **overrides)`` -- per-call keyword arguments (``positive_index``,
-    ``labels``, ``negatives``, ...) override the stored ones.
+    ``labels``, ``negatives``, ...) override the stored ones. ``group``, ``gather`` and
+    ``local_loss`` are options like the others.
     """
 
     def __init__(self, temperature: float = 0.1, **options):
@@ -26,64 +32,76 @@ class InfoNCELoss(torch.nn.Module):
         return F.info_nce(query, key, **options)
 
 
-class ClipLoss(torch.nn.Module):
+class _Distributed(torch.nn.Module):
+    """Holds the backend and the cross-rank options shared by every module."""
+
+    def __init__(self, backend: Optional[str], group, gather: str, local_loss: bool):
+        super().__init__()
+        self.backend, self.group, self.gather, self.local_loss = backend, group, gather, local_loss
+
+    def _options(self) -> dict:
+        return {"backend": self.backend, "group": self.group, "gather": self.gather, "local_loss": self.local_loss}
+
+
+class ClipLoss(_Distributed):
     """Module form of :func:`fastcl.clip_loss`: ``forward(image_features, text_features,
     logit_scale, logit_bias=None)``."""
 
-    def __init__(self, backend: Optional[str] = None):
-        super().__init__()
-        self.backend = backend
+    def __init__(self, backend: Optional[str] = None, *, group=None, gather: str = "all_gather",
+                 local_loss: bool = False):
+        super().__init__(backend, group, gather, local_loss)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None):
-        return F.clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+        return F.clip_loss(image_features, text_features, logit_scale, logit_bias, **self._options())
 
 
-class SigLipLoss(torch.nn.Module):
+class SigLipLoss(_Distributed):
     """Module form of :func:`fastcl.siglip_loss`: ``forward(image_features, text_features,
     logit_scale, logit_bias)``."""
 
-    def __init__(self, backend: Optional[str] = None):
-        super().__init__()
-        self.backend = backend
+    def __init__(self, backend: Optional[str] = None, *, group=None, gather: str = "all_gather",
+                 local_loss: bool = False):
+        super().__init__(backend, group, gather, local_loss)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias):
-        return F.siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+        return F.siglip_loss(image_features, text_features, logit_scale, logit_bias, **self._options())
 
 
-class NTXentLoss(torch.nn.Module):
+class NTXentLoss(_Distributed):
     """Module form of :func:`fastcl.nt_xent`: ``forward(z1, z2)``."""
 
-    def __init__(self, temperature: float = 0.5, normalize: bool = True, backend: Optional[str] = None):
-        super().__init__()
-        self.temperature, self.normalize, self.backend = temperature, normalize, backend
+    def __init__(self, temperature: float = 0.5, normalize: bool = True, backend: Optional[str] = None, *,
+                 group=None, gather: str = "all_gather", local_loss: bool = False):
+        super().__init__(backend, group, gather, local_loss)
+        self.temperature, self.normalize = temperature, normalize
 
     def forward(self, z1, z2):
-        return F.nt_xent(z1, z2, self.temperature, normalize=self.normalize, backend=self.backend)
+        return F.nt_xent(z1, z2, self.temperature, normalize=self.normalize, **self._options())
 
 
-class SupConLoss(torch.nn.Module):
+class SupConLoss(_Distributed):
     """Module form of :func:`fastcl.supcon`: ``forward(features[B, V, D], labels=None)``."""
 
     def __init__(self, temperature: float = 0.1, base_temperature: Optional[float] = None,
-                 contrast_mode: str = "all", backend: Optional[str] = None):
-        super().__init__()
+                 contrast_mode: str = "all", backend: Optional[str] = None, *, group=None,
+                 gather: str = "all_gather", local_loss: bool = False):
+        super().__init__(backend, group, gather, local_loss)
         self.temperature, self.base_temperature = temperature, base_temperature
-        self.contrast_mode, self.backend = contrast_mode, backend
+        self.contrast_mode = contrast_mode
 
     def forward(self, features, labels=None):
         return F.supcon(features, labels, temperature=self.temperature, base_temperature=self.base_temperature,
-                        contrast_mode=self.contrast_mode, backend=self.backend)
+                        contrast_mode=self.contrast_mode, **self._options())
 
 
-class DCLLoss(torch.nn.Module):
+class DCLLoss(_Distributed):
     """Module form of :func:`fastcl.dcl`: ``forward(z1, z2)``; ``weight_sigma`` gives DCLW."""
 
     def __init__(self, temperature: float = 0.1, weight_sigma: Optional[float] = None, normalize: bool = True,
-                 backend: Optional[str] = None):
-        super().__init__()
-        self.temperature, self.weight_sigma = temperature, weight_sigma
-        self.normalize, self.backend = normalize, backend
+                 backend: Optional[str] = None, *, group=None, gather: str = "all_gather", local_loss: bool = False):
+        super().__init__(backend, group, gather, local_loss)
+        self.temperature, self.weight_sigma, self.normalize = temperature, weight_sigma, normalize
 
     def forward(self, z1, z2):
         return F.dcl(z1, z2, self.temperature, weight_sigma=self.weight_sigma, normalize=self.normalize,
-                     backend=self.backend)
+                     **self._options())

@@ -148,6 +148,19 @@ def case_dcl(world, g, weight_sigma=0.5):
     return fastcl.dcl, tensors, lambda r: opts, opts
 
 
+def case_nn_module(world, g, module):
+    """The fastcl.nn modules hold the cross-rank options and pass them through."""
+    import fastcl
+
+    fn, tensors, local_extra, glob_extra = (case_clip if module == "ClipLoss" else case_supcon)(world, g)
+
+    def call(group=None, gather="all_gather", local_loss=False, **kw):
+        opts = {k: kw.pop(k) for k in ("temperature", "base_temperature", "contrast_mode") if k in kw}
+        return getattr(fastcl.nn, module)(**opts, group=group, gather=gather, local_loss=local_loss)(**kw)
+
+    return call, tensors, local_extra, glob_extra
+
+
 CASES = {
     "clip_loss": case_clip,
     "clip_loss_no_bias": lambda w, g: case_clip(w, g, bias=False),
@@ -172,6 +185,8 @@ CASES = {
     "supcon_one_no_labels": lambda w, g: case_supcon(w, g, contrast_mode="one", labels=False),
     "dcl": lambda w, g: case_dcl(w, g, weight_sigma=None),
     "dclw": case_dcl,
+    "nn.ClipLoss": lambda w, g: case_nn_module(w, g, "ClipLoss"),
+    "nn.SupConLoss": lambda w, g: case_nn_module(w, g, "SupConLoss"),
 }
 
 
