@@ -1,0 +1,43 @@
+// Host entry points of fastcl._C (ops.cpp): input checks, output allocation, launches.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace fastcl {
+
+// Softmax statistics over the denominator columns of each owner line.
+// Returns {lse [n_own], pos_sum [n_own], pos_cnt [n_own]}; the label sums are empty tensors
+// unless row_labels are given and own_rows. n_own = N when own_rows, else C.
+std::vector<at::Tensor> softmax_stats(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale_rows,
+                                      const std::optional<at::Tensor>& positive_index,
+                                      const std::optional<at::Tensor>& row_labels,
+                                      const std::optional<at::Tensor>& col_labels,
+                                      const std::optional<at::Tensor>& col_has_label, bool own_rows, bool exclude_self,
+                                      bool decoupled, bool allow_tf32, int64_t n_split);
+
+// sum_other G * other_row for the first n_own owner lines: [n_own, D] (fp32; fp64 for fp64).
+// Rows: acc_i = sum_j G_ij k_j (no row scale). Columns: acc_j = sum_i G_ij s_i q_i.
+at::Tensor softmax_grad(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale_rows,
+                        const std::optional<at::Tensor>& positive_index, const std::optional<at::Tensor>& row_labels,
+                        const std::optional<at::Tensor>& col_labels, const std::optional<at::Tensor>& col_has_label,
+                        const at::Tensor& lse_row, const at::Tensor& w_row, const std::optional<at::Tensor>& coef_row,
+                        const std::optional<at::Tensor>& lse_col, const std::optional<at::Tensor>& w_col,
+                        bool own_rows, int64_t n_own, bool exclude_self, bool decoupled, bool allow_tf32,
+                        int64_t n_split);
+
+// Sigmoid family, L = s_i <q_i, k_j> + b over every entry. Returns {acc, loss_rows, gsum_rows}:
+// acc [n_own, D] = sum_other sigmoid(L) * other_row (columns: times s_i), empty unless
+// accumulate; loss_rows/gsum_rows [N] = sum_j softplus(L_ij) / sigmoid(L_ij), empty unless own_rows.
+std::vector<at::Tensor> sigmoid_pass(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale_rows,
+                                     const std::optional<at::Tensor>& bias, bool own_rows, int64_t n_own,
+                                     bool accumulate, bool allow_tf32, int64_t n_split);
+
+bool built_with_cuda();
+std::vector<std::string> cuda_archs();
+
+}  // namespace fastcl

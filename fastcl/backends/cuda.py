@@ -1,0 +1,293 @@
+"""CUDA backend: autograd Functions over the compiled tile kernels of ``fastcl._C`` (``csrc/``).
+
+Same contract and semantics as ``backends/torch.py``, the readable specification:
+``softmax_loss`` returns per-anchor losses and validity, ``sigmoid_loss`` a scalar.
+
+Division of labour. The kernels do the O(N * C * D) tile work and nothing else: row (and, for
+symmetric losses, column) log-sum-exp statistics with the masks (excluded self column,
+decoupled positives, label positives and their logit sums), and the gradient accumulators
+``sum_j G_ij k_j`` (rows) and ``sum_i G_ij s_i q_i`` (columns) with S recomputed. This module
+does the O((N + C) * D) bookkeeping in PyTorch exactly as the torch backend does: one-hot
+positive logits and their target terms in the gradient, the bias and ``pos_weight`` terms,
+validity, and ``d(scale)_i = <q_i, sum_j G_ij k_j>``.
+
+Numerics: statistics and accumulators are fp32 (fp64 for fp64 inputs). fp16/bf16 products run
+on tensor cores; fp32 runs exactly on CUDA cores, or on TF32 tensor cores when
+``torch.backends.cuda.matmul.allow_tf32`` is set; fp64 on CUDA cores. Deterministic: no atomics,
+and the partial results of split tiles are summed in a fixed order.
+
+``FASTCL_CUDA_SPLIT=k`` fixes how many pieces the other side's tiles are cut into (default:
+chosen from the GPU's multiprocessor count); tests use it to exercise the merge of partials.
+
+Importing this module never touches the GPU or requires the extension; :func:`available` says
+why the backend cannot run.
+"""
+
+import os
+from typing import Optional
+
+import torch
+
+from .._spec import SigmoidSpec, SoftmaxSpec
+
+NEG_INF = float("-inf")
+
+
+def _ext():
+    from .. import _C
+
+    return _C
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_scale(scale: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    return scale.detach().to(dtype).reshape(-1).expand(n).contiguous()
+
+
+def _sum_to_scale(ds_rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    per_row = scale.dim() == 1 and scale.numel() == ds_rows.numel()
+    ds = ds_rows if per_row else ds_rows.sum().reshape(scale.shape)
+    return ds.to(scale.dtype)
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x == NEG_INF, torch.zeros_like(x), x)
+
+
+def _launch_options(dtype: torch.dtype) -> dict:
+    split = int(os.environ.get("FASTCL_CUDA_SPLIT", "0") or 0)
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return {"allow_tf32": bool(tf32), "n_split": split}
+
+
+def _masks(spec: SoftmaxSpec) -> dict:
+    """The spec's mask tensors as the kernels take them (int64 / bool, contiguous)."""
+    def vec(t, dtype):
+        return None if t is None else t.to(dtype).contiguous()
+
+    return {
+        "positive_index": vec(spec.positive_index, torch.long),
+        "row_labels": vec(spec.row_labels, torch.long),
+        "col_labels": vec(spec.col_labels, torch.long) if spec.uses_labels else None,
+        "col_has_label": vec(spec.col_has_label, torch.bool) if spec.uses_labels else None,
+        "exclude_self": bool(spec.exclude_self),
+        "decoupled": bool(spec.decoupled),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Softmax family
+
+
+class SoftmaxLoss(torch.autograd.Function):
+    """Per-anchor softmax-family losses; the contract of ``backends.torch.SoftmaxLoss``.
+
+    Returns ``(row_loss[N], col_loss[N] or empty, row_valid[N], col_valid[N] or empty)`` in the
+    compute dtype. Forward: one statistics kernel owning rows (plus one owning columns when
+    symmetric). Backward: one gradient kernel owning rows (dQ and d(scale)) and one owning the
+    first ``n_grad_cols`` columns (dK), each recomputing S. The bias cancels in every softmax and
+    enters the loss as ``b * (1 - pos_weight_i)`` only.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, scale, bias, spec: SoftmaxSpec):
+        C = _ext()
+        cd = _compute_dtype(query.dtype)
+        q, k = query.contiguous(), key.contiguous()
+        n = q.shape[0]
+        s_rows = _row_scale(scale, n, cd)
+        masks, launch = _masks(spec), _launch_options(q.dtype)
+
+        lse_row, pos_sum, pos_cnt = C.softmax_stats(q, k, s_rows, **masks, own_rows=True, **launch)
+        if spec.uses_labels:
+            row_valid = (pos_cnt > 0) & (lse_row != NEG_INF)
+            pos_term = pos_sum / pos_cnt.clamp(min=1)
+        else:
+            row_valid = lse_row != NEG_INF
+            pos_term = (q.to(cd) * s_rows[:, None] * k[spec.positive_index].to(cd)).sum(dim=1)
+        bias_term = 0.0
+        if spec.pos_weight is not None:
+            pw = spec.pos_weight.to(cd)
+            pos_term = pos_term * pw
+            if bias is not None:
+                bias_term = bias.detach().to(cd) * (1 - pw)
+        zeros = torch.zeros_like(lse_row)
+        row_loss = torch.where(row_valid, lse_row - pos_term + bias_term, zeros)
+
+        if spec.symmetric:
+            lse_col_full, _, _ = C.softmax_stats(q, k, s_rows, **masks, own_rows=False, **launch)
+            lse_col = lse_col_full[spec.positive_index]
+            col_valid = lse_col != NEG_INF
+            col_loss = torch.where(col_valid, lse_col - pos_term + bias_term, zeros)
+        else:
+            lse_col = col_loss = torch.empty(0, dtype=cd, device=q.device)
+            col_valid = torch.empty(0, dtype=torch.bool, device=q.device)
+
+        ctx.spec = spec
+        ctx.save_for_backward(query, key, scale, bias if bias is not None else torch.empty(0),
+                              lse_row, lse_col, row_valid, col_valid,
+                              pos_cnt if spec.uses_labels else torch.empty(0))
+        ctx.mark_non_differentiable(row_valid, col_valid)
+        return row_loss, col_loss, row_valid, col_valid
+
+    @staticmethod
+    def backward(ctx, grad_row, grad_col, _grad_row_valid, _grad_col_valid):
+        query, key, scale, bias, lse_row, lse_col, row_valid, col_valid, pos_cnt = ctx.saved_tensors
+        spec: SoftmaxSpec = ctx.spec
+        need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
+        C = _ext()
+        cd = lse_row.dtype
+        q, k = query.contiguous(), key.contiguous()
+        n, c, d, dev = q.shape[0], k.shape[0], q.shape[1], q.device
+        s_rows = _row_scale(scale, n, cd)
+        n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
+        pw = None if spec.pos_weight is None else spec.pos_weight.to(cd)
+
+        # softmax-term weight of each anchor: the incoming gradient, zero on invalid anchors
+        w_row = torch.where(row_valid, grad_row.to(cd), torch.zeros_like(lse_row))
+        w_col_by_row = w_col = lse_col_full = coef_row = None
+        if spec.symmetric:
+            w_col_by_row = torch.where(col_valid, grad_col.to(cd), torch.zeros_like(lse_col))
+            w_col = torch.zeros(c, dtype=cd, device=dev).index_put_((spec.positive_index,), w_col_by_row)
+            lse_col_full = torch.zeros(c, dtype=cd, device=dev).index_put_((spec.positive_index,),
+                                                                           _finite_or_zero(lse_col))
+        if spec.uses_labels:
+            # -t_ij on each label positive: t_ij = pos_weight_i / |P_i|
+            coef_row = w_row / pos_cnt.clamp(min=1)
+            if pw is not None:
+                coef_row = coef_row * pw
+        grad_args = dict(_masks(spec), lse_row=_finite_or_zero(lse_row), w_row=w_row, coef_row=coef_row,
+                         lse_col=lse_col_full, w_col=w_col, **_launch_options(q.dtype))
+
+        dq_acc = dk = None
+        if need_q or need_s:  # sum_j G_ij k_j, before the row scale
+            dq_acc = C.softmax_grad(q, k, s_rows, own_rows=True, n_own=n, **grad_args)
+        if need_k:
+            dk = torch.zeros(c, d, dtype=cd, device=dev)
+            if n_grad_cols > 0:
+                dk[:n_grad_cols] = C.softmax_grad(q, k, s_rows, own_rows=False, n_own=n_grad_cols, **grad_args)
+
+        # sum_j G_ij = w_row_i * (1 - pos_weight_i) (+ the column anchor's share): d(bias)
+        bias_coef = w_row if w_col_by_row is None else w_row + w_col_by_row
+        if not spec.uses_labels:
+            # the one-hot target -t_ij lives on one entry per row: applied outside the tiles
+            coef = -bias_coef if pw is None else -bias_coef * pw
+            pos = spec.positive_index
+            if dq_acc is not None:
+                dq_acc = dq_acc + coef[:, None] * k[pos].to(cd)
+            if dk is not None:
+                qs = q.to(cd) * s_rows[:, None]
+                dk.index_add_(0, pos, (coef * (pos < n_grad_cols))[:, None] * qs)
+
+        grad_q = (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None
+        grad_k = dk.to(key.dtype) if need_k else None
+        grad_s = _sum_to_scale((dq_acc * q.to(cd)).sum(dim=1), scale) if need_s else None
+        grad_b = None
+        if need_b:
+            db = torch.zeros((), dtype=cd, device=dev) if pw is None else (bias_coef * (1 - pw)).sum()
+            grad_b = db.to(bias.dtype).reshape(bias.shape)
+        return grad_q, grad_k, grad_s, grad_b, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Sigmoid family
+
+
+class SigmoidLoss(torch.autograd.Function):
+    """Sigmoid-family loss (a scalar); the contract of ``backends.torch.SigmoidLoss``.
+
+    The kernels treat every entry as a negative (``softplus(L_ij)``, gradient
+    ``sigmoid(L_ij)``); each positive then gets ``-L_ij`` and ``-1`` here. ``G`` needs no
+    statistic, so when autograd will need gradients the forward runs the gradient kernels too
+    (the row kernel also yields the loss) and the backward only scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, scale, bias, spec: SigmoidSpec):
+        C = _ext()
+        cd = _compute_dtype(query.dtype)
+        q, k = query.contiguous(), key.contiguous()
+        n, c = q.shape[0], k.shape[0]
+        need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
+        s_rows = _row_scale(scale, n, cd)
+        b = None if bias is None else bias.detach().to(cd).reshape(())
+        launch = _launch_options(q.dtype)
+        inv_n = 1.0 / spec.n_rows_norm
+
+        row_acc = need_q or need_s
+        acc_q, loss_rows, gsum_rows = C.sigmoid_pass(q, k, s_rows, bias=b, own_rows=True, n_own=n,
+                                                     accumulate=row_acc, **launch)
+        rows = torch.nonzero(spec.positive_index >= 0).flatten()
+        pos = spec.positive_index[rows]
+        qs_rows = q[rows].to(cd) * s_rows[rows, None]
+        pos_logit = (qs_rows * k[pos].to(cd)).sum(dim=1)
+        if b is not None:
+            pos_logit = pos_logit + b
+        loss = (loss_rows.sum() - pos_logit.sum()) * inv_n
+
+        grads = (None, None, None, None)
+        if need_q or need_k or need_s or need_b:
+            grad_q = grad_k = grad_s = grad_b = None
+            if row_acc:
+                dq_acc = acc_q.index_add(0, rows, -k[pos].to(cd)) * inv_n
+                if need_q:
+                    grad_q = (dq_acc * s_rows[:, None]).to(query.dtype)
+                if need_s:
+                    grad_s = _sum_to_scale((dq_acc * q.to(cd)).sum(dim=1), scale)
+            if need_k:
+                dk_acc = C.sigmoid_pass(q, k, s_rows, bias=b, own_rows=False, n_own=c, accumulate=True, **launch)[0]
+                grad_k = (dk_acc.index_add(0, pos, -qs_rows) * inv_n).to(key.dtype)
+            if need_b:
+                db = (gsum_rows.sum() - rows.numel()) * inv_n
+                grad_b = db.to(bias.dtype).reshape(bias.shape)
+            grads = (grad_q, grad_k, grad_s, grad_b)
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors) + (None,)
+
+
+def softmax_loss(query, key, scale, bias, spec: SoftmaxSpec):
+    """Softmax-family per-anchor losses; see :class:`SoftmaxLoss`."""
+    return SoftmaxLoss.apply(query, key, scale, bias, spec)
+
+
+def sigmoid_loss(query, key, scale, bias, spec: SigmoidSpec):
+    """Sigmoid-family scalar loss; see :class:`SigmoidLoss`."""
+    return SigmoidLoss.apply(query, key, scale, bias, spec)
+
+
+def _arch_number(arch: str) -> int:
+    return int(arch.rstrip("a"))
+
+
+def available(device: torch.device) -> Optional[str]:
+    """``None`` if this backend can run on ``device``, else the reason it cannot."""
+    device = torch.device(device)
+    try:
+        C = _ext()
+    except ImportError as exc:
+        return (f"the compiled extension fastcl._C is not built ({exc}); build it with "
+                "`pip install --no-build-isolation -e .` where nvcc and a CUDA build of torch are present")
+    if not C.built_with_cuda():
+        return "fastcl._C was built without CUDA kernels"
+    if device.type != "cuda":
+        return f"the CUDA backend runs on CUDA tensors, not {device.type} tensors"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"the CUDA kernels need compute capability 8.0 or newer; {device} has {major}.{minor}"
+    archs = [_arch_number(a) for a in C.cuda_archs()]
+    cc = 10 * major + minor
+    # a cubin runs on its major version at an equal or higher minor; the PTX of the newest arch
+    # is JIT-compiled for anything newer
+    if archs and not any(a // 10 == major and a <= cc for a in archs) and max(archs) > cc:
+        return (f"fastcl._C was built for sm_{', sm_'.join(map(str, archs))}, which cannot run on {device} "
+                f"(sm_{cc}); rebuild with FASTCL_CUDA_ARCH including {cc}")
+    return None
