@@ -111,9 +111,29 @@ def _tile_masks(rows, cols, N, C, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr
         if COL_MASK:
             match = match & (tl.load(col_has_ptr + cols, mask=col_in, other=0) != 0)
     else:
-        pos = tl.load(pos_ptr + rows, mask=row_in, other=-1)
+        pos = tl.load(pos_ptr + rows, mask=row_in, other=-1).to(tl.int32)  # int32 compares: fewer registers
         match = keep & (cols == pos)
     return keep, match
+
+
+@triton.jit
+def _positive_logits(q_ptr, k_ptr, offs_q, q_in, D, pos_ptr, scale_ptr, scalars_ptr, HAS_BIAS: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``s_i * <q_i, k_pos(i)> (+ bias)`` for a block of rows (one-hot positives)."""
+    pos = tl.load(pos_ptr + offs_q, mask=q_in, other=0)
+    q_rows = q_ptr + offs_q.to(tl.int64)[:, None] * D
+    k_rows = k_ptr + pos.to(tl.int64)[:, None] * D
+    dot = tl.zeros((BLOCK_Q,), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = q_in[:, None] & (offs_d[None, :] < D)
+        q = tl.load(q_rows + offs_d[None, :], mask=mask, other=0.0)
+        k = tl.load(k_rows + offs_d[None, :], mask=mask, other=0.0)
+        dot += tl.sum(q.to(ACC) * k.to(ACC), axis=1)
+    dot = dot * tl.load(scale_ptr + offs_q, mask=q_in, other=0.0)
+    if HAS_BIAS:
+        dot = dot + tl.load(scalars_ptr)
+    return dot
 
 
 @triton.jit
@@ -154,10 +174,17 @@ def softmax_stats_kernel(
         n_a = C
         n_b = N
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_in = offs_a < n_a
     m = tl.full((BLOCK_A,), NEG_INF, dtype=ACC)
     l = tl.zeros((BLOCK_A,), dtype=ACC)
     pos_sum = tl.zeros((BLOCK_A,), dtype=ACC)
     pos_cnt = tl.zeros((BLOCK_A,), dtype=ACC)
+    if OWN_ROWS and not LABELS:
+        # a one-hot positive's logit is one dot product per row: taken here, outside the tile
+        # loop, it spares every tile two row reductions (and their registers)
+        pos_sum = _positive_logits(a_ptr, b_ptr, offs_a, a_in, D, pos_ptr, scale_ptr, scalars_ptr, HAS_BIAS, ACC,
+                                   BLOCK_A, BLOCK_D)
+        pos_cnt += 1.0
     for b0 in range(0, n_b, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         rows, cols = _oriented(offs_a, offs_b, OWN_ROWS)
@@ -165,7 +192,7 @@ def softmax_stats_kernel(
                            HAS_BIAS, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
         keep, match = _tile_masks(rows, cols, N, C, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
                                   LABELS, COL_MASK, EXCLUDE_SELF)
-        if OWN_ROWS:
+        if OWN_ROWS and LABELS:
             pos_sum += tl.sum(tl.where(match, t, 0.0), axis=1)
             pos_cnt += tl.sum(match.to(ACC), axis=1)
         if DECOUPLED:
@@ -176,7 +203,6 @@ def softmax_stats_kernel(
         m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
         l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(t - m_safe[:, None]), axis=1)
         m = m_new
-    a_in = offs_a < n_a
     # log(0) = -inf is meant (an empty denominator); the where only keeps the interpreter quiet
     lse = tl.where(l == 0.0, NEG_INF, m + tl.log(tl.where(l == 0.0, 1.0, l)))
     tl.store(lse_ptr + offs_a, lse, mask=a_in)
@@ -291,8 +317,8 @@ STATS_CONFIGS = [
 
 GRAD_CONFIGS = [
     _config(32, 64, 64, 4, 2),
-    _config(64, 64, 64, 4, 3),
     _config(64, 64, 64, 8, 3),
+    _config(64, 64, 32, 8, 3),
     _config(64, 32, 64, 8, 2),
     _config(128, 64, 32, 8, 2),
 ]
@@ -307,9 +333,11 @@ _MAX_ACCUMULATOR = 64 * 256
 def fit_to_width(configs, named_args, **kwargs):
     width = max(16, triton.next_power_of_2(named_args["D"]))
     block_x = kwargs.get("BLOCK_X", 0)
+    # fp64 operands take twice the registers: halve the tile's column and depth blocks
+    cap = 32 if named_args["a_ptr"].element_size() == 8 else 1 << 30
     seen, fitted = set(), []
     for cfg in sorted(configs, key=lambda c: c.kwargs["BLOCK_A"]):
-        kw = dict(cfg.kwargs, BLOCK_D=min(cfg.kwargs["BLOCK_D"], width))
+        kw = dict(cfg.kwargs, BLOCK_B=min(cfg.kwargs["BLOCK_B"], cap), BLOCK_D=min(cfg.kwargs["BLOCK_D"], width, cap))
         if fitted and kw["BLOCK_A"] * block_x > _MAX_ACCUMULATOR:
             continue
         sig = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)

@@ -117,7 +117,7 @@ class _Launcher:
             positive_index if positive_index is not None else dummy,
             row_labels if labels else dummy,
             col_labels if labels else dummy,
-            col_has_label.to(torch.int8) if col_has_label is not None else dummy,
+            col_has_label.to(torch.int32) if col_has_label is not None else dummy,
         )
         self.flags = dict(LABELS=labels, COL_MASK=col_has_label is not None, EXCLUDE_SELF=exclude_self,
                           DECOUPLED=decoupled, HAS_BIAS=has_bias, **_type_args(q.dtype, q.device))
