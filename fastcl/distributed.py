@@ -13,13 +13,13 @@ order. Two ways to get there:
 ``gather="ring"``
     Key blocks travel around the ring by point-to-point ops (``batch_isend_irecv``); every rank
     merges its rows' partial log-sum-exp statistics block by block (and, for symmetric losses,
-    the column statistics travel with their block). In the backward the blocks go round again
-    and each block's ``dK`` accumulator travels one step behind it, so it reaches its owner with
-    every rank's contribution summed. The transfer of the next block is issued before the
-    current one is computed. Extra memory O(max_r N_r * D) per rank, independent of the world
-    size. The per-block arithmetic is :mod:`fastcl.backends.torch_blocks` whatever backend the
-    call asked for (it runs on any device; the Triton and CUDA backends have no block kernels
-    yet).
+    the column statistics travel with their block, so one pass serves both directions). In the
+    backward the blocks go round again and each block's ``dK`` accumulator (fp32) travels one
+    step behind it, so it reaches its owner with every rank's contribution summed. The transfer
+    of the next block is issued before the current one is computed. Extra memory
+    O(max_r M_r * D) per rank, independent of the world size. The per-block arithmetic is
+    :mod:`fastcl.backends.torch_blocks` whatever backend the call asked for (it runs on any
+    device; the Triton and CUDA backends have no block kernels yet).
 
 **Gradient convention.** Every rank returns the global loss (or, with ``local_loss=True``, its
 local anchors' share of it scaled by W, so that either way the mean over ranks of the returned
@@ -34,7 +34,9 @@ Positive indices are local (they index this rank's keys); labels are compared ac
 extra negatives (a queue) stay local to the rank that passes them; per-row temperatures belong
 to their rows. Every rank must make the same call (same options, same feature width and
 dtype, same scalar scale and bias): a small all-gather of metadata checks that and raises on
-every rank rather than hanging. Every rank must also run the backward.
+every rank rather than hanging. Every rank must also run the backward. Under DDP, a group of its
+own for the loss (``dist.new_group()``) keeps the loss's collectives apart from DDP's gradient
+all-reduces.
 """
 
 from dataclasses import dataclass, replace

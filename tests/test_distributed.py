@@ -1,5 +1,5 @@
 """Cross-rank losses (fastcl.distributed) against the single-process loss over the concatenated
-batch, on W = 2, 3, 4 gloo processes on CPU.
+batch, on W = 1, 2, 3, 4 gloo processes on CPU.
 
 One launch per world size runs every check (the process start-up dominates the cost) and writes
 a JSON report that the tests below read. Each rank builds the same global float64 batch, runs
@@ -27,7 +27,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-WORLD_SIZES = (2, 3, 4)
+WORLD_SIZES = (1, 2, 3, 4)
+MULTI = tuple(w for w in WORLD_SIZES if w > 1)
 MODES = ("all_gather", "ring")
 RTOL = 1e-10
 LAUNCH_TIMEOUT_S = 240
@@ -323,6 +324,9 @@ def _bad_setups(world, rank):
         "scale": lambda: fastcl.clip_loss(x, x, 10.0 + (rank == 0), group=group),
         "gather": lambda: fastcl.info_nce(x, x, group=group, gather="ring" if rank == 0 else "all_gather"),
         "labels": lambda: fastcl.info_nce(x, x, labels=torch.zeros(4, dtype=torch.long) if rank else None, group=group),
+        # every rank alike: all_gather's transposed pass needs this layout (ring does not)
+        "layout": lambda: fastcl.info_nce(x, torch.randn(6, 6, dtype=torch.float64), symmetric=True, exclude_self=True,
+                                          positive_index=torch.tensor([1, 2, 3, 5]), group=group),
     }
     out = {}
     for name, call in calls.items():
@@ -352,14 +356,15 @@ def _worker(rank, world, port, outdir):
         report["checks"][f"clip_loss|{mode}|global_weighted_ranks"] = _run_case("clip_loss", mode, False, world, rank,
                                                                               upstream=True)
     report["seconds"]["checks"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for op in ("clip_loss", "siglip_loss", "info_nce_labels"):
-        for mode in MODES:
-            peak = torch.tensor([float(_peak_bytes(op, mode, world, rank))])
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            report["memory"][f"{op}|{mode}"] = int(peak)
-    report["seconds"]["memory"] = time.perf_counter() - t0
-    report["bad_setups"] = _bad_setups(world, rank)
+    if world > 1:
+        t0 = time.perf_counter()
+        for op in ("clip_loss", "siglip_loss", "info_nce_labels"):
+            for mode in MODES:
+                peak = torch.tensor([float(_peak_bytes(op, mode, world, rank))])
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+                report["memory"][f"{op}|{mode}"] = int(peak)
+        report["seconds"]["memory"] = time.perf_counter() - t0
+        report["bad_setups"] = _bad_setups(world, rank)
 
     # every rank's errors -> the max over ranks; bad-setup messages from every rank
     flat = [(k, e) for k, errs in sorted(report["checks"].items()) for e in sorted(errs)]
@@ -436,8 +441,8 @@ def test_matches_single_process(reports, world, check):
 
 @pytest.mark.parametrize("op", ["clip_loss", "siglip_loss", "info_nce_labels"])
 def test_ring_memory_does_not_grow_with_world_size(reports, op):
-    ring = {w: reports[w]["memory"][f"{op}|ring"] for w in WORLD_SIZES}
-    gathered = {w: reports[w]["memory"][f"{op}|all_gather"] for w in WORLD_SIZES}
+    ring = {w: reports[w]["memory"][f"{op}|ring"] for w in MULTI}
+    gathered = {w: reports[w]["memory"][f"{op}|all_gather"] for w in MULTI}
     print(f"{op}: peak live bytes per rank, {MEMORY_ROWS} rows x {MEMORY_DIM} fp32 per rank: "
           f"ring {ring}, all_gather {gathered}")
     # the same shard on every rank: the ring holds at most two incoming blocks (one at W = 2,
@@ -448,12 +453,13 @@ def test_ring_memory_does_not_grow_with_world_size(reports, op):
     assert ring[4] < gathered[4]
 
 
-@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("world", MULTI)
 @pytest.mark.parametrize("setup,expected", [("width", "ValueError: info_nce: the feature width D differs"),
                                             ("dtype", "TypeError: info_nce: the feature dtype differs"),
                                             ("scale", "ValueError: clip_loss: logit_scale differs across ranks"),
                                             ("gather", "ValueError: info_nce: ranks disagree on gather"),
-                                            ("labels", "ValueError: info_nce: ranks disagree on labels")])
+                                            ("labels", "ValueError: info_nce: ranks disagree on labels"),
+                                            ("layout", "ValueError: symmetric with exclude_self across ranks")])
 def test_bad_setups_raise_on_every_rank(reports, world, setup, expected):
     for rank, messages in enumerate(reports[world]["bad_setups"]):
         assert messages[setup].startswith(expected), f"rank {rank}: {messages[setup]}"
