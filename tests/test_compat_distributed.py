@@ -9,13 +9,13 @@ backpropagates both, and records: the per-rank loss, each rank's gradient of its
 fastcl's does, so these agree rank by rank), and the sum over ranks of the gradient of a
 replicated scalar (logit scale, bias: what DDP averages).
 
-Run one world size by hand: ``python tests/test_compat_distributed.py RANK WORLD PORT OUTDIR``.
+Run one world size by hand: ``python tests/test_compat_distributed.py RANK WORLD OUTDIR`` per rank
+(the ranks meet through a file store in OUTDIR, so no TCP port can collide with other jobs).
 """
 
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -179,9 +179,10 @@ def _available(lib):
     return importlib.util.find_spec(lib) is not None
 
 
-def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world, timeout=timedelta(seconds=120))
+def _worker(rank: int, world: int, outdir: str) -> None:
+    store = os.path.join(outdir, f"store_{world}")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                         timeout=timedelta(seconds=180))
     libs = WORLDS[world]
     report = {}
     for i, (name, (lib, case)) in enumerate(CASES.items()):
@@ -198,18 +199,11 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, outdir: str) -> list:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCL_BACKEND": "torch", "TOKENIZERS_PARALLELISM": "false"}
     if os.path.isdir("/sys/class/net/lo"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), str(port), outdir],
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), outdir],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(world)]
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
@@ -271,4 +265,4 @@ def test_matches_host_across_ranks(world, name):
 
 
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
