@@ -300,3 +300,74 @@ def test_available_reasons(monkeypatch):
         assert reason is None
     else:  # compiled for a GPU earlier in this process: the interpreter cannot take over
         assert "already loaded" in reason
+
+
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
+                 torch.int64: "i64", torch.int32: "i32"}
+
+
+@needs_triton
+def test_launches_compile_for_sm90_without_a_gpu(monkeypatch):
+    """The interpreter accepts code that the compiler rejects: compile, ahead of time for sm_90
+    (Triton's bundled ptxas; no GPU needed), every kernel launch the launcher makes for a spread
+    of variants and dtypes, with the launcher's own arguments and flags."""
+    from fastcl.backends import triton as tb
+
+    module = tb._kernels()
+    if tb._kernels_interpreted(module):
+        pytest.skip("the kernels were loaded interpreted in this process")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        pytest.skip(f"this Triton has no ahead-of-time compile API ({exc})")
+
+    launches = []
+
+    def record(self, name, n_programs, split_d, args, flags):
+        if name == "grad_kernel":
+            flags = dict(flags, BLOCK_X=self.block_x)
+        launches.append((name, args, flags))
+
+    monkeypatch.setattr(tb._Launcher, "_run", record)
+    monkeypatch.setattr(tb, "available", lambda device: None)  # CPU tensors, kernels never run
+    monkeypatch.delenv("FASTCL_TRITON_BLOCK", raising=False)
+
+    def leaves(dtype, *shapes):
+        return [torch.randn(*s, dtype=dtype).requires_grad_() for s in shapes]
+
+    q, k = leaves(torch.bfloat16, (8, 64), (8, 64))
+    fastcl.clip_loss(q, k, torch.tensor(10.0, requires_grad=True), torch.tensor(-1.0, requires_grad=True),
+                     backend="triton").backward()
+    q, k = leaves(torch.float16, (8, 48), (8, 48))
+    fastcl.siglip_loss(q, k, 10.0, -10.0, backend="triton").backward()
+    q, k, neg = leaves(torch.float64, (8, 32), (8, 32), (5, 32))
+    fastcl.info_nce(q, k, negatives=neg.detach(), labels=torch.arange(8) % 3, backend="triton").backward()
+    q, k = leaves(torch.float32, (8, 20), (12, 20))
+    fastcl.info_nce(q, k, positive_index=torch.arange(8) + 2, exclude_self=True, decoupled=True,
+                    temperature=torch.full((8,), 0.2, requires_grad=True), backend="triton").backward()
+
+    target = GPUTarget("cuda", 90, 32)
+    compiled = set()
+    for name, args, flags in launches:
+        kernel = getattr(module, name)
+        configs = module.STATS_CONFIGS if name == "softmax_stats_kernel" else module.GRAD_CONFIGS
+        named = dict(zip(kernel.arg_names, args))
+        config = module.fit_to_width(configs, named, **flags)[0]
+        constexprs = dict(flags, **config.kwargs)
+        signature, attrs = {}, {}
+        for i, arg_name in enumerate(kernel.arg_names):
+            if arg_name in constexprs:
+                signature[arg_name] = "constexpr"
+            elif isinstance(named[arg_name], torch.Tensor):
+                signature[arg_name] = "*" + _TRITON_TYPES[named[arg_name].dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[arg_name] = "i32"
+        key = (name, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())))
+        if key in compiled:
+            continue
+        compiled.add(key)
+        src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+        triton.compile(src, target=target, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    assert len(compiled) >= 8, compiled

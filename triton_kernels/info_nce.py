@@ -17,8 +17,9 @@ Kernels:
 
 * ``softmax_stats_kernel``: the forward online (max, sum-exp) per anchor in fp32/fp64, masked
   entries at -inf and a zero shift for all-masked lines (no ``-inf - -inf``). With ``OWN_ROWS``
-  it also sums the positive logits and counts the positives (one-hot positives and label
-  positives alike are an in-tile comparison). For symmetric losses it runs a second time with
+  it also yields each row's positive-logit sum and count: label positives are an in-tile label
+  comparison, a one-hot positive one row-wise dot product outside the tile loop (two fewer
+  reductions per tile). For symmetric losses it runs a second time with
   columns as anchors: a second pass costs ``2NMD`` more FLOPs, whereas merging per-row-tile
   column partials needs an ``(N / BLOCK_A) x C`` buffer, which grows like ``N * C``; atomics
   would make the merge order (and the bits) vary run to run.
@@ -34,14 +35,25 @@ Kernels:
   the forward.
 
 Large D (DESIGN section 8). ``S`` is always built by walking D in ``BLOCK_D`` chunks. The
-gradient accumulator is ``BLOCK_A x BLOCK_X``: the grid's second axis splits D into
-``BLOCK_X`` chunks and each program rebuilds ``S`` over the full D. With ``BLOCK_X >= D`` this is
-the fully fused backward (a ``BLOCK_A x D`` accumulator); with ``BLOCK_X < D`` it is the
-split-D scheme whose recompute grows like ``D / BLOCK_X``. Both are the same kernel; the
-autotuner's configs pick the point between them per (D, dtype, variant). To measure on a GPU:
-TFLOP/s of ``grad_kernel`` at D in {256, 768, 1024, 4096} for ``BLOCK_X`` in {64, 128, 256} and
-BLOCK_A in {32, 64, 128} (register spills via ``n_spills``), against a dense bf16 matmul, and
-whether holding the A tile in shared memory for small D beats re-reading it from L2.
+gradient accumulator is ``BLOCK_A x BLOCK_X``: the grid's second axis splits D into ``BLOCK_X``
+chunks and each program rebuilds ``S`` over the full D. The launcher takes ``BLOCK_X`` = the
+padded width up to 256, so for D <= 256 this is the fully fused backward (a ``BLOCK_A x D``
+accumulator, 8NMD FLOPs for dQ + dK), and beyond it the split-D scheme, whose ``S`` recompute
+grows like ``D / 256`` (D = 768: 3 chunks, dQ + dK cost 16NMD instead of 8NMD). Block shapes
+(``BLOCK_A`` 32..128, ``num_warps`` 4/8) are autotuned; configs whose accumulator exceeds
+64 x 256 fp32 are dropped. Compiled ahead of time for sm_90 without a GPU (bf16, D % 16 == 0,
+64 x 64 x 64 tiles, 8 warps) the kernels use 60-230 registers and do not spill; with 4 warps the
+gradient kernel reaches 255 registers and spills at ``BLOCK_X = 256``, hence the 8-warp configs.
+Still to measure on a GPU: TFLOP/s of both kernels against a dense bf16 matmul at D in
+{256, 768, 1024, 4096}; ``BLOCK_X`` 128 vs 256 vs 512 with fewer rows; whether the bounded
+chunk-materialisation path (cuBLAS) should take over above some D; whether keeping the A tile
+in shared memory for small D beats re-reading it from L2.
+
+Cost in FLOPs (forward + backward): ``10NMD`` for a one-directional softmax loss, ``12NMD`` for a
+symmetric one (column statistics pass; both gradient passes recompute S), ``8NMD`` for the
+sigmoid family (its two gradient passes run in the forward and also yield the loss). A
+single-pass backward with atomic dQ would save ``2NMD`` but is not deterministic; it is not
+implemented.
 
 Precision: fp16/bf16 inputs feed ``tl.dot`` and accumulate in fp32 (``G`` is rounded to the
 input dtype for ``G @ B``, as FlashAttention rounds P); fp32 inputs use ``PREC`` (``"tf32"``
