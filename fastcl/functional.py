@@ -375,7 +375,7 @@ def nt_xent(z1, z2, temperature: Number = 0.5, *, normalize: bool = True, backen
         raise ValueError(f"temperature must be a scalar; got {tuple(t.shape)}")
     scale = _as_scale(t, True, x)
     dist = _dist.prepare(group, gather, local_loss, op="nt_xent", query=x, n_keys=n2,
-                         options={"normalize": normalize}, scalars={"temperature": t})
+                         options={"normalize": normalize, "requires_grad": x.requires_grad}, scalars={"temperature": t})
     spec = SoftmaxSpec(positive_index=_pair_positions(n2 // 2, x.device), exclude_self=True)
     return _softmax(x, x, scale, None, spec, "mean", backend, dist=dist)
 
@@ -428,7 +428,8 @@ def supcon(features, labels=None, *, temperature: Number = 0.1, base_temperature
         anchors, anchor_labels = features[:, 0], labels
     scale = _as_scale(t, True, features)
     dist = _dist.prepare(group, gather, local_loss, op="supcon", query=anchors, n_keys=contrast.shape[0],
-                         options={"contrast_mode": contrast_mode == "all", "views": v},
+                         options={"contrast_mode": contrast_mode == "all", "views": v,
+                                  "requires_grad": features.requires_grad},
                          scalars={"temperature": t, "base_temperature": base_temperature})
     spec = SoftmaxSpec(row_labels=anchor_labels, col_labels=contrast_labels, exclude_self=True)
     loss = _softmax(anchors, contrast, scale, None, spec, "mean", backend, dist=dist)
@@ -474,7 +475,8 @@ def dcl(z1, z2, temperature: Number = 0.1, *, weight_sigma: Optional[float] = No
         raise ValueError(f"temperature must be a scalar; got {tuple(t.shape)}")
     scale = _as_scale(t, True, x)
     dist = _dist.prepare(group, gather, local_loss, op="dcl", query=x, n_keys=2 * n,
-                         options={"normalize": normalize, "weighted": weight_sigma is not None},
+                         options={"normalize": normalize, "weighted": weight_sigma is not None,
+                                  "requires_grad": x.requires_grad},
                          scalars={"temperature": t, "weight_sigma": weight_sigma})
     pos_weight = None
     if weight_sigma is not None:
