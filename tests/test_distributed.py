@@ -252,6 +252,23 @@ def _run_case(name, mode, local_loss, world, rank, upstream=False):
     return errs
 
 
+def _check_all_gather_helper(world, rank):
+    """fastcl.distributed.all_gather: rank-order concatenation of unequal shards; the gradient of
+    each rank's rows is the sum over ranks of the gradient each rank's output received."""
+    from fastcl.distributed import all_gather
+
+    g = torch.Generator().manual_seed(5)
+    sizes = _shards(world, 2)
+    x = torch.randn(sum(sizes), 3, generator=g, dtype=torch.float64)
+    weights = torch.randn(world, sum(sizes), 3, generator=g, dtype=torch.float64)
+    start = sum(sizes[:rank])
+    mine = x[start: start + sizes[rank]].clone().requires_grad_()
+    out = all_gather(mine)
+    (out * weights[rank]).sum().backward()
+    return {"value": _rel_err(out, x, 1.0),
+            "grad": _rel_err(mine.grad, weights.sum(0)[start: start + sizes[rank]], 1.0)}
+
+
 class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
     """Peak bytes of tensor storages created inside the mode and still alive."""
 
@@ -352,6 +369,7 @@ def _worker(rank, world, port, outdir):
             for local_loss in (False, True):
                 key = f"{name}|{mode}|{'local' if local_loss else 'global'}"
                 report["checks"][key] = _run_case(name, mode, local_loss, world, rank)
+    report["checks"]["all_gather_helper"] = _check_all_gather_helper(world, rank)
     for mode in MODES:
         report["checks"][f"clip_loss|{mode}|global_weighted_ranks"] = _run_case("clip_loss", mode, False, world, rank,
                                                                               upstream=True)
@@ -428,7 +446,7 @@ def reports():
 
 
 CHECK_IDS = [f"{name}|{mode}|{scope}" for name in CASES for mode in MODES for scope in ("global", "local")]
-CHECK_IDS += [f"clip_loss|{mode}|global_weighted_ranks" for mode in MODES]
+CHECK_IDS += [f"clip_loss|{mode}|global_weighted_ranks" for mode in MODES] + ["all_gather_helper"]
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
