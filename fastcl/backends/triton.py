@@ -336,16 +336,16 @@ def available(device: torch.device) -> Optional[str]:
         import triton  # noqa: F401
     except ImportError as exc:
         return f"Triton is not installed ({exc})"
-    interpret = _interpreting()
-    if device.type == "cpu" and not interpret:
+    # what counts is how the kernels were (or will be) loaded: TRITON_INTERPRET is read once,
+    # when Triton decorates them at import
+    module = sys.modules.get(_KERNEL_MODULE)
+    interpreted = _kernels_interpreted(module) if module is not None else _interpreting()
+    if device.type == "cpu" and not interpreted:
+        if module is not None:
+            return "the Triton kernels were loaded compiled (for a GPU); CPU tensors need them loaded under TRITON_INTERPRET=1"
         return "Triton runs CPU tensors only in its interpreter (set TRITON_INTERPRET=1)"
-    if device.type == "cuda" and not interpret and not torch.cuda.is_available():
+    if device.type == "cuda" and not interpreted and not torch.cuda.is_available():
         return "no CUDA device is available"
     if device.type not in ("cpu", "cuda"):
         return f"Triton runs on CUDA devices (or the CPU interpreter), not {device.type}"
-    module = sys.modules.get(_KERNEL_MODULE)
-    if module is not None and _kernels_interpreted(module) != interpret:
-        was = "interpreted" if _kernels_interpreted(module) else "compiled"
-        return (f"the Triton kernels were already loaded {was}; TRITON_INTERPRET is read once, when they are "
-                "first imported")
     return None
