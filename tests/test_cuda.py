@@ -5,6 +5,11 @@ On a machine without a GPU (CI): the extension's host checks fire on CPU tensors
 launch, ``build_info`` reports the extension, and ``backend="cuda"`` explains why it cannot run.
 With ``FASTCL_EXPECT_CUDA_EXTENSION=1`` a missing extension fails instead of skipping.
 
+On any machine: the Python half of the backend (``fastcl/backends/cuda.py``: one-hot positive
+terms, bias, validity, d(scale), split merging) runs the whole variant matrix of
+``tests/test_losses.py`` on CPU against the oracle, with ``fastcl._C`` replaced by
+:class:`ReferenceC`, a materialised PyTorch model of the kernels' contract (``csrc/ops.h``).
+
 On a GPU: ``pytest tests/test_cuda.py`` runs the direct tests below and, in a subprocess,
 ``tests/test_losses.py`` with ``FASTCL_TEST_BACKEND=cuda FASTCL_TEST_DEVICE=cuda`` (that needs the
 oracle and helpers to build their tensors on ``FASTCL_TEST_DEVICE`` too).
@@ -25,6 +30,90 @@ from helpers import RTOL, assert_close
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+
+
+class ReferenceC:
+    """The contract of fastcl._C's kernels (csrc/ops.h), materialised in PyTorch: what each entry
+    point returns, entry by entry. Test-only (it builds N x C matrices)."""
+
+    @staticmethod
+    def built_with_cuda():
+        return True
+
+    @staticmethod
+    def cuda_archs():
+        return ["80", "90"]
+
+    @staticmethod
+    def _tile(query, key, scale_rows, positive_index, row_labels, col_labels, col_has_label, exclude_self, decoupled):
+        cd = scale_rows.dtype
+        s = (query.to(cd) @ key.to(cd).T) * scale_rows[:, None]
+        n, c = s.shape
+        i = torch.arange(n, device=s.device)[:, None]
+        j = torch.arange(c, device=s.device)[None, :]
+        excluded = (i == j) & exclude_self
+        if row_labels is not None:
+            match = (row_labels[:, None] == col_labels[None, :]) & ~excluded
+            if col_has_label is not None:
+                match &= col_has_label[None, :]
+            positive = match
+        else:
+            match = torch.zeros_like(excluded)
+            positive = (j == positive_index[:, None]) if positive_index is not None else match
+        in_den = ~excluded & ~(positive & decoupled)
+        return s, match, in_den
+
+    @staticmethod
+    def softmax_stats(query, key, scale_rows, positive_index=None, row_labels=None, col_labels=None,
+                      col_has_label=None, own_rows=True, exclude_self=False, decoupled=False, allow_tf32=False,
+                      n_split=0):
+        s, match, in_den = ReferenceC._tile(query, key, scale_rows, positive_index, row_labels, col_labels,
+                                            col_has_label, exclude_self, decoupled)
+        lse = torch.where(in_den, s, float("-inf")).logsumexp(dim=1 if own_rows else 0)
+        empty = s.new_empty(0)
+        if row_labels is None or not own_rows:
+            return lse, empty, empty
+        return lse, torch.where(match, s, 0).sum(1), match.sum(1).to(s.dtype)
+
+    @staticmethod
+    def softmax_grad(query, key, scale_rows, positive_index, row_labels, col_labels, col_has_label, lse_row, w_row,
+                     coef_row, lse_col, w_col, own_rows, n_own, exclude_self, decoupled, allow_tf32=False,
+                     n_split=0):
+        s, match, in_den = ReferenceC._tile(query, key, scale_rows, positive_index, row_labels, col_labels,
+                                            col_has_label, exclude_self, decoupled)
+        g = torch.where(in_den & (w_row[:, None] != 0), w_row[:, None] * (s - lse_row[:, None]).exp(), 0)
+        if lse_col is not None:
+            g = g + torch.where(in_den & (w_col[None, :] != 0), w_col[None, :] * (s - lse_col[None, :]).exp(), 0)
+        if coef_row is not None:
+            g = g - match * coef_row[:, None]
+        if own_rows:
+            return g @ key.to(s.dtype)
+        return ((g * scale_rows[:, None]).T @ query.to(s.dtype))[:n_own]
+
+    @staticmethod
+    def sigmoid_pass(query, key, scale_rows, bias, own_rows, n_own, accumulate, allow_tf32=False, n_split=0):
+        cd = scale_rows.dtype
+        logits = (query.to(cd) @ key.to(cd).T) * scale_rows[:, None]
+        if bias is not None:
+            logits = logits + bias.reshape(())
+        g = logits.sigmoid()
+        empty = logits.new_empty(0)
+        acc = empty
+        if accumulate:
+            acc = g @ key.to(cd) if own_rows else ((g * scale_rows[:, None]).T @ query.to(cd))[:n_own]
+        if not own_rows:
+            return acc, empty, empty
+        return acc, F.softplus(logits).sum(1), g.sum(1)
+
+
+if os.environ.get("FASTCL_CUDA_REFERENCE") == "1":
+    # loaded as a plugin (-p test_cuda) by test_subprocess_python_half_with_reference_kernels:
+    # the backend runs on CPU tensors with ReferenceC standing in for the compiled kernels
+    import fastcl.backends.cuda as _cuda_backend
+
+    sys.modules["fastcl._C"] = ReferenceC
+    fastcl._C = ReferenceC
+    _cuda_backend.available = lambda device: None
 
 try:
     from fastcl import _C
@@ -204,6 +293,16 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+
+
+def test_subprocess_python_half_with_reference_kernels():
+    """backend="cuda" minus the kernels: the whole variant matrix on CPU against the oracle."""
+    env = dict(os.environ, FASTCL_TEST_BACKEND="cuda", FASTCL_TEST_DEVICE="cpu", FASTCL_CUDA_REFERENCE="1",
+               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "test_cuda", "tests/test_losses.py"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-8000:]}\n{run.stderr[-3000:]}"
+    assert " passed" in run.stdout and "deselected" in run.stdout, run.stdout[-2000:]
 
 
 @needs_gpu

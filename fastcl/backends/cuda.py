@@ -179,8 +179,9 @@ class SoftmaxLoss(torch.autograd.Function):
             if dq_acc is not None:
                 dq_acc = dq_acc + coef[:, None] * k[pos].to(cd)
             if dk is not None:
-                qs = q.to(cd) * s_rows[:, None]
-                dk.index_add_(0, pos, (coef * (pos < n_grad_cols))[:, None] * qs)
+                # (coef_i s_i) q_i, associated as the column kernel forms (G_ij s_i) q_i, so that
+                # terms which cancel exactly (a row whose softmax is one-hot) do so here too
+                dk.index_add_(0, pos, (coef * s_rows * (pos < n_grad_cols))[:, None] * q.to(cd))
 
         grad_q = (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None
         grad_k = dk.to(key.dtype) if need_k else None
