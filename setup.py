@@ -93,6 +93,12 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "numpy"],
+        # the peers the benchmark compares with, and its plots
+        "bench": ["open_clip_torch==3.3.0", "matplotlib"],
+        # the host libraries the drop-in classes are tested against, at the versions whose
+        # quirks they reproduce
+        "compat-test": ["open_clip_torch==3.3.0", "pytorch-metric-learning==2.9.0", "lightly==1.6.0",
+                        "sentence-transformers==6.2.0", "info-nce-pytorch==0.1.4"],
     },
     **_cuda_extension_kwargs(),
 )
