@@ -39,7 +39,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#ifndef FASTCL_EMULATION  // csrc/testing/emulate.h runs these kernels on CPU threads with a model of WMMA
 #include <mma.h>
+#endif
 
 #include "params.h"
 
@@ -50,6 +52,13 @@
 namespace fastcl {
 
 namespace wmma = nvcuda::wmma;
+
+#ifndef FASTCL_EMULATION
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(128) unsigned char smem[];
+  return smem;
+}
+#endif
 
 static_assert(kThreads == 2 * kTile, "the epilogue maps two threads to each owner line");
 static_assert(kTile == 64 && kThreads == 128, "four warps of 16 owner lines each");
@@ -338,7 +347,7 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const TileParams p) {
   constexpr int NF = kTile / 16;   // fragments across a 64-wide strip
   constexpr int NFX = BX / 16;     // fragments across a D-chunk of the accumulator
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   T* s_own = reinterpret_cast<T*>(smem);                    // region 1: [kTile][LDK]
   T* s_oth = s_own + kTile * LDK;                           //           [kTile][LDK]
   G* s_g = reinterpret_cast<G*>(smem);                      // region 1: [kTile][LDG]
@@ -359,7 +368,7 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const TileParams p) {
   const int o0 = blockIdx.x * kTile;
   const int n_tiles = (p.n_oth + kTile - 1) / kTile;
   const int t_begin = blockIdx.y * p.tiles_per_split;
-  const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
+  const int t_end = n_tiles < t_begin + p.tiles_per_split ? n_tiles : t_begin + p.tiles_per_split;
   const T* own = static_cast<const T*>(p.own);
   const T* oth = static_cast<const T*>(p.oth);
   constexpr int V = 16 / sizeof(T);
@@ -525,6 +534,7 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const TileParams p) {
   }
 }
 
+#ifndef FASTCL_EMULATION
 // ---------------------------------------------------------------------------------------------
 // Host-side launch of one configuration.
 
@@ -551,5 +561,6 @@ cudaError_t launch_config(const TileParams& p, Mode mode, cudaStream_t stream) {
   }
   return cudaErrorInvalidValue;
 }
+#endif  // FASTCL_EMULATION
 
 }  // namespace fastcl

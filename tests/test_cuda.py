@@ -5,7 +5,10 @@ On a machine without a GPU (CI): the extension's host checks fire on CPU tensors
 launch, ``build_info`` reports the extension, and ``backend="cuda"`` explains why it cannot run.
 With ``FASTCL_EXPECT_CUDA_EXTENSION=1`` a missing extension fails instead of skipping.
 
-On any machine: the Python half of the backend (``fastcl/backends/cuda.py``: one-hot positive
+On any machine: the kernels themselves run on CPU threads (``csrc/testing/emulate.h``: blocks as
+std::threads, barriers, warp shuffles, a model of WMMA fragments) against a float64 reference of
+their contract, every configuration (fp16, bf16, tf32, fp32, fp64) and mode, with tails in N, C
+and D, D-chunk loops and splits (``csrc/testing/check_tile_kernels.cpp``). And the Python half of the backend (``fastcl/backends/cuda.py``: one-hot positive
 terms, bias, validity, d(scale), split merging) runs the whole variant matrix of
 ``tests/test_losses.py`` on CPU against the oracle, with ``fastcl._C`` replaced by
 :class:`ReferenceC`, a materialised PyTorch model of the kernels' contract (``csrc/ops.h``).
@@ -175,6 +178,27 @@ def test_import_does_not_initialise_cuda():
     """Importing fastcl and its CUDA backend must not query the GPU (it raises on CPU machines)."""
     _run_python("import torch, fastcl, fastcl.backends.cuda\n"
                 "assert not torch.cuda.is_initialized()\n")
+
+
+# --- the kernels on CPU threads ----------------------------------------------------------------
+
+def _cuda_include():
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    inc = os.path.join(home, "include")
+    return inc if os.path.exists(os.path.join(inc, "cuda_fp16.h")) else None
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None,
+                    reason="needs g++ and the CUDA headers (CUDA_HOME/include) to build the CPU emulation")
+def test_tile_kernels_emulated_on_cpu(tmp_path):
+    exe = str(tmp_path / "check_tile_kernels")
+    build = subprocess.run(["g++", "-std=c++20", "-O2", "-pthread", "-I", _cuda_include(),
+                            os.path.join(ROOT, "csrc", "testing", "check_tile_kernels.cpp"), "-o", exe],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-6000:]
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, "\n".join(line for line in run.stdout.splitlines() if not line.startswith("ok"))
+    assert "0 failed checks" in run.stdout
 
 
 # --- dispatch ---------------------------------------------------------------------------------
