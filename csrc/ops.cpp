@@ -1,11 +1,16 @@
 // Host glue of fastcl._C: check every input (dtype, shape, contiguity, then device), allocate
 // the outputs, fill a TileParams and launch. Checks run before anything touches CUDA, so they can
 // be tested with CPU tensors on a machine without a GPU.
+//
+// FASTCL_EMULATION_HOST (tests only): the same glue over CPU tensors, linked with
+// csrc/testing/emulated_launchers.cpp, which runs the kernels on CPU threads.
 #include "ops.h"
 
 #include <ATen/ATen.h>
+#ifndef FASTCL_EMULATION_HOST
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <algorithm>
 #include <initializer_list>
@@ -86,7 +91,11 @@ void check_labels(const std::optional<at::Tensor>& row_labels, const std::option
 
 // Last: every tensor on query's CUDA device, and a device the kernels were built for.
 void check_devices(const at::Tensor& query, std::initializer_list<Named> tensors) {
+#ifdef FASTCL_EMULATION_HOST
+  TORCH_CHECK_VALUE(query.is_cpu(), "query must be a CPU tensor (emulated kernels), got device ", query.device());
+#else
   TORCH_CHECK_VALUE(query.is_cuda(), "query must be a CUDA tensor, got device ", query.device());
+#endif
   for (const Named& t : tensors) {
     if (t.second == nullptr) continue;
     TORCH_CHECK_VALUE(t.second->device() == query.device(), t.first, " must be on ", query.device(),
@@ -97,10 +106,14 @@ void check_devices(const at::Tensor& query, std::initializer_list<Named> tensors
 // (cudaDeviceGetAttribute rather than ATen/cuda/CUDAContext.h, which needs the cuSPARSE and
 // cuBLAS headers that a minimal CUDA toolkit lacks)
 int device_attribute(cudaDeviceAttr attr) {
+#ifdef FASTCL_EMULATION_HOST
+  return attr == cudaDevAttrMultiProcessorCount ? 2 : 9;  // a small "GPU": auto splits happen
+#else
   int device = 0, value = 0;
   TORCH_CHECK(cudaGetDevice(&device) == cudaSuccess, "fastcl: cudaGetDevice failed");
   TORCH_CHECK(cudaDeviceGetAttribute(&value, attr, device) == cudaSuccess, "fastcl: cudaDeviceGetAttribute failed");
   return value;
+#endif
 }
 
 void check_capability() {
@@ -127,8 +140,19 @@ void choose_split(TileParams& p, int64_t requested, int max_split) {
   p.n_split = static_cast<int>(cdiv(tiles, per_split));  // no empty split
 }
 
+#ifdef FASTCL_EMULATION_HOST
+#define FASTCL_DEVICE_GUARD(t)
+#define cudaGetErrorString(err) "emulated launch failed"
+#else
+#define FASTCL_DEVICE_GUARD(t) const c10::cuda::CUDAGuard guard((t).device())
+#endif
+
 void launch(const TileParams& p, Mode mode, at::ScalarType dtype, bool allow_tf32) {
+#ifdef FASTCL_EMULATION_HOST
+  const cudaStream_t stream = nullptr;
+#else
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+#endif
   cudaError_t err = cudaSuccess;
   switch (dtype) {
     case at::kHalf: err = launch_tile_fp16(p, mode, stream); break;
@@ -193,7 +217,7 @@ std::vector<at::Tensor> softmax_stats(const at::Tensor& query, const at::Tensor&
   check_devices(query, {{"key", &key}, {"scale_rows", &scale_rows}, {"positive_index", opt(positive_index)},
                         {"row_labels", opt(row_labels)}, {"col_labels", opt(col_labels)},
                         {"col_has_label", opt(col_has_label)}});
-  const c10::cuda::CUDAGuard guard(query.device());
+  FASTCL_DEVICE_GUARD(query);
   check_capability();
 
   TileParams p{};
@@ -248,14 +272,13 @@ at::Tensor softmax_grad(const at::Tensor& query, const at::Tensor& key, const at
   CHECK_OPTIONAL_VECTOR(lse_col, acc, c);
   CHECK_OPTIONAL_VECTOR(w_col, acc, c);
   TORCH_CHECK_VALUE(lse_col.has_value() == w_col.has_value(), "lse_col and w_col must be given together");
-  TORCH_CHECK_VALUE(!coef_row.has_value() || row_labels.has_value(), "coef_row is the label-positive coefficient: it needs row_labels");
   const int64_t max_own = own_rows ? n : c;
   TORCH_CHECK_VALUE(0 <= n_own && n_own <= max_own, "n_own must lie in [0, ", max_own, "], got ", n_own);
   check_devices(query, {{"key", &key}, {"scale_rows", &scale_rows}, {"positive_index", opt(positive_index)},
                         {"row_labels", opt(row_labels)}, {"col_labels", opt(col_labels)},
                         {"col_has_label", opt(col_has_label)}, {"lse_row", &lse_row}, {"w_row", &w_row},
                         {"coef_row", opt(coef_row)}, {"lse_col", opt(lse_col)}, {"w_col", opt(w_col)}});
-  const c10::cuda::CUDAGuard guard(query.device());
+  FASTCL_DEVICE_GUARD(query);
   check_capability();
 
   const auto opts = query.options().dtype(acc);
@@ -294,20 +317,23 @@ at::Tensor softmax_grad(const at::Tensor& query, const at::Tensor& key, const at
 }
 
 std::vector<at::Tensor> sigmoid_pass(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale_rows,
+                                     const std::optional<at::Tensor>& positive_index,
                                      const std::optional<at::Tensor>& bias, bool own_rows, int64_t n_own,
                                      bool accumulate, bool allow_tf32, int64_t n_split) {
   check_features(query, key);
   const int64_t n = query.size(0), c = key.size(0), d = query.size(1);
   const at::ScalarType acc = acc_dtype(query.scalar_type());
   CHECK_VECTOR(scale_rows, acc, n);
+  CHECK_OPTIONAL_VECTOR(positive_index, at::kLong, n);
   if (bias.has_value()) {
     TORCH_CHECK_TYPE(bias->scalar_type() == acc, "bias must have dtype ", acc, ", got ", bias->scalar_type());
     TORCH_CHECK_VALUE(bias->numel() == 1, "bias must hold one value, got shape ", bias->sizes());
   }
   const int64_t max_own = own_rows ? n : c;
   TORCH_CHECK_VALUE(0 <= n_own && n_own <= max_own, "n_own must lie in [0, ", max_own, "], got ", n_own);
-  check_devices(query, {{"key", &key}, {"scale_rows", &scale_rows}, {"bias", opt(bias)}});
-  const c10::cuda::CUDAGuard guard(query.device());
+  check_devices(query, {{"key", &key}, {"scale_rows", &scale_rows}, {"positive_index", opt(positive_index)},
+                        {"bias", opt(bias)}});
+  FASTCL_DEVICE_GUARD(query);
   check_capability();
 
   const auto opts = query.options().dtype(acc);
@@ -317,6 +343,7 @@ std::vector<at::Tensor> sigmoid_pass(const at::Tensor& query, const at::Tensor& 
   TileParams p{};
   set_sides(p, query, key, own_rows, n_own);
   p.scale = scale_rows.data_ptr();
+  p.positive_index = ptr_or_null<const int64_t>(positive_index);
   p.bias = ptr_or_null<const void>(bias);
   p.accumulate = accumulate;
   choose_split(p, n_split, accumulate ? 4 : 16);

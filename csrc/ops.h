@@ -22,6 +22,7 @@ std::vector<at::Tensor> softmax_stats(const at::Tensor& query, const at::Tensor&
 
 // sum_other G * other_row for the first n_own owner lines: [n_own, D] (fp32; fp64 for fp64).
 // Rows: acc_i = sum_j G_ij k_j (no row scale). Columns: acc_j = sum_i G_ij s_i q_i.
+// G: see TileParams in params.h; coef_row is the target weight on each positive entry.
 at::Tensor softmax_grad(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale_rows,
                         const std::optional<at::Tensor>& positive_index, const std::optional<at::Tensor>& row_labels,
                         const std::optional<at::Tensor>& col_labels, const std::optional<at::Tensor>& col_has_label,
@@ -30,10 +31,12 @@ at::Tensor softmax_grad(const at::Tensor& query, const at::Tensor& key, const at
                         bool own_rows, int64_t n_own, bool exclude_self, bool decoupled, bool allow_tf32,
                         int64_t n_split);
 
-// Sigmoid family, L = s_i <q_i, k_j> + b over every entry. Returns {acc, loss_rows, gsum_rows}:
-// acc [n_own, D] = sum_other sigmoid(L) * other_row (columns: times s_i), empty unless
-// accumulate; loss_rows/gsum_rows [N] = sum_j softplus(L_ij) / sigmoid(L_ij), empty unless own_rows.
+// Sigmoid family, L = s_i <q_i, k_j> + b, z_ij = +1 at j = positive_index[i] (-1: none), -1
+// elsewhere; G_ij = sigmoid(L_ij) - [z_ij = 1]. Returns {acc, loss_rows, gsum_rows}:
+// acc [n_own, D] = sum_other G * other_row (columns: times s_i), empty unless accumulate;
+// loss_rows/gsum_rows [N] = sum_j softplus(-z_ij L_ij) / sum_j G_ij, empty unless own_rows.
 std::vector<at::Tensor> sigmoid_pass(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale_rows,
+                                     const std::optional<at::Tensor>& positive_index,
                                      const std::optional<at::Tensor>& bias, bool own_rows, int64_t n_own,
                                      bool accumulate, bool allow_tf32, int64_t n_split);
 

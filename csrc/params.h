@@ -15,7 +15,7 @@ namespace fastcl {
 enum class Mode : int {
   kSoftmaxStats = 0,  // per owner line: (max, sum exp(L - max)) over the denominator; label-positive sums
   kSoftmaxGrad = 1,   // acc[owner] += sum_other G * other_row  (G from the saved statistics)
-  kSigmoid = 2,       // per owner row: sum softplus(L), sum sigmoid(L); acc += sigmoid(L) * other_row
+  kSigmoid = 2,       // per owner row: sum softplus(-z L), sum G; acc += G * other_row, G = sigmoid(L) - [z = 1]
 };
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
@@ -36,7 +36,7 @@ struct TileParams {
   const void* bias;        // scalar Acc or null (sigmoid only)
 
   // softmax masks
-  const int64_t* positive_index;  // [N] or null (label positives)
+  const int64_t* positive_index;  // [N] or null (label positives); sigmoid: -1 = no positive
   const int64_t* row_labels;      // [N] or null; labels mode iff non-null
   const int64_t* col_labels;      // [C]
   const bool* col_has_label;      // [C] or null (every column has a label)
@@ -45,10 +45,12 @@ struct TileParams {
 
   // softmax gradient: G_ij = w_row_i [j in D_i] exp(L_ij - lse_row_i)
   //                        + w_col_j [j in D_i] exp(L_ij - lse_col_j)   (symmetric)
-  //                        - coef_row_i [j label-positive of i]            (labels)
+  //                        - coef_row_i [j positive of i]   (one-hot: j = positive_index[i]; labels)
+  // The target term is inside the tile, not added later: with bf16/fp16 staging of G, a
+  // confident positive's w p_ij - coef_i ~ 0 must be formed before the rounding.
   const void* lse_row;   // [N] Acc, finite (0 where the row has no denominator)
   const void* w_row;     // [N] Acc, 0 on invalid rows
-  const void* coef_row;  // [N] Acc or null (labels only)
+  const void* coef_row;  // [N] Acc or null (no target term)
   const void* lse_col;   // [C] Acc or null (symmetric only), finite
   const void* w_col;     // [C] Acc or null, 0 on columns that are not anchors
   const void* g_mul;     // scalar Acc or null: G is multiplied by it before staging (fp16 range)

@@ -441,11 +441,15 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const TileParams p) {
       A x = s_s[r * LDS + c] * m_scale[il];
 
       if (MODE == Mode::kSigmoid) {
+        // z = +1 on the row's positive, -1 elsewhere: loss softplus(-z x), G = sigmoid(x) - [z = 1],
+        // both formed here in fp32 so that a confident positive's G ~ 0 is not the difference
+        // of two rounded numbers
         A g = A(0);
         if (valid) {
           x += bias;
-          st0 += softplus(x);
-          const A sg = sigmoid(x);
+          const bool positive = j == m_pos[il];
+          st0 += softplus(positive ? -x : x);
+          const A sg = positive ? -sigmoid(-x) : sigmoid(x);
           st1 += sg;
           g = p.own_rows ? sg : sg * m_scale[il];
         }
@@ -483,7 +487,7 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const TileParams p) {
             if (wc != A(0)) g += wc * exp_(x - m_col_lse[jl]);
           }
         }
-        if (match) g -= m_row_coef[il];
+        if (positive && valid) g -= m_row_coef[il];  // the target term, before G is rounded
         g *= gmul;
         if (!p.own_rows) g *= m_scale[il];  // dK_j = sum_i G_ij s_i q_i
         s_g[r * LDG + c] = from_acc<G>(g);

@@ -88,35 +88,52 @@ class ReferenceC:
         if lse_col is not None:
             g = g + torch.where(in_den & (w_col[None, :] != 0), w_col[None, :] * (s - lse_col[None, :]).exp(), 0)
         if coef_row is not None:
-            g = g - match * coef_row[:, None]
+            positive = match if row_labels is not None else (
+                torch.arange(s.shape[1], device=s.device)[None, :] == positive_index[:, None])
+            g = g - positive * coef_row[:, None]
         if own_rows:
             return g @ key.to(s.dtype)
         return ((g * scale_rows[:, None]).T @ query.to(s.dtype))[:n_own]
 
     @staticmethod
-    def sigmoid_pass(query, key, scale_rows, bias, own_rows, n_own, accumulate, allow_tf32=False, n_split=0):
+    def sigmoid_pass(query, key, scale_rows, positive_index, bias, own_rows, n_own, accumulate, allow_tf32=False,
+                     n_split=0):
         cd = scale_rows.dtype
         logits = (query.to(cd) @ key.to(cd).T) * scale_rows[:, None]
         if bias is not None:
             logits = logits + bias.reshape(())
-        g = logits.sigmoid()
+        positive = torch.arange(logits.shape[1])[None, :] == positive_index[:, None]
+        g = logits.sigmoid() - positive.to(cd)
         empty = logits.new_empty(0)
         acc = empty
         if accumulate:
             acc = g @ key.to(cd) if own_rows else ((g * scale_rows[:, None]).T @ query.to(cd))[:n_own]
         if not own_rows:
             return acc, empty, empty
-        return acc, F.softplus(logits).sum(1), g.sum(1)
+        return acc, F.softplus(torch.where(positive, -logits, logits)).sum(1), g.sum(1)
 
 
+def _stand_in(module):
+    """Make ``module`` fastcl._C for this process and let the CUDA backend take CPU tensors."""
+    import fastcl.backends.cuda as cuda_backend
+
+    sys.modules["fastcl._C"] = module
+    fastcl._C = module
+    cuda_backend.available = lambda device: None
+
+
+# Loaded as a plugin (-p test_cuda) by the subprocess tests below, the backend runs on CPU
+# tensors with a stand-in for the compiled kernels: ReferenceC, or the real host glue and kernel
+# code built for CPU threads (FASTCL_CUDA_EMULATED = path of that module).
 if os.environ.get("FASTCL_CUDA_REFERENCE") == "1":
-    # loaded as a plugin (-p test_cuda) by test_subprocess_python_half_with_reference_kernels:
-    # the backend runs on CPU tensors with ReferenceC standing in for the compiled kernels
-    import fastcl.backends.cuda as _cuda_backend
+    _stand_in(ReferenceC)
+elif os.environ.get("FASTCL_CUDA_EMULATED"):
+    import importlib.util
 
-    sys.modules["fastcl._C"] = ReferenceC
-    fastcl._C = ReferenceC
-    _cuda_backend.available = lambda device: None
+    _spec = importlib.util.spec_from_file_location("fastcl_emulated_C", os.environ["FASTCL_CUDA_EMULATED"])
+    _emulated = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_emulated)
+    _stand_in(_emulated)
 
 try:
     from fastcl import _C
@@ -201,6 +218,37 @@ def test_tile_kernels_emulated_on_cpu(tmp_path):
     assert "0 failed checks" in run.stdout
 
 
+def _build_emulated_extension():
+    """ops.cpp + bindings.cpp (-DFASTCL_EMULATION_HOST) + the emulated launchers, as a CPU
+    extension; cached under build/ (torch rebuilds it when a source changes)."""
+    from torch.utils.cpp_extension import load
+
+    csrc = os.path.join(ROOT, "csrc")
+    build_dir = os.path.join(ROOT, "build", "fastcl_emulated_C")
+    os.makedirs(build_dir, exist_ok=True)
+    return load(name="fastcl_emulated_C",
+                sources=[os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "bindings.cpp"),
+                         os.path.join(csrc, "testing", "emulated_launchers.cpp")],
+                extra_cflags=["-O1", "-DFASTCL_EMULATION_HOST"], extra_include_paths=[_cuda_include(), csrc],
+                build_directory=build_dir, verbose=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None,
+                    reason="needs g++ and the CUDA headers (CUDA_HOME/include) to build the CPU emulation")
+def test_subprocess_variant_matrix_with_emulated_kernels():
+    """backend="cuda" end to end -- Python half, host glue (checks, splits, merges, fp16 G scaling),
+    kernel code -- with the kernels on CPU threads: the variant matrix against the oracle."""
+    module = _build_emulated_extension()
+    env = dict(os.environ, FASTCL_TEST_BACKEND="cuda", FASTCL_TEST_DEVICE="cpu", FASTCL_CUDA_EMULATED=module.__file__,
+               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    env.pop("FASTCL_CUDA_REFERENCE", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "test_cuda", "tests/test_losses.py"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-8000:]}\n{run.stderr[-3000:]}"
+    assert " passed" in run.stdout and "deselected" in run.stdout, run.stdout[-2000:]
+
+
 # --- dispatch ---------------------------------------------------------------------------------
 
 def test_cuda_backend_on_cpu_tensors_raises_with_the_reason():
@@ -231,8 +279,8 @@ def _grad_args(n=6, c=7, d=5, dtype=torch.float32):
 
 
 def _sigmoid_args(n=6, c=7, d=5):
-    return dict(query=torch.randn(n, d), key=torch.randn(c, d), scale_rows=torch.ones(n), bias=torch.tensor(-1.0),
-                own_rows=True, n_own=n, accumulate=True)
+    return dict(query=torch.randn(n, d), key=torch.randn(c, d), scale_rows=torch.ones(n),
+                positive_index=torch.arange(n), bias=torch.tensor(-1.0), own_rows=True, n_own=n, accumulate=True)
 
 
 BAD_INPUTS = {
@@ -272,13 +320,15 @@ BAD_INPUTS = {
                             "lse_col and w_col must be given together"),
     "grad_n_own": ("softmax_grad", _grad_args, dict(own_rows=False, n_own=8), ValueError,
                    r"n_own must lie in \[0, 7\]"),
-    "grad_coef_without_labels": ("softmax_grad", _grad_args, dict(coef_row=torch.zeros(6)), ValueError,
-                                 "coef_row is the label-positive coefficient"),
+    "grad_coef_length": ("softmax_grad", _grad_args, dict(coef_row=torch.zeros(5)), ValueError,
+                         r"coef_row must have shape \[6\]"),
     "grad_fp64_acc_dtype": ("softmax_grad", lambda: _grad_args(dtype=torch.float64), dict(w_row=torch.zeros(6)),
                             TypeError, "w_row must have dtype Double"),
     "grad_cpu_tensors": ("softmax_grad", _grad_args, {}, ValueError, "query must be a CUDA tensor"),
     "sigmoid_bias_dtype": ("sigmoid_pass", _sigmoid_args, dict(bias=torch.tensor(1.0, dtype=torch.float64)),
                            TypeError, "bias must have dtype Float"),
+    "sigmoid_positive_index_dtype": ("sigmoid_pass", _sigmoid_args, dict(positive_index=torch.arange(6.0)),
+                                     TypeError, "positive_index must have dtype Long"),
     "sigmoid_bias_shape": ("sigmoid_pass", _sigmoid_args, dict(bias=torch.zeros(2)), ValueError,
                            "bias must hold one value"),
     "sigmoid_cpu_tensors": ("sigmoid_pass", _sigmoid_args, {}, ValueError, "query must be a CUDA tensor"),

@@ -53,7 +53,7 @@ struct Problem {
   int n, c, d;
   std::vector<double> q, k;  // rounded to the input type
   std::vector<double> scale, lse_row, w_row, coef_row, lse_col, w_col;
-  std::vector<int64_t> pos, row_labels, col_labels;
+  std::vector<int64_t> pos, row_labels, col_labels, sig_pos;  // sig_pos: -1 = no positive
   std::vector<char> col_has;  // bool storage for the kernels
   double bias;
   const Case* cs;
@@ -67,10 +67,8 @@ struct Problem {
   bool match(int i, int j) const {
     return cs->labels && !excluded(i, j) && row_labels[i] == col_labels[j] && (!cs->col_mask || col_has[j]);
   }
-  bool in_den(int i, int j) const {
-    const bool positive = cs->labels ? match(i, j) : j == pos[i];
-    return !excluded(i, j) && !(cs->decoupled && positive);
-  }
+  bool positive(int i, int j) const { return cs->labels ? match(i, j) : j == pos[i]; }
+  bool in_den(int i, int j) const { return !excluded(i, j) && !(cs->decoupled && positive(i, j)); }
 };
 
 struct Report {
@@ -199,7 +197,7 @@ struct Runner {
     const int n_own = own_rows ? pb.n : pb.cs->n_grad_cols;
     TileParams p = base(own_rows, n_own);
     p.lse_row = lse_row.data(), p.w_row = w_row.data();
-    p.coef_row = pb.cs->labels ? coef_row.data() : nullptr;
+    p.coef_row = coef_row.data();
     p.lse_col = pb.cs->symmetric ? lse_col.data() : nullptr;
     p.w_col = pb.cs->symmetric ? w_col.data() : nullptr;
     p.accumulate = true;
@@ -211,6 +209,7 @@ struct Runner {
   std::vector<double> sigmoid(bool own_rows, std::vector<double>* loss, std::vector<double>* gsum) const {
     const int n_own = own_rows ? pb.n : pb.c;
     TileParams p = base(own_rows, n_own);
+    p.positive_index = pb.sig_pos.data();
     p.bias = bias.data();
     p.accumulate = true;
     const size_t size = static_cast<size_t>(p.n_split) * n_own;
@@ -244,6 +243,7 @@ int run(const char* config, const Case& cs, double rtol, uint32_t seed) {
     if (cs.exclude_self && p == i) p = (p + 1) % cs.c;
     pb.pos.push_back(p);
     pb.row_labels.push_back(static_cast<int64_t>(uniform(rng) * 3));
+    pb.sig_pos.push_back(uniform(rng) < 0.2 ? -1 : p);
   }
   for (int j = 0; j < cs.c; ++j) {
     pb.col_labels.push_back(static_cast<int64_t>(uniform(rng) * 3));
@@ -296,9 +296,11 @@ int run(const char* config, const Case& cs, double rtol, uint32_t seed) {
         if (pb.w_row[i] != 0) g += pb.w_row[i] * std::exp(x - pb.lse_row[i]);
         if (cs.symmetric && pb.w_col[j] != 0) g += pb.w_col[j] * std::exp(x - pb.lse_col[j]);
       }
-      if (pb.match(i, j)) g -= pb.coef_row[i];
-      const double z = x + pb.bias, sg = 1.0 / (1.0 + std::exp(-z));
-      sloss[i] += z > 0 ? z + std::log1p(std::exp(-z)) : std::log1p(std::exp(z));
+      if (pb.positive(i, j)) g -= pb.coef_row[i];
+      const bool sig_positive = j == pb.sig_pos[i];
+      const double z = x + pb.bias, sg = 1.0 / (1.0 + std::exp(-z)) - (sig_positive ? 1.0 : 0.0);
+      const double zz = sig_positive ? -z : z;
+      sloss[i] += zz > 0 ? zz + std::log1p(std::exp(-zz)) : std::log1p(std::exp(zz));
       sgsum[i] += sg;
       for (int x2 = 0; x2 < cs.d; ++x2) {
         dq[i * cs.d + x2] += g * pb.k[j * cs.d + x2];

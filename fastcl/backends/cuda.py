@@ -7,9 +7,12 @@ Division of labour. The kernels do the O(N * C * D) tile work and nothing else: 
 symmetric losses, column) log-sum-exp statistics with the masks (excluded self column,
 decoupled positives, label positives and their logit sums), and the gradient accumulators
 ``sum_j G_ij k_j`` (rows) and ``sum_i G_ij s_i q_i`` (columns) with S recomputed. This module
-does the O((N + C) * D) bookkeeping in PyTorch exactly as the torch backend does: one-hot
-positive logits and their target terms in the gradient, the bias and ``pos_weight`` terms,
-validity, and ``d(scale)_i = <q_i, sum_j G_ij k_j>``.
+does the O((N + C) * D) bookkeeping in PyTorch as the torch backend does: one-hot positive
+logits, the bias and ``pos_weight`` terms, validity, the target weight of each positive, and
+``d(scale)_i = <q_i, sum_j G_ij k_j>``. Unlike the torch backend, the target terms of the
+gradient (``-t_ij``, and SigLIP's ``-1`` on positives) are applied inside the tiles: G is
+rounded to bf16/fp16 for the tensor-core product, and for a confident positive
+``w p_ij - t_ij ~ 0`` must be formed before that rounding, not after.
 
 Numerics: statistics and accumulators are fp32 (fp64 for fp64 inputs). fp16/bf16 products run
 on tensor cores; fp32 runs exactly on CUDA cores, or on TF32 tensor cores when
@@ -154,11 +157,13 @@ class SoftmaxLoss(torch.autograd.Function):
             w_col = torch.zeros(c, dtype=cd, device=dev).index_put_((spec.positive_index,), w_col_by_row)
             lse_col_full = torch.zeros(c, dtype=cd, device=dev).index_put_((spec.positive_index,),
                                                                            _finite_or_zero(lse_col))
-        if spec.uses_labels:
-            # -t_ij on each label positive: t_ij = pos_weight_i / |P_i|
-            coef_row = w_row / pos_cnt.clamp(min=1)
-            if pw is not None:
-                coef_row = coef_row * pw
+        # sum_j G_ij = w_row_i * (1 - pos_weight_i) (+ the column anchor's share): d(bias)
+        bias_coef = w_row if w_col_by_row is None else w_row + w_col_by_row
+        # -t_ij on each positive (t_ij = pos_weight_i / |P_i|; a one-hot positive carries both
+        # directions' targets), applied inside the tile before G is rounded to the input type
+        coef_row = w_row / pos_cnt.clamp(min=1) if spec.uses_labels else bias_coef
+        if pw is not None:
+            coef_row = coef_row * pw
         grad_args = dict(_masks(spec), lse_row=_finite_or_zero(lse_row), w_row=w_row, coef_row=coef_row,
                          lse_col=lse_col_full, w_col=w_col, **_launch_options(q.dtype))
 
@@ -169,19 +174,6 @@ class SoftmaxLoss(torch.autograd.Function):
             dk = torch.zeros(c, d, dtype=cd, device=dev)
             if n_grad_cols > 0:
                 dk[:n_grad_cols] = C.softmax_grad(q, k, s_rows, own_rows=False, n_own=n_grad_cols, **grad_args)
-
-        # sum_j G_ij = w_row_i * (1 - pos_weight_i) (+ the column anchor's share): d(bias)
-        bias_coef = w_row if w_col_by_row is None else w_row + w_col_by_row
-        if not spec.uses_labels:
-            # the one-hot target -t_ij lives on one entry per row: applied outside the tiles
-            coef = -bias_coef if pw is None else -bias_coef * pw
-            pos = spec.positive_index
-            if dq_acc is not None:
-                dq_acc = dq_acc + coef[:, None] * k[pos].to(cd)
-            if dk is not None:
-                # (coef_i s_i) q_i, associated as the column kernel forms (G_ij s_i) q_i, so that
-                # terms which cancel exactly (a row whose softmax is one-hot) do so here too
-                dk.index_add_(0, pos, (coef * s_rows * (pos < n_grad_cols))[:, None] * q.to(cd))
 
         grad_q = (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None
         grad_k = dk.to(key.dtype) if need_k else None
@@ -200,10 +192,10 @@ class SoftmaxLoss(torch.autograd.Function):
 class SigmoidLoss(torch.autograd.Function):
     """Sigmoid-family loss (a scalar); the contract of ``backends.torch.SigmoidLoss``.
 
-    The kernels treat every entry as a negative (``softplus(L_ij)``, gradient
-    ``sigmoid(L_ij)``); each positive then gets ``-L_ij`` and ``-1`` here. ``G`` needs no
-    statistic, so when autograd will need gradients the forward runs the gradient kernels too
-    (the row kernel also yields the loss) and the backward only scales them.
+    The kernels form ``softplus(-z_ij L_ij)`` and ``G_ij = sigmoid(L_ij) - [z_ij = 1]`` per entry
+    (row sums of both, and the accumulators). ``G`` needs no statistic, so when autograd will
+    need gradients the forward runs the gradient kernels too (the row kernel also yields the
+    loss) and the backward only scales them.
     """
 
     @staticmethod
@@ -219,31 +211,26 @@ class SigmoidLoss(torch.autograd.Function):
         inv_n = 1.0 / spec.n_rows_norm
 
         row_acc = need_q or need_s
-        acc_q, loss_rows, gsum_rows = C.sigmoid_pass(q, k, s_rows, bias=b, own_rows=True, n_own=n,
+        pos = spec.positive_index.to(torch.long).contiguous()
+        acc_q, loss_rows, gsum_rows = C.sigmoid_pass(q, k, s_rows, positive_index=pos, bias=b, own_rows=True, n_own=n,
                                                      accumulate=row_acc, **launch)
-        rows = torch.nonzero(spec.positive_index >= 0).flatten()
-        pos = spec.positive_index[rows]
-        qs_rows = q[rows].to(cd) * s_rows[rows, None]
-        pos_logit = (qs_rows * k[pos].to(cd)).sum(dim=1)
-        if b is not None:
-            pos_logit = pos_logit + b
-        loss = (loss_rows.sum() - pos_logit.sum()) * inv_n
+        loss = loss_rows.sum() * inv_n
 
         grads = (None, None, None, None)
         if need_q or need_k or need_s or need_b:
             grad_q = grad_k = grad_s = grad_b = None
             if row_acc:
-                dq_acc = acc_q.index_add(0, rows, -k[pos].to(cd)) * inv_n
+                dq_acc = acc_q * inv_n
                 if need_q:
                     grad_q = (dq_acc * s_rows[:, None]).to(query.dtype)
                 if need_s:
                     grad_s = _sum_to_scale((dq_acc * q.to(cd)).sum(dim=1), scale)
             if need_k:
-                dk_acc = C.sigmoid_pass(q, k, s_rows, bias=b, own_rows=False, n_own=c, accumulate=True, **launch)[0]
-                grad_k = (dk_acc.index_add(0, pos, -qs_rows) * inv_n).to(key.dtype)
+                dk_acc = C.sigmoid_pass(q, k, s_rows, positive_index=pos, bias=b, own_rows=False, n_own=c,
+                                        accumulate=True, **launch)[0]
+                grad_k = (dk_acc * inv_n).to(key.dtype)
             if need_b:
-                db = (gsum_rows.sum() - rows.numel()) * inv_n
-                grad_b = db.to(bias.dtype).reshape(bias.shape)
+                grad_b = (gsum_rows.sum() * inv_n).to(bias.dtype).reshape(bias.shape)
             grads = (grad_q, grad_k, grad_s, grad_b)
         ctx.save_for_backward(*grads)
         return loss
