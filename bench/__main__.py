@@ -52,7 +52,8 @@ import sys
 from . import results
 from .cases import CASES
 from .peers import PEERS
-from .runner import FASTCL_BACKENDS, MODES, Block, Driver, Run, check_names, matmul_specs, max_batch, plan
+from .runner import (FASTCL_BACKENDS, MODES, Block, Driver, Run, busy_warning, check_names, matmul_specs, max_batch,
+                     plan)
 
 ALL_LOSSES = tuple(CASES)
 
@@ -61,19 +62,24 @@ PRESETS = {
     "cpu-lite": [Block(ALL_LOSSES, (1024, 2048, 4096), (256,), ("float32",), MODES, FASTCL_BACKENDS, PEERS)],
     # GPU: every loss and mode at two sizes, bf16
     "gpu": [Block(ALL_LOSSES, (16384, 65536), (768,), ("bfloat16",), MODES, FASTCL_BACKENDS, PEERS)],
-    # GPU: what issue 7's targets need, in priority order
+    # GPU: what issue 7's targets need, in priority order (a time budget cuts from the end)
     "gpu-targets": [
-        Block(("clip_loss", "siglip_loss"), (4096, 16384, 65536), (256, 768, 1024), ("bfloat16",),
-              ("fwd+bwd",), FASTCL_BACKENDS, ("naive", "open_clip")),
-        Block(("clip_loss",), (32768, 65536), (768,), ("float32", "bfloat16"), ("fwd+bwd",), FASTCL_BACKENDS,
+        # targets 1-2: clip/siglip at N=65536, D=768, bf16 against the matmul roofline
+        Block(("clip_loss", "siglip_loss"), (65536,), (768,), ("bfloat16",), ("fwd+bwd",), FASTCL_BACKENDS,
+              ("naive", "open_clip")),
+        # targets 3-4: against Inf-CL (fp32 inputs) and open_clip at N=32768 and 65536, D=768
+        Block(("clip_loss",), (32768, 65536), (768,), ("bfloat16", "float32"), ("fwd+bwd",), FASTCL_BACKENDS,
               ("inf_cl", "open_clip")),
+        # target 7: the sweep over N and D
+        Block(("clip_loss", "siglip_loss"), (4096, 16384, 65536), (256, 768, 1024), ("bfloat16",), ("fwd+bwd",),
+              FASTCL_BACKENDS, ("naive", "open_clip")),
         Block(("clip_loss", "siglip_loss"), (262144,), (256, 768, 1024), ("bfloat16",), ("fwd+bwd",),
               FASTCL_BACKENDS, ()),
     ],
 }
 
 TIMING = {
-    "cpu": dict(target_s=1.0, min_reps=3, max_reps=20, slow_s=5.0),
+    "cpu": dict(target_s=0.5, min_reps=3, max_reps=20, slow_s=5.0),
     "cuda": dict(target_s=0.3, min_reps=5, max_reps=100, slow_s=2.0),
 }
 
@@ -87,9 +93,13 @@ def _common(p: argparse.ArgumentParser):
                    help="stop starting rows after S seconds; rows not run are recorded as not_run")
     p.add_argument("--row-timeout", type=float, default=None, metavar="S", help="kill a row after S seconds")
     p.add_argument("--fresh", action="store_true", help="a new worker process for every row")
-    p.add_argument("--target-s", type=float, default=None, help="time spent timing each row (default 1 s CPU, 0.3 s GPU)")
+    p.add_argument("--target-s", type=float, default=None, help="time spent timing each row (default 0.5 s CPU, 0.3 s GPU)")
     p.add_argument("--min-reps", type=int, default=None, help="fewest timed calls per row")
+    p.add_argument("--mem-cap-gb", type=float, default=8.0,
+                   help="CPU: a row whose peak RSS growth would pass this fails (RLIMIT_AS guard); default 8")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls on CUDA (every implementation)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run each comparison group's implementations round-robin this many times; report medians")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per op (torch.set_num_threads) for every implementation; default torch's")
 
@@ -126,7 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--peers", nargs="+", default=list(PEERS))
     m.add_argument("--start-n", type=int, default=None, help="default 1024 CPU, 16384 GPU")
     m.add_argument("--max-n", type=int, default=None, help="default 32768 CPU, 1048576 GPU")
-    m.add_argument("--mem-cap-gb", type=float, default=8.0, help="CPU: largest allowed peak RSS growth")
     m.add_argument("--max-call-s", type=float, default=None, help="skip sizes predicted to take longer (default 300 CPU, 60 GPU)")
     pl = sub.add_parser("plot", help="PNGs from result files")
     pl.add_argument("files", nargs="*", help="result JSON files (default: all in bench/results)")
@@ -145,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--mode", default="fwd+bwd", choices=MODES)
     pr.add_argument("--device", default="auto")
     pr.add_argument("--rows", type=int, default=25, help="table rows to print")
+    pr.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the profiled call")
     return parser
 
 
@@ -166,6 +176,8 @@ def _setup(args):
         timing["target_s"] = args.target_s
     if args.min_reps is not None:
         timing["min_reps"] = args.min_reps
+    if device.type == "cpu" and args.mem_cap_gb:
+        timing["mem_cap"] = int(args.mem_cap_gb * 2**30)
     return device, info, device_slug(info), timing
 
 
@@ -179,13 +191,20 @@ def _run(args, argv, blocks):
         check_names(b.losses, b.backends, b.peers, b.modes)
     meta = results.metadata(args.suite, info, argv, args.note)
     meta["tf32_matmul"] = bool(args.tf32)
+    meta["mem_cap_gb"] = args.mem_cap_gb if device.type == "cpu" else None
     run = Run(args.suite, meta, args.out, results.stem(meta, slug, args.tag))
     print(f"fastcl bench {args.suite} on {info['name']} ({device}); results -> {os.path.join(args.out, run.stem)}.json",
           flush=True)
+    warning = busy_warning(device.type)
+    if warning:
+        print(warning, flush=True)
     dtypes = sorted({t for b in blocks for t in b.dtypes})
     ds = sorted({d for b in blocks for d in b.ds})
     max_n = max(n for b in blocks for n in b.ns)
-    specs = matmul_specs(dtypes, ds, max_n, device.type, str(device), timing) + plan(blocks, str(device), timing)
+    # the matmul ceilings before and after the losses: a load change in between shows, and the
+    # faster of the two is kept
+    ceilings = matmul_specs(dtypes, ds, max_n, device.type, str(device), timing)
+    specs = ceilings + plan(blocks, str(device), timing, args.rounds) + ceilings
     driver = Driver(run, time_budget=args.time_budget, row_timeout=args.row_timeout, fresh=args.fresh,
                     env=args.worker_env)
     try:
@@ -193,7 +212,7 @@ def _run(args, argv, blocks):
     finally:
         driver.close()
     js, cs = run.save()
-    _report(run.rows)
+    _report(run.merged())
     print(f"\nresults: {js}\n         {cs}")
     return run
 
@@ -205,8 +224,8 @@ def _report(rows):
     print(results.table(rows))
     skipped = {}
     for r in rows:
-        if r.get("status") == "skipped" and r["impl"] != "fastcl":
-            skipped.setdefault(r["impl"], set()).add(r["reason"])
+        if r.get("status") == "skipped":
+            skipped.setdefault(results.impl_name(r), set()).add(r["reason"])
     for impl, reasons in skipped.items():
         print(f"  {impl} skipped: {'; '.join(sorted(reasons))}")
     for line in results.headlines(rows):
@@ -257,6 +276,8 @@ def cmd_maxbatch(args, argv):
     run = Run("maxbatch", meta, args.out, results.stem(meta, slug, args.tag))
     where = "device memory" if gpu else f"a {args.mem_cap_gb:g} GB peak-RSS cap"
     print(f"fastcl bench maxbatch on {info['name']}: N from {start_n} doubling to {max_n}, within {where}", flush=True)
+    if busy_warning(device.type):
+        print(busy_warning(device.type), flush=True)
     impls = [("fastcl", b) for b in args.backends] + [(p, None) for p in args.peers if p]
     driver = Driver(run, time_budget=args.time_budget, row_timeout=args.row_timeout, fresh=args.fresh,
                     env=args.worker_env)
@@ -269,7 +290,7 @@ def cmd_maxbatch(args, argv):
     print("\nlargest N that ran (" + f"D={d}, {dtype}, {args.mode}):")
     for s in summary:
         name = s["impl"] + (f"({s['backend']})" if s["backend"] else "")
-        peak = "-" if s["peak_mb"] is None else f"{s['peak_mb']:.0f} MB peak growth"
+        peak = "-" if s["peak_mb"] is None else f"{s['peak_mb']:.0f} MB peak ({s['extra_mb']:.0f} beyond grads)"
         print(f"  {s['loss']:<12} {name:<16} {str(s['largest_n']):>8}  {peak:<24} stopped: {s['stopped']}")
     print(f"\nresults: {js}\n         {cs}")
     return run

@@ -115,8 +115,8 @@ def plot_maxbatch(data: dict, stem_path: str) -> List[str]:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    largest = ", ".join(f"{s['impl']}{'(' + s['backend'] + ')' if s.get('backend') else ''}: {s['largest_n']}"
-                        for s in meta.get("maxbatch", []))
+    largest = ", ".join(f"{s['impl']}{'(' + s['backend'] + ')' if s.get('backend') else ''}: "
+                        f"{s['largest_n'] if s['largest_n'] else 'did not run'}" for s in meta.get("maxbatch", []))
     fig.suptitle(_title(meta, f"max batch: largest N that ran — {largest}"), fontsize=10)
     fig.tight_layout()
     path = f"{stem_path}.png"

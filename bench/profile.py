@@ -8,6 +8,8 @@ from .measure import resolve_device
 
 def main(args) -> None:
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     case = CASES[args.loss]
     backward = args.mode == "fwd+bwd"

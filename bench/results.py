@@ -7,7 +7,8 @@ line and the time. Derived columns:
 
 * ``flops``: DESIGN §7's count for the row (:meth:`bench.cases.Shape.flops`); ``tflops``.
 * ``matmul_tflops``/``pct_matmul``: against the dense ``[S, D] @ [D, S]`` matmul of the same
-  dtype and D measured in the same run; ``peak_tflops``/``pct_peak``: against the square one.
+  dtype and D measured in the same run (at its start and end; the faster is kept);
+  ``peak_tflops``/``pct_peak``: against the square one.
 * ``vs_<impl>``: this row's median time / that implementation's, in the same group (same loss,
   N, D, dtype, mode); ``vs_fastcl`` is against the fastest fastcl backend. Below 1 is faster.
 * ``mem_vs_<impl>``: the same for peak extra memory.
@@ -34,7 +35,7 @@ COLUMNS = [
     "device", "status", "reason", "median_ms", "min_ms", "max_ms", "reps", "first_ms", "peak_mb", "extra_mb",
     "grad_mb", "input_mb", "flops", "tflops", "matmul_tflops", "pct_matmul", "peak_tflops", "pct_peak",
     "vs_fastcl", "vs_naive", "vs_open_clip", "vs_inf_cl", "mem_vs_fastcl", "mem_vs_naive", "mem_vs_open_clip",
-    "mem_vs_inf_cl", "loss_value", "loss_rel_diff", "wall_s",
+    "mem_vs_inf_cl", "loss_value", "loss_rel_diff", "rounds", "wall_s",
 ]
 
 
@@ -98,6 +99,7 @@ def metadata(suite: str, device_info: dict, argv: List[str], note: str = "") -> 
         "git_dirty": bool(dirty) if dirty is not None else None,
         "source_sha": source_hash(),
         "command": "python -m bench " + " ".join(argv),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "note": note,
         "flops": "fwd 2*R*C*D; fwd+bwd 3*2*R*C*D + 2*R*Cgrad*D (8NMD when every column gets a gradient)",
         "memory": ("cuda: max_memory_allocated during the call minus allocated before (inputs); "
@@ -211,26 +213,36 @@ def impl_name(r) -> str:
     return f"fastcl-{r['backend']}"
 
 
-def table(rows: List[dict], peers_first: bool = False) -> str:
-    """A plain-text table of the loss rows: time, memory, rate, roofline and ratio to fastcl."""
-    head = ["loss", "mode", "N", "D", "dtype", "impl", "median ms", "extra MB", "TFLOP/s", "% matmul", "x fastcl"]
-    lines = []
-    for r in rows:
-        if r["impl"] == "matmul":
-            continue
-        if r.get("status") != "ok":
-            if r.get("status") == "skipped" and r["impl"] != "fastcl":
-                continue
-            lines.append([r["loss"], r["mode"], str(r["n"]), str(r["d"]), r["dtype"], impl_name(r),
-                          r.get("status", "?"), "", "", "", (r.get("reason") or "")[:50]])
-            continue
-        lines.append([r["loss"], r["mode"], str(r["n"]), str(r["d"]), r["dtype"], impl_name(r),
-                      _num(r["median_ms"], ".1f"), _num(r.get("extra_mb"), ".1f"), _num(r.get("tflops"), ".3f"),
-                      _num(r.get("pct_matmul"), ".0f"), _num(r.get("vs_fastcl"), ".2f")])
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines]
+def _aligned(head: List[str], lines: List[list], notes: List[str]) -> str:
+    """Columns padded to their widest cell; text columns left, numbers right; notes trail."""
+    widths = [max([len(h)] + [len(l[i]) for l in lines]) for i, h in enumerate(head)]
+
+    def fmt(cells):
+        return "  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [fmt(head), fmt(["-" * w for w in widths])]
+    out += [(fmt(l) + ("  " + n if n else "")).rstrip() for l, n in zip(lines, notes)]
     return "\n".join(out)
+
+
+def table(rows: List[dict]) -> str:
+    """A plain-text table of the loss rows: time, memory, rate, roofline and ratio to fastcl."""
+    head = ["loss", "mode", "N", "D", "dtype", "impl", "median ms", "extra MB", "TFLOP/s", "% matmul", "% peak",
+            "x fastcl"]
+    lines, notes = [], []
+    for r in rows:
+        if r["impl"] == "matmul" or r.get("status") == "skipped":
+            continue
+        cells = [r["loss"], r["mode"], str(r["n"]), str(r["d"]), r["dtype"], impl_name(r)]
+        if r.get("status") != "ok":
+            lines.append(cells + [r.get("status", "?"), "", "", "", "", ""])
+            notes.append((r.get("reason") or "")[:90])
+            continue
+        lines.append(cells + [_num(r["median_ms"], ".1f"), _num(r.get("extra_mb"), ".1f"),
+                              _num(r.get("tflops"), ".3f"), _num(r.get("pct_matmul"), ".0f"),
+                              _num(r.get("pct_peak"), ".0f"), _num(r.get("vs_fastcl"), ".2f")])
+        notes.append("")
+    return _aligned(head, lines, notes)
 
 
 def matmul_lines(rows: List[dict]) -> str:
@@ -281,9 +293,7 @@ def short_table(rows: List[dict]) -> str:
               _num(r.get("tflops"), ".2f"), _num(r.get("pct_peak"), ".0f"), _num(r.get("extra_mb"), ".0f"),
               _num(r.get("vs_naive"), ".2f"), _num(r.get("vs_open_clip"), ".2f"), _num(r.get("vs_inf_cl"), ".2f")]
              for _, r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][4], kv[0][3], kv[0][2], kv[0][1]))]
-    widths = [max([len(h)] + [len(l[i]) for l in lines]) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(head)] + [fmt(l) for l in lines])
+    return _aligned(head, lines, [""] * len(lines))
 
 
 def summary(path: str) -> str:
@@ -294,7 +304,7 @@ def summary(path: str) -> str:
         lines = [head, "  largest N that ran:"]
         for s in meta.get("maxbatch", []):
             name = s["impl"] + (f"({s['backend']})" if s.get("backend") else "")
-            peak = "" if s.get("peak_mb") is None else f", {s['peak_mb']:.0f} MB peak"
+            peak = "" if s.get("peak_mb") is None else f", {s['peak_mb']:.0f} MB peak, {s['extra_mb']:.0f} MB beyond grads"
             lines.append(f"  {s['loss']} {name}: {s['largest_n']}{peak} (stopped: {s['stopped']})")
         return "\n".join(lines)
     failed = [r for r in rows if r.get("status") not in ("ok", "skipped")]

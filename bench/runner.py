@@ -10,6 +10,7 @@ import json
 import math
 import os
 import selectors
+import statistics
 import subprocess
 import sys
 import time
@@ -104,8 +105,13 @@ def impls_of(block: Block):
     return [("fastcl", b) for b in block.backends] + [(p, None) for p in block.peers]
 
 
-def plan(blocks: Sequence[Block], device: str, timing: dict) -> List[dict]:
-    """Row specs, each comparison group's rows together, smallest problems first."""
+def plan(blocks: Sequence[Block], device: str, timing: dict, rounds: int = 1) -> List[dict]:
+    """Row specs, each comparison group's rows together, smallest problems first.
+
+    With ``rounds > 1`` a group's implementations run round-robin that many times (A B C A B C);
+    :func:`merge_rounds` then keeps the median over rounds, so a load spike on a shared machine
+    hits one round of every implementation rather than all rounds of one.
+    """
     specs, seen = [], set()
     for block in blocks:
         for loss in block.losses:
@@ -113,14 +119,58 @@ def plan(blocks: Sequence[Block], device: str, timing: dict) -> List[dict]:
                 for d in block.ds:
                     for mode in block.modes:
                         for n in block.ns:
+                            group = []
                             for impl, backend in impls_of(block):
                                 key = (loss, impl, backend, n, d, dtype, mode)
                                 if key in seen:
                                     continue
                                 seen.add(key)
-                                specs.append(dict(loss=loss, impl=impl, backend=backend, n=n, d=d, dtype=dtype,
+                                group.append(dict(loss=loss, impl=impl, backend=backend, n=n, d=d, dtype=dtype,
                                                   mode=mode, device=device, seed=_seed(loss, n, d), **timing))
+                            for r in range(rounds):
+                                specs.extend(dict(spec, round=r) if rounds > 1 else spec for spec in group)
     return specs
+
+
+def merge_rounds(rows: List[dict]) -> List[dict]:
+    """One row per key: the median over rounds of time and memory; the rounds' times kept.
+
+    The matmul references (measured at the start and the end of a run) keep their fastest.
+    """
+    merged, order = {}, []
+    for r in rows:
+        key = (r["loss"], r["impl"], r.get("backend"), r["n"], r["d"], r["dtype"], r["mode"])
+        if key not in merged:
+            merged[key] = []
+            order.append(key)
+        merged[key].append(r)
+    out = []
+    for key in order:
+        group = merged[key]
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        ok = [r for r in group if r.get("status") == "ok"]
+        if not ok:
+            out.append(dict(group[-1], rounds=len(group)))
+            continue
+        if key[1] == "matmul":
+            # a ceiling: the fastest of its measurements (the least disturbed one)
+            best = min(ok, key=lambda r: r["median_ms"])
+            out.append(dict(best, rounds=len(ok), round_ms=[r["median_ms"] for r in ok]))
+            continue
+        row = dict(ok[0], rounds=len(ok), round_ms=[r["median_ms"] for r in ok])
+        for col in ("median_ms", "peak_mb", "extra_mb"):
+            vals = [r[col] for r in ok if r.get(col) is not None]
+            if vals:
+                row[col] = statistics.median(vals)
+        row["min_ms"] = min(r["min_ms"] for r in ok)
+        row["max_ms"] = max(r["max_ms"] for r in ok)
+        row["reps"] = sum(r["reps"] for r in ok)
+        row["wall_s"] = sum(r.get("wall_s", 0) for r in group)
+        row.pop("round", None)
+        out.append(row)
+    return out
 
 
 def _seed(loss: str, n: int, d: int) -> int:
@@ -153,6 +203,28 @@ def _fmt_time(s: float) -> str:
     return f"{s // 60}:{s % 60:02d}"
 
 
+def busy_warning(device_type: str) -> str:
+    """A warning when other processes keep the CPU busy (timings then measure the scheduler)."""
+    if not hasattr(os, "getloadavg"):
+        return ""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load < 0.75 * cores:
+        return ""
+    hint = " (use --threads 1 --rounds 3 on a shared machine)" if device_type == "cpu" else ""
+    return (f"warning: load average {load:.1f} on {cores} cores: other processes compete for the CPU, "
+            f"timings will be noisy{hint}")
+
+
+def _tflops(row: dict):
+    if row.get("status") != "ok" or row.get("median_ms") is None:
+        return None
+    if row["impl"] == "matmul":
+        flops = 2 * row["n"] * row["n"] * row["d"]
+    else:
+        flops = CASES[row["loss"]].shape(row["n"]).flops(row["d"], row["mode"] == "fwd+bwd")
+    return flops / (row["median_ms"] / 1e3) / 1e12
+
+
 def describe(row: dict) -> str:
     impl = row["impl"] + (f"({row['backend']})" if row.get("backend") else "")
     head = f"{row['loss']:<16} {row['mode']:<7} N={row['n']:>7} D={row['d']:>4} {row['dtype']:<8} {impl:<16}"
@@ -160,7 +232,7 @@ def describe(row: dict) -> str:
         return f"{head} {row.get('status')}: {row.get('reason', '')}"
     mem = row.get("extra_mb")
     mem_txt = f"{mem:9.1f} MB" if mem is not None else "      n/a   "
-    tf = row.get("tflops")
+    tf = _tflops(row)
     return f"{head} {row['median_ms']:10.2f} ms {mem_txt} " + (f"{tf:8.3f} TFLOP/s" if tf is not None else "")
 
 
@@ -175,9 +247,15 @@ class Run:
     rows: List[dict] = field(default_factory=list)
     extra_meta: dict = field(default_factory=dict)
 
+    def merged(self) -> List[dict]:
+        rows = merge_rounds(self.rows)
+        results.derive(rows)
+        return rows
+
     def save(self):
-        results.derive(self.rows)
-        return results.write(self.rows, {**self.meta, **self.extra_meta}, self.out_dir, self.stem)
+        if hasattr(os, "getloadavg"):
+            self.extra_meta["loadavg_end"] = list(os.getloadavg())
+        return results.write(self.merged(), {**self.meta, **self.extra_meta}, self.out_dir, self.stem)
 
 
 class Driver:
@@ -282,7 +360,8 @@ def max_batch(driver: Driver, losses, impls, d: int, dtype: str, mode: str, devi
                          if r["loss"] == loss and r["impl"] == impl and r.get("backend") == backend
                          and r["n"] == largest), None)
             entry = dict(loss=loss, impl=impl, backend=backend, d=d, dtype=dtype, mode=mode, largest_n=largest,
-                         peak_mb=last.get("peak_mb") if last else None, stopped=stop)
+                         peak_mb=last.get("peak_mb") if last else None,
+                         extra_mb=last.get("extra_mb") if last else None, stopped=stop)
             summary.append(entry)
             driver.run_.extra_meta["maxbatch"] = summary
             driver.run_.save()

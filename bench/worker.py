@@ -16,6 +16,7 @@ on the CPU, ``mem_cap`` (bytes; the row fails beyond it).
 import gc
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -34,6 +35,21 @@ def _is_oom(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _oom_reason(exc: BaseException, cap) -> str:
+    """One short line: how much the failed allocation asked for, and under which limit."""
+    text = str(exc).strip()
+    m = re.search(r"allocate (\d+) bytes", text)
+    if m:
+        size = f"{int(m.group(1)) / 2**30:.2f} GB"
+    else:
+        m = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", text)
+        size = m.group(1) if m else None
+    where = f" (CPU cap {cap / 2**30:g} GB, enforced with RLIMIT_AS)" if cap else ""
+    if size:
+        return f"out of memory: an allocation of {size} failed{where}"
+    return f"out of memory{where}: {text.splitlines()[0][:200] if text else type(exc).__name__}"
 
 
 def _tensor_bytes(tensors) -> int:
@@ -178,7 +194,7 @@ def run_row(spec: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row
         if _is_oom(exc):
             result["status"] = "oom"
-            result["reason"] = str(exc).strip().splitlines()[0][:300]
+            result["reason"] = _oom_reason(exc, spec.get("mem_cap") if device.type == "cpu" else None)
         else:
             result["status"] = "error"
             result["reason"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"

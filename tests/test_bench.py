@@ -6,6 +6,7 @@ public functions (``pytest tests/test_bench.py --benchmark-only`` prints their t
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -125,6 +126,25 @@ def test_naive_peer_matches_fastcl(name):
     torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-9, atol=1e-12)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["clip_loss", "info_nce_queue", "info_nce_hardneg"])
+def test_inf_cl_adapter_composes_the_same_loss(monkeypatch, name):
+    """Inf-CL needs CUDA; a stand-in with its documented semantics (per-row LSE minus the positive
+    logit, averaged) checks how the adapter feeds it: scale, both directions, queue, labels."""
+    fake = types.ModuleType("inf_cl")
+
+    def cal_inf_loss(q, k, labels=None, scale=None, head_dim=256):
+        rows = torch.arange(q.shape[0])
+        labels = rows if labels is None else labels
+        logits = q @ k.T
+        return (torch.logsumexp(logits, 1) - logits[rows, labels]).mean()
+
+    fake.cal_inf_loss = cal_inf_loss
+    monkeypatch.setitem(sys.modules, "inf_cl", fake)
+    inputs, _ = CASES[name].make(11, 16, torch.float64, torch.device("cpu"), False, torch.Generator().manual_seed(3))
+    got = peers.make("inf_cl", name, 16)(inputs)
+    torch.testing.assert_close(got, peers.NAIVE[name](inputs))
 
 
 def test_flop_count_is_design_section_7():
