@@ -31,7 +31,14 @@
 // Numerics: products of fp16/bf16 inputs on tensor cores (WMMA m16n16k16, fp32 accumulate);
 // fp32 inputs either on tensor cores through TF32 (when the caller allows TF32) or exact on
 // CUDA cores; fp64 on CUDA cores in fp64. Statistics and G are fp32 (fp64), G is rounded to the
-// input type for the tensor-core product G . K, as in FlashAttention.
+// input type for the tensor-core product G . K, as in FlashAttention -- after the target terms
+// (-t_ij on positives, SigLIP's -1) are in it, so a confident positive's G ~ 0 stays small.
+//
+// Without a GPU: csrc/testing/emulate.h runs this file on CPU threads (tests/test_cuda.py).
+//
+// Performance notes (unmeasured): no cp.async / TMA pipelining, no wgmma; the owner chunk is
+// restaged for every other tile; the fp32-exact path is bound by shared-memory loads (one LDS
+// per FMA). These are the first things to change once timings exist.
 #pragma once
 
 #include <cstdint>
