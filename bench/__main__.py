@@ -28,8 +28,8 @@ Suites:
             predicted from the smaller ones to exceed the cap (or --max-call-s) is not attempted;
             the CPU worker also runs under an RLIMIT_AS guard. Reports the largest N that ran.
   plot      PNGs (time, memory, roofline % vs N per loss; max batch) next to each result file.
-  check     GPU only (skips on CPU): each compiled backend against the torch backend at large N
-            (65536, and N not a multiple of any block), bf16, logit scale 100.
+  check     GPU only (skips on CPU): each compiled backend against the torch backend at
+            N = 65573 (= 2**16 + 37: large, and no multiple of any block), bf16, logit scale 100.
   summary   fastcl's fastest backend per comparison against each peer (the visit's last table).
   profile   torch.profiler table of one fastcl call (where the time goes).
 
@@ -39,10 +39,15 @@ supcon, dcl (see bench/cases.py; N is the batch size as passed, so the two-view 
 
 Every row reports the median time, the peak extra memory (beyond inputs and gradients), the
 achieved TFLOP/s by DESIGN §7's count (8·N·M·D forward+backward, 2·N·M·D forward), its
-percentage of a dense matmul of the same dtype and D measured in the same run, and time and
-memory ratios against every other implementation of the same group. Results go to
+percentage of dense matmuls of the same dtype measured in the same run ([S, D] @ [D, S]: "%
+matmul"; a large square one: "% peak"), and time and memory ratios against every other
+implementation of the same group. Results go to
 ``bench/results/<date>_<device>_<suite>[_<tag>].{json,csv}`` (or --out), rewritten after every
 row; progress lines go to stdout as rows finish.
+
+On a shared CPU, other processes' load wrecks multi-threaded timings (an op's threads wait for
+each other's time slices): ``--threads 1 --rounds 3`` gives stable ratios. ``--mem-cap-gb``
+(default 8) bounds every CPU row; a row that would pass it fails instead of taking the machine.
 """
 
 import argparse

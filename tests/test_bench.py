@@ -19,7 +19,7 @@ from bench import peers, plot, results  # noqa: E402
 from bench.cases import CASES, Shape  # noqa: E402
 
 # one thread in the worker: tiny ops stay fast when other jobs share the machine's cores
-TINY = ["--d", "8", "--target-s", "0.01", "--min-reps", "1", "--threads", "1"]
+TINY = ["--device", "cpu", "--d", "8", "--target-s", "0.01", "--min-reps", "1", "--threads", "1"]
 
 
 def _json(out_dir):
@@ -76,7 +76,7 @@ def test_full_runs_every_loss_and_mode(tmp_path):
 
 def test_maxbatch_stops_naive_at_the_memory_cap(tmp_path):
     cli.main(["maxbatch", "--start-n", "256", "--max-n", "2048", "--d", "8", "--mem-cap-gb", "0.03",
-              "--backends", "torch", "--peers", "naive", *TINY[2:], "--out", str(tmp_path)])
+              "--backends", "torch", "--peers", "naive", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)])
     data = results.load(_json(tmp_path))
     largest = {s["impl"]: s for s in data["meta"]["maxbatch"]}
     assert largest["fastcl"]["largest_n"] == 2048, largest
