@@ -61,7 +61,7 @@ def check_against_oracle(fast, oracle, inputs: dict, dtype: torch.dtype, differe
     assert_close("loss", got_flat, want_flat, loss_rtol or LOSS_RTOL[dtype], floor=1.0)
     if not names:
         return
-    upstream = torch.rand(want_flat.shape, dtype=torch.float64) + 0.5
+    upstream = torch.rand(want_flat.shape, dtype=torch.float64, device=want_flat.device) + 0.5
     (got_flat * upstream.to(got_flat.dtype)).sum().backward()
     (want_flat * upstream).sum().backward()
     for k in names:

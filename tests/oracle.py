@@ -4,14 +4,30 @@ Everything here materialises the full logit matrix and builds explicit boolean m
 autograd differentiate it. It is slow and memory-hungry on purpose: it is only the oracle.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+def _on_input_device(fn):
+    """Run ``fn`` with the first tensor argument's device as the default for new tensors, so the
+    oracle's masks and targets land beside the inputs (CPU, or CUDA in a GPU run)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        with torch.device(tensors[0].device):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _f64(x):
     return x.double() if isinstance(x, torch.Tensor) else float(x)
 
 
+@_on_input_device
 def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, labels=None, key_labels=None,
              negatives=None, negative_labels=None, exclude_self=False, decoupled=False, symmetric=False,
              reduction="mean", pos_weight=None, bias=None):
@@ -79,6 +95,7 @@ def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, la
     return (row_loss.sum() / row_valid.sum().clamp(min=1) + col_loss.sum() / col_valid.sum().clamp(min=1)) / 2
 
 
+@_on_input_device
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None):
     image, text = image_features, text_features
     """open_clip ClipLoss: two cross-entropies over materialised logits."""
@@ -89,6 +106,7 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None):
     return (F.cross_entropy(li, target) + F.cross_entropy(li.T, target)) / 2
 
 
+@_on_input_device
 def siglip_loss(image_features, text_features, logit_scale, logit_bias):
     image, text = image_features, text_features
     logits = _f64(logit_scale) * _f64(image) @ _f64(text).T + _f64(logit_bias)
@@ -97,6 +115,7 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias):
     return -F.logsigmoid(z * logits).sum() / n
 
 
+@_on_input_device
 def nt_xent(z1, z2, temperature=0.5, normalize=True):
     """SimCLR, as lightly computes it: 2N anchors, the self entry dropped from the logits."""
     a, b = _f64(z1), _f64(z2)
@@ -113,6 +132,7 @@ def nt_xent(z1, z2, temperature=0.5, normalize=True):
     return torch.cat(losses).mean()
 
 
+@_on_input_device
 def supcon(features, labels=None, temperature=0.1, base_temperature=None, contrast_mode="all"):
     """Khosla et al.'s formula with a dense mask; anchors without positives left out of the mean."""
     f = _f64(features)
@@ -138,6 +158,7 @@ def supcon(features, labels=None, temperature=0.1, base_temperature=None, contra
     return loss[valid].sum() / valid.sum().clamp(min=1)
 
 
+@_on_input_device
 def dcl(z1, z2, temperature=0.1, weight_sigma=None, normalize=True):
     """lightly's DCL/DCLW: both directions, positive removed from the log-sum-exp."""
     a, b = _f64(z1), _f64(z2)
