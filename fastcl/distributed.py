@@ -48,6 +48,7 @@ from torch.autograd.function import once_differentiable
 
 from ._spec import SigmoidSpec, SoftmaxSpec
 from .backends import torch_blocks as blocks
+from .backends.common import compute_dtype, row_scale, sum_to_scale
 
 __all__ = ["all_gather", "GATHER_MODES"]
 
@@ -59,9 +60,6 @@ _TAG_BLOCK, _TAG_CARRY = 0, 8
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -349,21 +347,13 @@ def _remote_softmax_spec(spec: SoftmaxSpec, labels) -> SoftmaxSpec:
     return SoftmaxSpec(symmetric=spec.symmetric)
 
 
-def _row_scale(scale, n, cd):
-    return scale.detach().to(cd).expand(n)
-
-
-def _scale_grad(ds_rows, scale):
-    return (ds_rows.sum() if scale.dim() == 0 else ds_rows).to(scale.dtype).reshape(scale.shape)
-
-
 class _RingSoftmax(torch.autograd.Function):
     """Softmax-family per-anchor losses of this rank's rows over every rank's keys (plus local
     negatives), by ring. Same outputs as :class:`fastcl.backends.torch.SoftmaxLoss`."""
 
     @staticmethod
     def forward(ctx, c: Context, query, key, negatives, scale, bias, spec: SoftmaxSpec):
-        cd = _compute_dtype(query.dtype)
+        cd = compute_dtype(query.dtype)
         n, m = query.shape[0], key.shape[0]
         local_cols = key if negatives is None else torch.cat([key, negatives])
         state = {"m": torch.full((n,), float("-inf"), dtype=cd, device=query.device),
@@ -485,11 +475,11 @@ class _RingSoftmax(torch.autograd.Function):
             if need_neg:
                 state["dneg"] = d_cols[m:]
 
-        s_rows = _row_scale(scale, n, cd)
+        s_rows = row_scale(scale, n, cd)
         grad_q = (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None
         grad_k = dk_own.to(key.dtype) if need_k else None
         grad_neg = state["dneg"].to(negatives.dtype) if need_neg else None
-        grad_s = _scale_grad((dq_acc * query.to(cd)).sum(dim=1), scale) if need_s else None
+        grad_s = sum_to_scale((dq_acc * query.to(cd)).sum(dim=1), scale) if need_s else None
         grad_b = state["db"].to(bias.dtype).reshape(bias.shape) if need_b else None
         return None, grad_q, grad_k, grad_neg, grad_s, grad_b, None
 
@@ -500,7 +490,7 @@ class _RingSigmoid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, c: Context, query, key, scale, bias, spec: SigmoidSpec):
-        cd = _compute_dtype(query.dtype)
+        cd = compute_dtype(query.dtype)
         remote = SigmoidSpec(positive_index=torch.full_like(spec.positive_index, -1), n_rows_norm=spec.n_rows_norm)
         total = [torch.zeros((), dtype=cd, device=query.device)]
 
@@ -518,7 +508,7 @@ class _RingSigmoid(torch.autograd.Function):
         query, key, scale, bias = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[1:5]
-        cd = _compute_dtype(query.dtype)
+        cd = compute_dtype(query.dtype)
         dq_acc = torch.zeros(query.shape, dtype=cd, device=query.device)
         db = [torch.zeros((), dtype=cd, device=query.device)]
         weight = grad.to(cd)
@@ -531,10 +521,10 @@ class _RingSigmoid(torch.autograd.Function):
 
         carry = ((key.shape[1],), cd, _add) if need_k else None
         dk_own = _circulate(ctx.c, [key], step, carry)
-        s_rows = _row_scale(scale, query.shape[0], cd)
+        s_rows = row_scale(scale, query.shape[0], cd)
         grad_q = (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None
         grad_k = dk_own.to(key.dtype) if need_k else None
-        grad_s = _scale_grad((dq_acc * query.to(cd)).sum(dim=1), scale) if need_s else None
+        grad_s = sum_to_scale((dq_acc * query.to(cd)).sum(dim=1), scale) if need_s else None
         grad_b = db[0].to(bias.dtype).reshape(bias.shape) if need_b else None
         return None, grad_q, grad_k, grad_s, grad_b, None
 
@@ -580,7 +570,7 @@ def _column_losses(c: Context, module, query, key, scale, bias, spec: SoftmaxSpe
     col_scale = scale
     if scale.dim() == 1:
         # a per-row scale belongs to the columns of the transposed problem: fold it into them
-        cd = _compute_dtype(query.dtype)
+        cd = compute_dtype(query.dtype)
         scales = _gather_own_first(scale[:, None], c, c.row_sizes)[:, 0]
         queries = queries.to(cd) * scales.to(cd)[:, None]
         key = key.to(cd)

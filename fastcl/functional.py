@@ -22,6 +22,7 @@ from . import _checks
 from . import distributed as _dist
 from ._dispatch import resolve
 from ._spec import SigmoidSpec, SoftmaxSpec
+from .backends.common import compute_dtype
 
 __all__ = ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "dcl"]
 
@@ -36,22 +37,19 @@ _DEFAULT_TEMPERATURE = _DefaultFloat(0.1)
 Number = Union[float, torch.Tensor]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _as_scale(value: Number, reciprocal: bool, like: torch.Tensor) -> torch.Tensor:
     """A 0-dim or [N] scale tensor from a validated float/tensor scale or temperature."""
     if isinstance(value, torch.Tensor):
         return 1.0 / value if reciprocal else value
     value = 1.0 / value if reciprocal else value
-    return torch.tensor(value, dtype=_compute_dtype(like.dtype), device=like.device)
+    return torch.tensor(value, dtype=compute_dtype(like.dtype), device=like.device)
 
 
 def _as_bias(value: Optional[Number], like: torch.Tensor) -> Optional[torch.Tensor]:
     if value is None or isinstance(value, torch.Tensor):
         return value
-    return torch.tensor(value, dtype=_compute_dtype(like.dtype), device=like.device)
+    return torch.tensor(value, dtype=compute_dtype(like.dtype), device=like.device)
 
 
 def _reduce(row_loss, col_loss, row_valid, col_valid, symmetric: bool, reduction: str):
@@ -348,7 +346,7 @@ def _views(names, z1, z2, normalize: bool):
     x = torch.cat([z1, z2])
     if normalize:
         # norms in fp32 at least; the kernels then get features in the input dtype again
-        x = F.normalize(x.to(_compute_dtype(x.dtype)), dim=1).to(x.dtype)
+        x = F.normalize(x.to(compute_dtype(x.dtype)), dim=1).to(x.dtype)
     return x
 
 
@@ -439,7 +437,7 @@ def supcon(features, labels=None, *, temperature: Number = 0.1, base_temperature
 def _von_mises_fisher_weights(x1: torch.Tensor, x2: torch.Tensor, sigma: float, dist=None) -> torch.Tensor:
     """DCLW's positive weights ``2 - N * softmax(<x1_i, x2_i> / sigma)`` (no gradient); with a
     distributed context the softmax and N run over every rank's pairs."""
-    sim = (x1.detach() * x2.detach()).sum(dim=1).to(_compute_dtype(x1.dtype)) / sigma
+    sim = (x1.detach() * x2.detach()).sum(dim=1).to(compute_dtype(x1.dtype)) / sigma
     if dist is not None:
         return 2 - (dist.total_rows // 2) * torch.exp(sim - _dist.logsumexp(sim, dist))
     return 2 - x1.shape[0] * torch.softmax(sim, dim=0)

@@ -33,7 +33,7 @@ def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, la
              reduction="mean", pos_weight=None, bias=None):
     q, k = _f64(query), _f64(key)
     cols = k if negatives is None else torch.cat([k, _f64(negatives)])
-    n, c, m = q.shape[0], cols.shape[0], k.shape[0]
+    n, c = q.shape[0], cols.shape[0]
     s = _f64(scale) if scale is not None else 1.0 / _f64(temperature)
     if isinstance(s, torch.Tensor) and s.dim() == 1 and s.numel() == n and n > 1:
         s = s[:, None]

@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 
 from .._spec import SigmoidSpec, SoftmaxSpec
+from .common import NEG_INF, compute_dtype, finite_or_zero, row_scale, scaled_saved_gradients, sum_to_scale
 
-NEG_INF = float("-inf")
 
 
 def _ext():
@@ -42,22 +42,8 @@ def _ext():
     return _C
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_scale(scale: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    return scale.detach().to(dtype).reshape(-1).expand(n).contiguous()
-
-
-def _sum_to_scale(ds_rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    per_row = scale.dim() == 1 and scale.numel() == ds_rows.numel()
-    ds = ds_rows if per_row else ds_rows.sum().reshape(scale.shape)
-    return ds.to(scale.dtype)
-
-
-def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x == NEG_INF, torch.zeros_like(x), x)
 
 
 def _launch_options(dtype: torch.dtype) -> dict:
@@ -98,10 +84,10 @@ class SoftmaxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, scale, bias, spec: SoftmaxSpec):
         C = _ext()
-        cd = _compute_dtype(query.dtype)
+        cd = compute_dtype(query.dtype)
         q, k = query.contiguous(), key.contiguous()
         n = q.shape[0]
-        s_rows = _row_scale(scale, n, cd)
+        s_rows = row_scale(scale, n, cd)
         masks, launch = _masks(spec), _launch_options(q.dtype)
 
         lse_row, pos_sum, pos_cnt = C.softmax_stats(q, k, s_rows, **masks, own_rows=True, **launch)
@@ -145,7 +131,7 @@ class SoftmaxLoss(torch.autograd.Function):
         cd = lse_row.dtype
         q, k = query.contiguous(), key.contiguous()
         n, c, d, dev = q.shape[0], k.shape[0], q.shape[1], q.device
-        s_rows = _row_scale(scale, n, cd)
+        s_rows = row_scale(scale, n, cd)
         n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
         pw = None if spec.pos_weight is None else spec.pos_weight.to(cd)
 
@@ -156,7 +142,7 @@ class SoftmaxLoss(torch.autograd.Function):
             w_col_by_row = torch.where(col_valid, grad_col.to(cd), torch.zeros_like(lse_col))
             w_col = torch.zeros(c, dtype=cd, device=dev).index_put_((spec.positive_index,), w_col_by_row)
             lse_col_full = torch.zeros(c, dtype=cd, device=dev).index_put_((spec.positive_index,),
-                                                                           _finite_or_zero(lse_col))
+                                                                           finite_or_zero(lse_col))
         # sum_j G_ij = w_row_i * (1 - pos_weight_i) (+ the column anchor's share): d(bias)
         bias_coef = w_row if w_col_by_row is None else w_row + w_col_by_row
         # -t_ij on each positive (t_ij = pos_weight_i / |P_i|; a one-hot positive carries both
@@ -164,7 +150,7 @@ class SoftmaxLoss(torch.autograd.Function):
         coef_row = w_row / pos_cnt.clamp(min=1) if spec.uses_labels else bias_coef
         if pw is not None:
             coef_row = coef_row * pw
-        grad_args = dict(_masks(spec), lse_row=_finite_or_zero(lse_row), w_row=w_row, coef_row=coef_row,
+        grad_args = dict(_masks(spec), lse_row=finite_or_zero(lse_row), w_row=w_row, coef_row=coef_row,
                          lse_col=lse_col_full, w_col=w_col, **_launch_options(q.dtype))
 
         dq_acc = dk = None
@@ -177,7 +163,7 @@ class SoftmaxLoss(torch.autograd.Function):
 
         grad_q = (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None
         grad_k = dk.to(key.dtype) if need_k else None
-        grad_s = _sum_to_scale((dq_acc * q.to(cd)).sum(dim=1), scale) if need_s else None
+        grad_s = sum_to_scale((dq_acc * q.to(cd)).sum(dim=1), scale) if need_s else None
         grad_b = None
         if need_b:
             db = torch.zeros((), dtype=cd, device=dev) if pw is None else (bias_coef * (1 - pw)).sum()
@@ -201,11 +187,11 @@ class SigmoidLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, scale, bias, spec: SigmoidSpec):
         C = _ext()
-        cd = _compute_dtype(query.dtype)
+        cd = compute_dtype(query.dtype)
         q, k = query.contiguous(), key.contiguous()
         n, c = q.shape[0], k.shape[0]
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
-        s_rows = _row_scale(scale, n, cd)
+        s_rows = row_scale(scale, n, cd)
         b = None if bias is None else bias.detach().to(cd).reshape(())
         launch = _launch_options(q.dtype)
         inv_n = 1.0 / spec.n_rows_norm
@@ -224,7 +210,7 @@ class SigmoidLoss(torch.autograd.Function):
                 if need_q:
                     grad_q = (dq_acc * s_rows[:, None]).to(query.dtype)
                 if need_s:
-                    grad_s = _sum_to_scale((dq_acc * q.to(cd)).sum(dim=1), scale)
+                    grad_s = sum_to_scale((dq_acc * q.to(cd)).sum(dim=1), scale)
             if need_k:
                 dk_acc = C.sigmoid_pass(q, k, s_rows, positive_index=pos, bias=b, own_rows=False, n_own=c,
                                         accumulate=True, **launch)[0]
@@ -235,9 +221,7 @@ class SigmoidLoss(torch.autograd.Function):
         ctx.save_for_backward(*grads)
         return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors) + (None,)
+    backward = staticmethod(scaled_saved_gradients)
 
 
 def softmax_loss(query, key, scale, bias, spec: SoftmaxSpec):

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from .._spec import SigmoidSpec, SoftmaxSpec
+from .common import NEG_INF, compute_dtype, finite_or_zero, row_scale, scaled_saved_gradients, sum_to_scale
 
 # Largest tile, in elements: 2**19 fp32 values (2 MiB) keep a tile and its temporaries in a
 # CPU's last-level cache. FASTCL_TORCH_BLOCK="rows,cols" overrides the shape (tests use tiny
@@ -34,7 +35,6 @@ from .._spec import SigmoidSpec, SoftmaxSpec
 _TILE_ELEMENTS = 1 << 19
 _MAX_BLOCK_COLS = 1024
 
-NEG_INF = float("-inf")
 
 # A shared-exponent sum keeps full precision while every line's share of the tile is at least
 # exp(-_SAFE_LOG) of the reference: the terms it drops then sit below the dtype's denormal floor
@@ -71,26 +71,12 @@ class _Buffer:
         return self.data[: rows * cols].view(rows, cols)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _row_scale(scale: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    return scale.detach().to(dtype).expand(n).contiguous()
 
 
 def _bias_value(bias: Optional[torch.Tensor]) -> float:
     return 0.0 if bias is None else float(bias.detach())
 
 
-def _sum_to_scale(ds_rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    ds = ds_rows.sum() if scale.dim() == 0 else ds_rows
-    return ds.to(scale.dtype)
-
-
-def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
-    """Replace -inf (an empty denominator) by 0 so exp(S - x) stays 0 for masked entries."""
-    return torch.where(x == NEG_INF, torch.zeros_like(x), x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +101,9 @@ def _label_match(spec: SoftmaxSpec, r0, r1, c0, c1) -> torch.Tensor:
 
 
 def _hide_positives(tile, spec: SoftmaxSpec, match, r0, r1, c0, c1) -> None:
-    """Decoupled losses drop the positives from the denominator."""
+    """Decoupled losses drop the positives from the denominator (others keep them)."""
+    if not spec.decoupled:
+        return
     if match is not None:
         tile.masked_fill_(match, NEG_INF)
         return
@@ -137,9 +125,16 @@ def _masked_tile(a, b, spec: SoftmaxSpec, r0, r1, c0, c1, out, on_positives=None
         _fill_diagonal(tile, r0, c0, NEG_INF)
     if on_positives is not None:
         on_positives(tile, match)
-    if spec.decoupled:
-        _hide_positives(tile, spec, match, r0, r1, c0, c1)
+    _hide_positives(tile, spec, match, r0, r1, c0, c1)
     return tile, match
+
+
+def _label_positive_sums(pos_sum, pos_cnt):
+    """A tile callback adding each row's label-positive logits and their count."""
+    def add(tile, match):
+        pos_sum.add_(torch.where(match, tile, 0).sum(1))
+        pos_cnt.add_(match.sum(1))
+    return add
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +147,7 @@ def _merge_exact(ref: torch.Tensor, acc: torch.Tensor, tile: torch.Tensor, dim: 
     Fully masked lines keep ref -inf; the subtraction uses 0 there so no -inf - -inf appears.
     """
     new = torch.maximum(ref, tile.amax(dim=dim))
-    safe = _finite_or_zero(new)
+    safe = finite_or_zero(new)
     shifted = torch.sub(tile, safe.unsqueeze(dim), out=work)
     acc.mul_(torch.exp(ref - safe)).add_(shifted.exp_().sum(dim=dim))
     ref.copy_(new)
@@ -161,7 +156,7 @@ def _merge_exact(ref: torch.Tensor, acc: torch.Tensor, tile: torch.Tensor, dim: 
 def _merge_partial(ref, acc, part_log, part_sum) -> None:
     """Merge a partial sum ``part_sum * exp(part_log)`` into running ``(ref, acc)``."""
     new = torch.maximum(ref, part_log)
-    safe = _finite_or_zero(new)
+    safe = finite_or_zero(new)
     acc.mul_(torch.exp(ref - safe)).add_(part_sum * torch.exp(part_log - safe))
     ref.copy_(new)
 
@@ -217,10 +212,10 @@ class SoftmaxLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, scale, bias, spec: SoftmaxSpec):
-        cd = _compute_dtype(query.dtype)
+        cd = compute_dtype(query.dtype)
         q, k = query.to(cd), key.to(cd)
         n, c, dev = q.shape[0], k.shape[0], q.device
-        s_rows = _row_scale(scale, n, cd)
+        s_rows = row_scale(scale, n, cd)
         qs = q * s_rows[:, None]
         tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
 
@@ -229,16 +224,12 @@ class SoftmaxLoss(torch.autograd.Function):
         if spec.symmetric:
             col_ref = torch.full((c,), NEG_INF, dtype=cd, device=dev)
             col_acc = torch.zeros(c, dtype=cd, device=dev)
-        on_positives = None
         if spec.uses_labels:
             pos_sum = torch.zeros(n, dtype=cd, device=dev)
             pos_cnt = torch.zeros(n, dtype=cd, device=dev)
 
         for r0, r1, c0, c1 in _tiles(n, c):
-            if spec.uses_labels:
-                def on_positives(tile, match, r0=r0, r1=r1):
-                    pos_sum[r0:r1] += torch.where(match, tile, 0).sum(1)
-                    pos_cnt[r0:r1] += match.sum(1)
+            on_positives = _label_positive_sums(pos_sum[r0:r1], pos_cnt[r0:r1]) if spec.uses_labels else None
             tile, _ = _masked_tile(qs, k, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0), on_positives)
             work = work_buf.view(r1 - r0, c1 - c0)
             if spec.symmetric:
@@ -285,7 +276,7 @@ class SoftmaxLoss(torch.autograd.Function):
         cd = lse_row.dtype
         q, k = query.to(cd), key.to(cd)
         n, c, d, dev = q.shape[0], k.shape[0], q.shape[1], q.device
-        s_rows = _row_scale(scale, n, cd)
+        s_rows = row_scale(scale, n, cd)
         n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
         pw = None if spec.pos_weight is None else spec.pos_weight.to(cd)
 
@@ -306,7 +297,7 @@ class SoftmaxLoss(torch.autograd.Function):
                 label_coef = label_coef * pw
 
         # [qs | -LSE_i] @ [k | 1]^T = S - LSE_i: the matmul yields the exponent of the row softmax.
-        lse_safe = _finite_or_zero(lse_row)
+        lse_safe = finite_or_zero(lse_row)
         qs_aug = torch.cat([q * s_rows[:, None], -lse_safe[:, None]], dim=1)
         k_aug = torch.cat([k, torch.ones(c, 1, dtype=cd, device=dev)], dim=1)
         qs, k_view = qs_aug[:, :d], k_aug[:, :d]
@@ -342,7 +333,7 @@ class SoftmaxLoss(torch.autograd.Function):
 
         grad_q = (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None
         grad_k = dk.to(key.dtype) if need_k else None
-        grad_s = _sum_to_scale((dq_acc * q).sum(dim=1), scale) if need_s else None
+        grad_s = sum_to_scale((dq_acc * q).sum(dim=1), scale) if need_s else None
         grad_b = None
         if need_b:
             db = torch.zeros((), dtype=cd, device=dev) if pw is None else (bias_coef * (1 - pw)).sum()
@@ -385,10 +376,10 @@ class SigmoidLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, scale, bias, spec: SigmoidSpec):
-        cd = _compute_dtype(query.dtype)
+        cd = compute_dtype(query.dtype)
         q, k = query.to(cd), key.to(cd)
         n, c, dev = q.shape[0], k.shape[0], q.device
-        s_rows = _row_scale(scale, n, cd)
+        s_rows = row_scale(scale, n, cd)
         b = _bias_value(bias)
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
         need_grad = need_q or need_k or need_s or need_b
@@ -427,14 +418,12 @@ class SigmoidLoss(torch.autograd.Function):
             ctx.save_for_backward(
                 (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None,
                 (dk * inv_n).to(key.dtype) if need_k else None,
-                _sum_to_scale((dq_acc * q).sum(dim=1), scale) if need_s else None,
+                sum_to_scale((dq_acc * q).sum(dim=1), scale) if need_s else None,
                 (db * inv_n).to(bias.dtype).reshape(bias.shape) if need_b else None,
             )
         return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors) + (None,)
+    backward = staticmethod(scaled_saved_gradients)
 
 
 def softmax_loss(query, key, scale, bias, spec: SoftmaxSpec):

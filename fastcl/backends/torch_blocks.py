@@ -25,7 +25,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._spec import SigmoidSpec, SoftmaxSpec
-from .torch import NEG_INF, _compute_dtype, _fill_diagonal, _finite_or_zero, _tile_shape
+from .common import NEG_INF, compute_dtype, finite_or_zero
+from .torch import _fill_diagonal, _hide_positives, _label_match, _merge_exact, _tile_shape, _tiles
 
 
 class SoftmaxPartial(NamedTuple):
@@ -45,13 +46,6 @@ class SoftmaxPartial(NamedTuple):
     col_sum: Optional[torch.Tensor]
 
 
-def _tiles(n_rows: int, n_cols: int):
-    br, bc = _tile_shape(n_rows, n_cols)
-    for r0 in range(0, n_rows, br):
-        for c0 in range(0, n_cols, bc):
-            yield r0, min(r0 + br, n_rows), c0, min(c0 + bc, n_cols)
-
-
 def _scaled_rows(query, scale, cd):
     q = query.to(cd)
     s_rows = scale.detach().to(cd).expand(q.shape[0])
@@ -67,44 +61,16 @@ def _tile(qs, k, bias, spec: SoftmaxSpec, r0, r1, c0, c1, out):
     tile = torch.matmul(qs[r0:r1], k[c0:c1].T, out=out)
     if bias:
         tile.add_(bias)
-    match = None
-    if spec.uses_labels:
-        match = spec.row_labels[r0:r1, None] == spec.col_labels[None, c0:c1]
-        if spec.col_has_label is not None:
-            match &= spec.col_has_label[None, c0:c1]
-        if spec.exclude_self:
-            _fill_diagonal(match, r0, c0, False)
+    match = _label_match(spec, r0, r1, c0, c1) if spec.uses_labels else None
     if spec.exclude_self:
         _fill_diagonal(tile, r0, c0, NEG_INF)
     return tile, match
 
 
-def _hide_positives(tile, spec: SoftmaxSpec, match, r0, r1, c0, c1) -> None:
-    """Decoupled losses leave the positives out of the denominator."""
-    if not spec.decoupled:
-        return
-    if match is not None:
-        tile.masked_fill_(match, NEG_INF)
-    elif spec.positive_index is not None:
-        pos = spec.positive_index[r0:r1]
-        rows = torch.nonzero((pos >= c0) & (pos < c1)).flatten()
-        tile[rows, pos[rows] - c0] = NEG_INF
-
-
-def _online(m: torch.Tensor, l: torch.Tensor, tile: torch.Tensor, dim: int, work) -> None:
-    """Merge a tile into running ``(max, sum exp(x - max))`` along ``dim``; fully masked lines
-    keep max -inf, and 0 stands in for it in the subtraction so no -inf - -inf appears."""
-    m_new = torch.maximum(m, tile.amax(dim=dim))
-    m_safe = _finite_or_zero(m_new)
-    shifted = torch.sub(tile, m_safe.unsqueeze(dim), out=work)
-    l.mul_(torch.exp(m - m_safe)).add_(shifted.exp_().sum(dim=dim))
-    m.copy_(m_new)
-
-
 def merge_lse(m1: torch.Tensor, l1: torch.Tensor, m2: torch.Tensor, l2: torch.Tensor):
     """Combine two ``(max, sum exp(x - max))`` partials of disjoint sets into one."""
     m = torch.maximum(m1, m2)
-    safe = _finite_or_zero(m)
+    safe = finite_or_zero(m)
     return m, l1 * torch.exp(m1 - safe) + l2 * torch.exp(m2 - safe)
 
 
@@ -118,7 +84,7 @@ def softmax_block_forward(query, key, scale, bias, spec: SoftmaxSpec) -> Softmax
         spec: the block's spec (see the module docstring); ``spec.symmetric`` asks for column
             partials.
     """
-    cd = _compute_dtype(query.dtype)
+    cd = compute_dtype(query.dtype)
     _, qs = _scaled_rows(query, scale, cd)
     k = key.to(cd)
     n, c, dev = qs.shape[0], k.shape[0], qs.device
@@ -145,15 +111,15 @@ def softmax_block_forward(query, key, scale, bias, spec: SoftmaxSpec) -> Softmax
             pos_sum[r0:r1] += torch.where(match, tile, 0).sum(1)
             pos_cnt[r0:r1] += match.sum(1)
         _hide_positives(tile, spec, match, r0, r1, c0, c1)
-        _online(row_max[r0:r1], row_sum[r0:r1], tile, 1, work)
+        _merge_exact(row_max[r0:r1], row_sum[r0:r1], tile, 1, work)
         if spec.symmetric:
-            _online(col_max[c0:c1], col_sum[c0:c1], tile, 0, work)
+            _merge_exact(col_max[c0:c1], col_sum[c0:c1], tile, 0, work)
     return SoftmaxPartial(row_max, row_sum, pos_sum, pos_cnt, col_max, col_sum)
 
 
 def positive_logit(query, key, scale, bias, positive_index) -> torch.Tensor:
     """``L_{i, positive_index[i]}`` for every row (compute dtype)."""
-    cd = _compute_dtype(query.dtype)
+    cd = compute_dtype(query.dtype)
     _, qs = _scaled_rows(query, scale, cd)
     return (qs * key[positive_index].to(cd)).sum(dim=1) + _bias(bias)
 
@@ -202,7 +168,7 @@ def softmax_block_backward(query, key, scale, bias, spec: SoftmaxSpec, lse_row, 
     n, c, dev = qs.shape[0], k.shape[0], qs.device
     b = _bias(bias)
     n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
-    lse_r = _finite_or_zero(lse_row.to(cd))
+    lse_r = finite_or_zero(lse_row.to(cd))
     w_r = w_row.to(cd)
     if w_col is not None:
         w_c = w_col.to(cd)
@@ -266,7 +232,7 @@ def _sigmoid_tiles(qs, k, bias, positive_index):
 def sigmoid_block_forward(query, key, scale, bias, spec: SigmoidSpec) -> torch.Tensor:
     """``(1 / n_rows_norm) * sum_ij softplus(-z_ij L_ij)`` over this block (compute dtype);
     ``z = +1`` on ``(i, positive_index[i])`` (``-1`` there marks a row with no positive here)."""
-    cd = _compute_dtype(query.dtype)
+    cd = compute_dtype(query.dtype)
     _, qs = _scaled_rows(query, scale, cd)
     k = key.to(cd)
     total = torch.zeros((), dtype=cd, device=qs.device)

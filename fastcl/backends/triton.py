@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 
 from .._spec import SigmoidSpec, SoftmaxSpec
+from .common import NEG_INF, compute_dtype, finite_or_zero, row_scale, scaled_saved_gradients, sum_to_scale
 
-NEG_INF = float("-inf")
 _KERNEL_MODULE = "fastcl.triton_kernels.info_nce"
 _INTERPRETER_BLOCKS = (16, 16, 16, 16)
 _MAX_BLOCK_X = 256
@@ -66,9 +66,6 @@ def _gpu_block_x(d: int) -> int:
     return min(max(16, 1 << (d - 1).bit_length()), _MAX_BLOCK_X)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _type_args(dtype: torch.dtype, device: torch.device) -> dict:
     """The accumulator type and the ``tl.dot`` input precision for inputs of ``dtype``."""
@@ -82,9 +79,6 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _row_scale(scale: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    return scale.detach().to(dtype).reshape(-1).expand(n).contiguous()
-
 
 def _scalars(bias: Optional[torch.Tensor], grad_scale: float, dtype, device) -> torch.Tensor:
     """``[bias, grad_scale]`` in the compute dtype, read by the kernels without a host sync."""
@@ -92,13 +86,6 @@ def _scalars(bias: Optional[torch.Tensor], grad_scale: float, dtype, device) -> 
     return torch.stack([b, torch.full((), grad_scale, dtype=dtype, device=device)])
 
 
-def _sum_to_scale(ds_rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    ds = ds_rows if scale.dim() == 1 and scale.numel() == ds_rows.numel() else ds_rows.sum().reshape(scale.shape)
-    return ds.to(scale.dtype)
-
-
-def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x == NEG_INF, torch.zeros_like(x), x)
 
 
 class _Launcher:
@@ -182,10 +169,10 @@ class SoftmaxLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, scale, bias, spec: SoftmaxSpec):
-        cd = _compute_dtype(query.dtype)
+        cd = compute_dtype(query.dtype)
         q, k = query.contiguous(), key.contiguous()
         n, c, dev = q.shape[0], k.shape[0], q.device
-        s_rows = _row_scale(scale, n, cd)
+        s_rows = row_scale(scale, n, cd)
         scalars = _scalars(bias, 1.0, cd, dev)
         launcher = _launcher(q, k, s_rows, scalars, bias is not None, spec)
         lse_row, pos_sum, pos_cnt = (torch.empty(n, dtype=cd, device=dev) for _ in range(3))
@@ -222,8 +209,8 @@ class SoftmaxLoss(torch.autograd.Function):
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
         cd = lse_row.dtype
         q, k = query.contiguous(), key.contiguous()
-        n, c, d, dev = q.shape[0], k.shape[0], q.shape[1], q.device
-        s_rows = _row_scale(scale, n, cd)
+        n, c, dev = q.shape[0], k.shape[0], q.device
+        s_rows = row_scale(scale, n, cd)
         scalars = _scalars(bias if ctx.has_bias else None, 1.0, cd, dev)
         n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
 
@@ -236,10 +223,10 @@ class SoftmaxLoss(torch.autograd.Function):
             w_col_by_row = torch.where(col_valid, grad_col.to(cd), torch.zeros_like(w_row))
             coef = coef + w_col_by_row
             w_col = torch.zeros(c, dtype=cd, device=dev).index_copy_(0, spec.positive_index, w_col_by_row)
-            lse_col = _finite_or_zero(lse_col_full)
+            lse_col = finite_or_zero(lse_col_full)
         if spec.pos_weight is not None:
             coef = coef * spec.pos_weight.to(cd)
-        stats = dict(lse_row=_finite_or_zero(lse_row), w_row=w_row, coef=coef, lse_col=lse_col, w_col=w_col)
+        stats = dict(lse_row=finite_or_zero(lse_row), w_row=w_row, coef=coef, lse_col=lse_col, w_col=w_col)
 
         launcher = _launcher(q, k, s_rows, scalars, ctx.has_bias, spec)
         grad_q = grad_k = grad_s = grad_b = None
@@ -247,7 +234,7 @@ class SoftmaxLoss(torch.autograd.Function):
             if need_q or need_s or need_b:
                 grad_q, ds, gsum = _row_pass(launcher, need_q, need_s, need_b, stats)
                 if need_s:
-                    grad_s = _sum_to_scale(ds.sum(0), scale)
+                    grad_s = sum_to_scale(ds.sum(0), scale)
                 if need_b:
                     grad_b = gsum.sum().to(bias.dtype).reshape(bias.shape)
             if need_k:
@@ -264,11 +251,11 @@ class SigmoidLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, scale, bias, spec: SigmoidSpec):
-        cd = _compute_dtype(query.dtype)
+        cd = compute_dtype(query.dtype)
         q, k = query.contiguous(), key.contiguous()
         n, dev = q.shape[0], q.device
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
-        s_rows = _row_scale(scale, n, cd)
+        s_rows = row_scale(scale, n, cd)
         scalars = _scalars(bias, 1.0 / spec.n_rows_norm, cd, dev)
         launcher = _Launcher(q, k, s_rows, scalars, bias is not None, spec.positive_index.contiguous(), sigmoid=True)
         loss_rows = torch.empty(n, dtype=cd, device=dev)
@@ -279,14 +266,12 @@ class SigmoidLoss(torch.autograd.Function):
         ctx.save_for_backward(
             grad_q if need_q else None,
             grad_k,
-            _sum_to_scale(ds.sum(0), scale) if need_s else None,
+            sum_to_scale(ds.sum(0), scale) if need_s else None,
             gsum.sum().to(bias.dtype).reshape(bias.shape) if need_b else None,
         )
         return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors) + (None,)
+    backward = staticmethod(scaled_saved_gradients)
 
 
 def _launcher(q, k, s_rows, scalars, has_bias, spec: SoftmaxSpec) -> _Launcher:
@@ -299,7 +284,7 @@ def _launcher(q, k, s_rows, scalars, has_bias, spec: SoftmaxSpec) -> _Launcher:
 def _row_pass(launcher: _Launcher, need_q, need_s, need_b, stats, loss=None):
     """dQ (input dtype), ds partials per D-chunk ``[chunks, N]`` and row sums of G, as needed."""
     q = launcher.q
-    n, d, dev = q.shape[0], q.shape[1], q.device
+    n, dev = q.shape[0], q.device
     cd = launcher.pointers[0].dtype
     grad_q = torch.empty_like(q) if need_q else None
     ds = torch.empty(launcher.d_chunks, n, dtype=cd, device=dev) if need_s else None
