@@ -112,29 +112,51 @@ def _hide_positives(tile, spec: SoftmaxSpec, match, r0, r1, c0, c1) -> None:
     tile[rows, pos[rows] - c0] = NEG_INF
 
 
-def _masked_tile(a, b, spec: SoftmaxSpec, r0, r1, c0, c1, out, on_positives=None):
-    """``a[r0:r1] @ b[c0:c1].T`` with excluded (and, if decoupled, positive) entries at -inf.
-
-    ``on_positives(tile, match)`` sees the tile before the decoupled mask hides the positives
-    (the forward sums label-positive logits there). Returns ``(tile, match)``; ``match`` is the
-    label-positive mask, ``None`` for one-hot positives.
-    """
+def _masked_tile(a, b, spec: SoftmaxSpec, r0, r1, c0, c1, out):
+    """``a[r0:r1] @ b[c0:c1].T`` with excluded (and, if decoupled, positive) entries at -inf."""
     tile = torch.matmul(a[r0:r1], b[c0:c1].T, out=out)
-    match = _label_match(spec, r0, r1, c0, c1) if spec.uses_labels else None
     if spec.exclude_self:
         _fill_diagonal(tile, r0, c0, NEG_INF)
-    if on_positives is not None:
-        on_positives(tile, match)
-    _hide_positives(tile, spec, match, r0, r1, c0, c1)
-    return tile, match
+    if spec.decoupled:
+        match = _label_match(spec, r0, r1, c0, c1) if spec.uses_labels else None
+        _hide_positives(tile, spec, match, r0, r1, c0, c1)
+    return tile
 
 
-def _label_positive_sums(pos_sum, pos_cnt):
-    """A tile callback adding each row's label-positive logits and their count."""
-    def add(tile, match):
-        pos_sum.add_(torch.where(match, tile, 0).sum(1))
-        pos_cnt.add_(match.sum(1))
-    return add
+class _LabelClasses:
+    """Label positives as classes. A sum over a row's positive columns is the sum over its class
+    minus its own column (with ``exclude_self``): one gather of per-class sums, O((N + C) * D),
+    instead of a label mask over every tile."""
+
+    def __init__(self, spec: SoftmaxSpec, n: int, c: int):
+        _, inverse = torch.unique(torch.cat([spec.row_labels, spec.col_labels]), return_inverse=True)
+        # at most n + c classes, and one more for columns without a label (no row has it)
+        self.n_classes = n + c + 1
+        self.row, col = inverse[:n], inverse[n:]
+        if spec.col_has_label is not None:
+            col = torch.where(spec.col_has_label, col, self.n_classes - 1)
+        self.col = col
+        m = min(n, c)
+        self.n_self = m
+        self.self_pair = (self.row[:m] == col[:m]) if spec.exclude_self else None
+
+    def _sums(self, index, x):
+        return torch.zeros((self.n_classes,) + x.shape[1:], dtype=x.dtype, device=x.device).index_add_(0, index, x)
+
+    def _drop_self(self, out, x):
+        if self.self_pair is not None:
+            m = self.n_self
+            mask = self.self_pair.to(x.dtype).reshape((m,) + (1,) * (x.dim() - 1))
+            out[:m] -= mask * x[:m]
+        return out
+
+    def over_row_positives(self, x_cols: torch.Tensor) -> torch.Tensor:
+        """``[N, ...]``: for each row, the sum of ``x_cols`` over its positive columns."""
+        return self._drop_self(self._sums(self.col, x_cols)[self.row], x_cols)
+
+    def over_col_positives(self, x_rows: torch.Tensor) -> torch.Tensor:
+        """``[C, ...]``: for each column, the sum of ``x_rows`` over the rows it is a positive of."""
+        return self._drop_self(self._sums(self.row, x_rows)[self.col], x_rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,13 +246,8 @@ class SoftmaxLoss(torch.autograd.Function):
         if spec.symmetric:
             col_ref = torch.full((c,), NEG_INF, dtype=cd, device=dev)
             col_acc = torch.zeros(c, dtype=cd, device=dev)
-        if spec.uses_labels:
-            pos_sum = torch.zeros(n, dtype=cd, device=dev)
-            pos_cnt = torch.zeros(n, dtype=cd, device=dev)
-
         for r0, r1, c0, c1 in _tiles(n, c):
-            on_positives = _label_positive_sums(pos_sum[r0:r1], pos_cnt[r0:r1]) if spec.uses_labels else None
-            tile, _ = _masked_tile(qs, k, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0), on_positives)
+            tile = _masked_tile(qs, k, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
             work = work_buf.view(r1 - r0, c1 - c0)
             if spec.symmetric:
                 _merge_rows_and_cols(tile, row_ref[r0:r1], row_acc[r0:r1], col_ref[c0:c1], col_acc[c0:c1],
@@ -240,8 +257,10 @@ class SoftmaxLoss(torch.autograd.Function):
 
         lse_row = row_ref + torch.log(row_acc)
         if spec.uses_labels:
+            classes = _LabelClasses(spec, n, c)
+            pos_cnt = classes.over_row_positives(torch.ones(c, dtype=cd, device=dev))
             row_valid = (pos_cnt > 0) & (lse_row != NEG_INF)
-            pos_term = pos_sum / pos_cnt.clamp(min=1)
+            pos_term = (qs * classes.over_row_positives(k)).sum(dim=1) / pos_cnt.clamp(min=1)
         else:
             row_valid = lse_row != NEG_INF
             pos_term = (qs * k[spec.positive_index]).sum(dim=1)
@@ -307,15 +326,13 @@ class SoftmaxLoss(torch.autograd.Function):
 
         tile_buf, grad_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
         for r0, r1, c0, c1 in _tiles(n, c):
-            tile, match = _masked_tile(qs_aug, k_aug, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
+            tile = _masked_tile(qs_aug, k_aug, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
             g = grad_buf.view(r1 - r0, c1 - c0)
             if spec.symmetric:
                 _symmetric_grad(g, tile, w_row[r0:r1], lse_safe[r0:r1], w_col[c0:c1], lse_col_full[c0:c1],
                                 is_anchor[c0:c1], safe_log)
             else:
                 torch.mul(tile.exp_(), w_row[r0:r1, None], out=g)  # w_i * exp(S_ij - LSE_i)
-            if match is not None:
-                g.sub_(match * label_coef[r0:r1, None])
             dq_acc[r0:r1].addmm_(g, k_view[c0:c1])
             if need_k and c0 < n_grad_cols:
                 hi = min(c1, n_grad_cols)
@@ -323,7 +340,13 @@ class SoftmaxLoss(torch.autograd.Function):
 
         # sum_j G_ij = w_row_i * (1 - pos_weight_i) (+ the column anchor's share): d(bias)
         bias_coef = w_row if w_col_by_row is None else w_row + w_col_by_row
-        if not spec.uses_labels:
+        if spec.uses_labels:
+            # -t_ij on every label positive, summed per class outside the tiles
+            classes = _LabelClasses(spec, n, c)
+            dq_acc.sub_(label_coef[:, None] * classes.over_row_positives(k))
+            if need_k:
+                dk[:n_grad_cols] -= classes.over_col_positives(label_coef[:, None] * qs)[:n_grad_cols]
+        else:
             # the one-hot target -t_ij lives on one entry per row: applied outside the tiles
             coef = -bias_coef if pw is None else -bias_coef * pw
             pos = spec.positive_index
