@@ -48,7 +48,7 @@ from torch.autograd.function import once_differentiable
 
 from ._spec import SigmoidSpec, SoftmaxSpec
 from .backends import torch_blocks as blocks
-from .backends.common import compute_dtype, row_scale, sum_to_scale
+from .backends.common import anchor_losses, compute_dtype, row_scale, sum_to_scale
 
 __all__ = ["all_gather", "GATHER_MODES"]
 
@@ -390,7 +390,7 @@ class _RingSoftmax(torch.autograd.Function):
         lse_col = None
         if spec.symmetric:
             lse_col = (own_cols[:, 0] + torch.log(own_cols[:, 1]))[spec.positive_index]
-        row_loss, col_loss, row_valid, col_valid = blocks.softmax_losses(spec, lse_row, pos_term, pos_cnt, lse_col)
+        row_loss, col_loss, row_valid, col_valid = anchor_losses(spec, lse_row, pos_term, pos_cnt, lse_col)
 
         ctx.c, ctx.spec = c, spec
         empty = torch.empty(0, dtype=cd, device=query.device)

@@ -32,3 +32,31 @@ def scaled_saved_gradients(ctx, grad_loss):
     """Backward of a scalar loss whose forward saved its input gradients: scale them by the
     incoming gradient (``None`` where an input needs none; ``None`` for the spec)."""
     return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors) + (None,)
+
+
+def anchor_losses(spec, lse_row, pos_term, pos_cnt=None, lse_col=None, bias=None):
+    """Per-anchor losses from final statistics: ``(row_loss, col_loss, row_valid, col_valid)``, what
+    every backend's softmax loss returns.
+
+    ``lse_row [N]``; ``pos_term [N]``: the positive logit (one-hot) or the mean label-positive
+    logit; ``pos_cnt [N]``: label-positive counts; ``lse_col [N]``: the column LSE of each row's
+    positive column (symmetric losses, else ``None``); ``bias``: the scalar bias when the
+    statistics were computed without it -- a softmax ignores it, so it survives only as
+    ``b * (1 - pos_weight_i)``. ``spec.pos_weight`` multiplies the positive term. An anchor with
+    no positive or an empty denominator has loss 0 and is invalid.
+    """
+    row_valid = lse_row != NEG_INF
+    if spec.uses_labels:
+        row_valid &= pos_cnt > 0
+    bias_term = 0.0
+    if spec.pos_weight is not None:
+        pw = spec.pos_weight.to(pos_term.dtype)
+        pos_term = pos_term * pw
+        if bias is not None:
+            bias_term = bias.detach().to(pos_term.dtype) * (1 - pw)
+    zeros = torch.zeros_like(lse_row)
+    row_loss = torch.where(row_valid, lse_row - pos_term + bias_term, zeros)
+    if lse_col is None:
+        return row_loss, zeros[:0], row_valid, row_valid[:0]
+    col_valid = lse_col != NEG_INF
+    return row_loss, torch.where(col_valid, lse_col - pos_term + bias_term, zeros), row_valid, col_valid

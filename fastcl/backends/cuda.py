@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from .._spec import SigmoidSpec, SoftmaxSpec
-from .common import NEG_INF, compute_dtype, finite_or_zero, row_scale, scaled_saved_gradients, sum_to_scale
+from .common import anchor_losses, compute_dtype, finite_or_zero, row_scale, scaled_saved_gradients, sum_to_scale
 
 
 
@@ -92,28 +92,16 @@ class SoftmaxLoss(torch.autograd.Function):
 
         lse_row, pos_sum, pos_cnt = C.softmax_stats(q, k, s_rows, **masks, own_rows=True, **launch)
         if spec.uses_labels:
-            row_valid = (pos_cnt > 0) & (lse_row != NEG_INF)
             pos_term = pos_sum / pos_cnt.clamp(min=1)
         else:
-            row_valid = lse_row != NEG_INF
             pos_term = (q.to(cd) * s_rows[:, None] * k[spec.positive_index].to(cd)).sum(dim=1)
-        bias_term = 0.0
-        if spec.pos_weight is not None:
-            pw = spec.pos_weight.to(cd)
-            pos_term = pos_term * pw
-            if bias is not None:
-                bias_term = bias.detach().to(cd) * (1 - pw)
-        zeros = torch.zeros_like(lse_row)
-        row_loss = torch.where(row_valid, lse_row - pos_term + bias_term, zeros)
-
+        lse_col = None
         if spec.symmetric:
             lse_col_full, _, _ = C.softmax_stats(q, k, s_rows, **masks, own_rows=False, **launch)
             lse_col = lse_col_full[spec.positive_index]
-            col_valid = lse_col != NEG_INF
-            col_loss = torch.where(col_valid, lse_col - pos_term + bias_term, zeros)
-        else:
-            lse_col = col_loss = torch.empty(0, dtype=cd, device=q.device)
-            col_valid = torch.empty(0, dtype=torch.bool, device=q.device)
+        row_loss, col_loss, row_valid, col_valid = anchor_losses(spec, lse_row, pos_term, pos_cnt, lse_col, bias)
+        if lse_col is None:
+            lse_col = col_loss
 
         ctx.spec = spec
         ctx.save_for_backward(query, key, scale, bias if bias is not None else torch.empty(0),

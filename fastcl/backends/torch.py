@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from .._spec import SigmoidSpec, SoftmaxSpec
-from .common import NEG_INF, compute_dtype, finite_or_zero, row_scale, scaled_saved_gradients, sum_to_scale
+from .common import NEG_INF, anchor_losses, compute_dtype, finite_or_zero, row_scale, scaled_saved_gradients, sum_to_scale
 
 # Largest tile, in elements: 2**19 fp32 values (2 MiB) keep a tile and its temporaries in a
 # CPU's last-level cache. FASTCL_TORCH_BLOCK="rows,cols" overrides the shape (tests use tiny
@@ -256,34 +256,23 @@ class SoftmaxLoss(torch.autograd.Function):
                 _merge_exact(row_ref[r0:r1], row_acc[r0:r1], tile, 1, work)
 
         lse_row = row_ref + torch.log(row_acc)
+        pos_cnt = None
         if spec.uses_labels:
             classes = _LabelClasses(spec, n, c)
             pos_cnt = classes.over_row_positives(torch.ones(c, dtype=cd, device=dev))
-            row_valid = (pos_cnt > 0) & (lse_row != NEG_INF)
             pos_term = (qs * classes.over_row_positives(k)).sum(dim=1) / pos_cnt.clamp(min=1)
         else:
-            row_valid = lse_row != NEG_INF
             pos_term = (qs * k[spec.positive_index]).sum(dim=1)
-        bias_term = 0.0
-        if spec.pos_weight is not None:
-            pw = spec.pos_weight.to(cd)
-            pos_term = pos_term * pw
-            bias_term = _bias_value(bias) * (1 - pw)
-        row_loss = torch.where(row_valid, lse_row - pos_term + bias_term, torch.zeros_like(lse_row))
-
-        if spec.symmetric:
-            lse_col = (col_ref + torch.log(col_acc))[spec.positive_index]
-            col_valid = lse_col != NEG_INF
-            col_loss = torch.where(col_valid, lse_col - pos_term + bias_term, torch.zeros_like(lse_col))
-        else:
-            lse_col = col_loss = torch.empty(0, dtype=cd, device=dev)
-            col_valid = torch.empty(0, dtype=torch.bool, device=dev)
+        lse_col = (col_ref + torch.log(col_acc))[spec.positive_index] if spec.symmetric else None
+        row_loss, col_loss, row_valid, col_valid = anchor_losses(spec, lse_row, pos_term, pos_cnt, lse_col, bias)
+        if lse_col is None:
+            lse_col = col_loss
 
         ctx.spec = spec
         ctx.has_bias = bias is not None
         ctx.save_for_backward(query, key, scale, bias if bias is not None else torch.empty(0),
                               lse_row, lse_col, row_valid, col_valid,
-                              pos_cnt if spec.uses_labels else torch.empty(0))
+                              pos_cnt if pos_cnt is not None else torch.empty(0))
         ctx.mark_non_differentiable(row_valid, col_valid)
         return row_loss, col_loss, row_valid, col_valid
 

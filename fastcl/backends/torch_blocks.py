@@ -124,29 +124,6 @@ def positive_logit(query, key, scale, bias, positive_index) -> torch.Tensor:
     return (qs * key[positive_index].to(cd)).sum(dim=1) + _bias(bias)
 
 
-def softmax_losses(spec: SoftmaxSpec, lse_row, pos_term, pos_cnt=None, lse_col=None):
-    """Per-anchor losses from merged statistics, as :class:`fastcl.backends.torch.SoftmaxLoss`
-    returns them: ``(row_loss, col_loss, row_valid, col_valid)``.
-
-    ``pos_term``: ``[N]`` the positive logit (one-hot) or the mean label-positive logit;
-    ``pos_cnt``: ``[N]`` label-positive counts; ``lse_col``: ``[N]`` the column LSE of each row's
-    positive column (symmetric). ``spec.pos_weight`` multiplies the positive term.
-    """
-    if spec.uses_labels:
-        row_valid = (pos_cnt > 0) & (lse_row != NEG_INF)
-    else:
-        row_valid = lse_row != NEG_INF
-    if spec.pos_weight is not None:
-        pos_term = pos_term * spec.pos_weight.to(pos_term.dtype)
-    zeros = torch.zeros_like(lse_row)
-    row_loss = torch.where(row_valid, lse_row - pos_term, zeros)
-    if lse_col is None:
-        return row_loss, zeros[:0], row_valid, row_valid[:0]
-    col_valid = lse_col != NEG_INF
-    col_loss = torch.where(col_valid, lse_col - pos_term, zeros)
-    return row_loss, col_loss, row_valid, col_valid
-
-
 def softmax_block_backward(query, key, scale, bias, spec: SoftmaxSpec, lse_row, w_row, dq_acc, *,
                            label_coef=None, lse_col=None, w_col=None, need_key: bool = True):
     """Gradient contributions of one block of columns, from the final statistics.

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from .._spec import SigmoidSpec, SoftmaxSpec
-from .common import NEG_INF, compute_dtype, finite_or_zero, row_scale, scaled_saved_gradients, sum_to_scale
+from .common import anchor_losses, compute_dtype, finite_or_zero, row_scale, scaled_saved_gradients, sum_to_scale
 
 _KERNEL_MODULE = "fastcl.triton_kernels.info_nce"
 _INTERPRETER_BLOCKS = (16, 16, 16, 16)
@@ -182,18 +182,12 @@ class SoftmaxLoss(torch.autograd.Function):
                 lse_col_full = torch.empty(c, dtype=cd, device=dev)
                 launcher.stats(False, lse_col_full)
 
-        row_valid = (pos_cnt > 0) & (lse_row != NEG_INF)
-        pos_term = pos_sum / pos_cnt.clamp(min=1)
-        if spec.pos_weight is not None:
-            pos_term = pos_term * spec.pos_weight.to(cd)
-        row_loss = torch.where(row_valid, lse_row - pos_term, torch.zeros_like(lse_row))
-        if spec.symmetric:
-            lse_col = lse_col_full[spec.positive_index]
-            col_valid = lse_col != NEG_INF
-            col_loss = torch.where(col_valid, lse_col - pos_term, torch.zeros_like(lse_col))
-        else:
-            lse_col_full = col_loss = torch.empty(0, dtype=cd, device=dev)
-            col_valid = torch.empty(0, dtype=torch.bool, device=dev)
+        # the kernels include the bias in the statistics and count a one-hot positive as 1
+        row_loss, col_loss, row_valid, col_valid = anchor_losses(
+            spec, lse_row, pos_sum / pos_cnt.clamp(min=1), pos_cnt,
+            lse_col_full[spec.positive_index] if spec.symmetric else None)
+        if not spec.symmetric:
+            lse_col_full = col_loss
 
         ctx.spec = spec
         ctx.has_bias = bias is not None
