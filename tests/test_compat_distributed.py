@@ -16,10 +16,8 @@ Run one world size by hand: ``python tests/test_compat_distributed.py RANK WORLD
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from datetime import timedelta
 from functools import partial
@@ -27,6 +25,8 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+
+from spawn import run_ranks
 
 RTOL = 1e-10
 LAUNCH_TIMEOUT_S = 240
@@ -200,28 +200,8 @@ def _worker(rank: int, world: int, outdir: str) -> None:
 
 
 def _launch(world: int, outdir: str) -> list:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCL_BACKEND": "torch", "TOKENIZERS_PARALLELISM": "false"}
-    if os.path.isdir("/sys/class/net/lo"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), outdir],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(world)]
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                if q.poll() is None:
-                    q.kill()
-            out, _ = p.communicate()
-        logs.append(out.decode(errors="replace"))
     paths = [os.path.join(outdir, f"report_{world}_{r}.json") for r in range(world)]
-    if any(p.returncode for p in procs) or not all(os.path.exists(x) for x in paths):
-        tails = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{log[-3000:]}"
-                          for r, (p, log) in enumerate(zip(procs, logs)))
-        raise RuntimeError(f"gloo workers for W={world} failed:\n{tails}")
+    run_ranks(__file__, world, [outdir], {"TOKENIZERS_PARALLELISM": "false"}, LAUNCH_TIMEOUT_S, paths)
     reports = []
     for x in paths:
         with open(x) as f:

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn.functional as F
+
+from spawn import run_ranks
 
 WORLD_SIZES = (1, 2, 3, 4)
 MULTI = tuple(w for w in WORLD_SIZES if w > 1)
@@ -410,31 +411,9 @@ def _free_port() -> int:
 
 
 def _launch(world: int, outdir: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCL_BACKEND": "torch",
-           # tiny tiles: every tile boundary inside the blocks is exercised
-           "FASTCL_TORCH_BLOCK": "3,4"}
-    if os.path.isdir("/sys/class/net/lo"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), str(port), outdir],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(world)]
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                if q.poll() is None:
-                    q.kill()
-            out, _ = p.communicate()
-        logs.append(out.decode(errors="replace"))
     path = os.path.join(outdir, f"report_{world}.json")
-    if any(p.returncode for p in procs) or not os.path.exists(path):
-        tails = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{log[-3000:]}"
-                          for r, (p, log) in enumerate(zip(procs, logs)))
-        raise RuntimeError(f"gloo workers for W={world} failed:\n{tails}")
+    # tiny tiles: every tile boundary inside the blocks is exercised
+    run_ranks(__file__, world, [_free_port(), outdir], {"FASTCL_TORCH_BLOCK": "3,4"}, LAUNCH_TIMEOUT_S, [path])
     with open(path) as f:
         return json.load(f)
 
