@@ -220,9 +220,6 @@ def _reports(world):
 
 
 def _needs_group():
-    import fastcl.compat
-    if not fastcl.compat._distributed_supported():
-        pytest.skip("this fastcl.functional has no group= (cross-process gather)")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
 

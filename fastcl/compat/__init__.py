@@ -18,12 +18,10 @@ option when it is not. Host libraries are imported lazily, only to delegate.
 
 Several processes (``world_size > 1``, ``gather_distributed``, ``gather_across_devices`` under
 an initialised process group) go through fastcl's ``group=`` argument on the default process
-group, reproducing each host's per-rank loss value and gradients (each module says how). With a
-fastcl whose :mod:`fastcl.functional` has no ``group=`` they raise ``NotImplementedError``.
+group, reproducing each host's per-rank loss value and gradients (each module says how).
 """
 
 import importlib
-import inspect
 from typing import Optional
 
 import torch
@@ -52,21 +50,8 @@ def _world_size() -> int:
     return 1
 
 
-def _not_distributed(option: str):
-    raise NotImplementedError(
-        f"{option}: this fastcl.functional has no cross-process gather (group=), so fastcl.compat computes "
-        "single-process losses only. Use the host library for multi-process training."
-    )
-
-
-def _distributed_supported() -> bool:
-    return "group" in inspect.signature(F.info_nce).parameters
-
-
-def _process_group(option: str):
-    """The default process group, for fastcl's ``group=``; raises if fastcl cannot gather."""
-    if not _distributed_supported():
-        _not_distributed(option)
+def _process_group():
+    """The default process group, for fastcl's ``group=``."""
     return torch.distributed.group.WORLD
 
 

@@ -52,7 +52,7 @@ def _check_gather(gather_distributed: bool):
 def _gathered(option: str, gather_distributed: bool) -> dict:
     """fastcl's distributed keyword arguments for lightly's ``gather_distributed`` (none in one process)."""
     if gather_distributed and _world_size() > 1:
-        return {"group": _process_group(f"{option}(gather_distributed=True)"), "local_loss": True}
+        return {"group": _process_group(), "local_loss": True}
     return {}
 
 

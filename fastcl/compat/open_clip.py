@@ -43,21 +43,16 @@ from torch import nn
 import torch.distributed as dist
 
 from .. import functional as F
-from . import _distributed_supported, _import_host, _not_distributed, _process_group, _scale_grad
+from . import _import_host, _process_group, _scale_grad
 
 __all__ = ["ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss"]
 
 _DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 
-def _check_world(cls_name: str, world_size: int):
-    if world_size > 1 and not _distributed_supported():
-        _not_distributed(f"{cls_name}(world_size={world_size})")
-
-
 def _group(cls_name: str, rank: int, world_size: int):
     """The default process group, checked against open_clip's ``rank`` / ``world_size``."""
-    group = _process_group(f"{cls_name}(world_size={world_size})")
+    group = _process_group()
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"{cls_name}(world_size={world_size}) needs torch.distributed to be initialised")
     if dist.get_world_size() != world_size or dist.get_rank() != rank:
@@ -99,7 +94,6 @@ class ClipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.use_horovod = use_horovod
-        _check_world(type(self).__name__, world_size)
 
     def _contrastive(self, image_features, text_features, logit_scale, logit_bias=None):
         if self.world_size <= 1:
@@ -195,7 +189,6 @@ class SigLipLoss(nn.Module):
         if self.dist_impl not in _DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {_DIST_IMPLS} (or None for 'bidir'); got {dist_impl!r}")
         self.chunk_size = chunk_size
-        _check_world(type(self).__name__, world_size)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
         bias = 0.0 if logit_bias is None else logit_bias

@@ -180,7 +180,7 @@ class MultipleNegativesRankingLoss(nn.Module):
             return self._host_loss(", ".join(unfused)).compute_loss_from_embeddings(embeddings, labels)
         gathered = {}
         if self.gather_across_devices and _world_size() > 1:
-            group = _process_group(f"{type(self).__name__}(gather_across_devices=True)")
+            group = _process_group()
             gathered = {"group": group, "local_loss": True}
         queries, docs = embeddings[0], torch.cat(list(embeddings[1:]), dim=0)
         if _similarity_kind(self.similarity_fct) == "cos":
