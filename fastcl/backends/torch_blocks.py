@@ -25,8 +25,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._spec import SigmoidSpec, SoftmaxSpec
-from .common import NEG_INF, compute_dtype, finite_or_zero
-from .torch import _fill_diagonal, _hide_positives, _label_match, _merge_exact, _tile_shape, _tiles
+from .common import NEG_INF, compute_dtype, finite_or_zero, row_scale
+from .torch import _Buffer, _bias_value, _fill_diagonal, _hide_positives, _label_match, _merge_exact, _tiles
 
 
 class SoftmaxPartial(NamedTuple):
@@ -47,13 +47,9 @@ class SoftmaxPartial(NamedTuple):
 
 
 def _scaled_rows(query, scale, cd):
+    """``s_i * q_i`` in the compute dtype."""
     q = query.to(cd)
-    s_rows = scale.detach().to(cd).expand(q.shape[0])
-    return q, q * s_rows[:, None]
-
-
-def _bias(bias) -> float:
-    return 0.0 if bias is None else float(bias.detach())
+    return q * row_scale(scale, q.shape[0], cd)[:, None]
 
 
 def _tile(qs, k, bias, spec: SoftmaxSpec, r0, r1, c0, c1, out):
@@ -85,13 +81,11 @@ def softmax_block_forward(query, key, scale, bias, spec: SoftmaxSpec) -> Softmax
             partials.
     """
     cd = compute_dtype(query.dtype)
-    _, qs = _scaled_rows(query, scale, cd)
+    qs = _scaled_rows(query, scale, cd)
     k = key.to(cd)
     n, c, dev = qs.shape[0], k.shape[0], qs.device
-    b = _bias(bias)
-    br, bc = _tile_shape(n, c)
-    tile_buf = torch.empty(br * bc, dtype=cd, device=dev)
-    work_buf = torch.empty(br * bc, dtype=cd, device=dev)
+    b = _bias_value(bias)
+    tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
 
     row_max = torch.full((n,), NEG_INF, dtype=cd, device=dev)
     row_sum = torch.zeros(n, dtype=cd, device=dev)
@@ -104,9 +98,8 @@ def softmax_block_forward(query, key, scale, bias, spec: SoftmaxSpec) -> Softmax
         col_sum = torch.zeros(c, dtype=cd, device=dev)
 
     for r0, r1, c0, c1 in _tiles(n, c):
-        size = (r1 - r0) * (c1 - c0)
-        tile, match = _tile(qs, k, b, spec, r0, r1, c0, c1, tile_buf[:size].view(r1 - r0, c1 - c0))
-        work = work_buf[:size].view(r1 - r0, c1 - c0)
+        tile, match = _tile(qs, k, b, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
+        work = work_buf.view(r1 - r0, c1 - c0)
         if match is not None:
             pos_sum[r0:r1] += torch.where(match, tile, 0).sum(1)
             pos_cnt[r0:r1] += match.sum(1)
@@ -120,8 +113,8 @@ def softmax_block_forward(query, key, scale, bias, spec: SoftmaxSpec) -> Softmax
 def positive_logit(query, key, scale, bias, positive_index) -> torch.Tensor:
     """``L_{i, positive_index[i]}`` for every row (compute dtype)."""
     cd = compute_dtype(query.dtype)
-    _, qs = _scaled_rows(query, scale, cd)
-    return (qs * key[positive_index].to(cd)).sum(dim=1) + _bias(bias)
+    qs = _scaled_rows(query, scale, cd)
+    return (qs * key[positive_index].to(cd)).sum(dim=1) + _bias_value(bias)
 
 
 def softmax_block_backward(query, key, scale, bias, spec: SoftmaxSpec, lse_row, w_row, dq_acc, *,
@@ -140,10 +133,10 @@ def softmax_block_backward(query, key, scale, bias, spec: SoftmaxSpec, lse_row, 
     see :func:`softmax_positive_backward`.
     """
     cd = dq_acc.dtype
-    _, qs = _scaled_rows(query, scale, cd)
+    qs = _scaled_rows(query, scale, cd)
     k = key.to(cd)
     n, c, dev = qs.shape[0], k.shape[0], qs.device
-    b = _bias(bias)
+    b = _bias_value(bias)
     n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
     lse_r = finite_or_zero(lse_row.to(cd))
     w_r = w_row.to(cd)
@@ -154,14 +147,11 @@ def softmax_block_backward(query, key, scale, bias, spec: SoftmaxSpec, lse_row, 
     dk = torch.zeros_like(k) if need_key else None
     db = torch.zeros((), dtype=cd, device=dev)
 
-    br, bc = _tile_shape(n, c)
-    tile_buf = torch.empty(br * bc, dtype=cd, device=dev)
-    grad_buf = torch.empty(br * bc, dtype=cd, device=dev)
+    tile_buf, grad_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
     for r0, r1, c0, c1 in _tiles(n, c):
-        size = (r1 - r0) * (c1 - c0)
-        tile, match = _tile(qs, k, b, spec, r0, r1, c0, c1, tile_buf[:size].view(r1 - r0, c1 - c0))
+        tile, match = _tile(qs, k, b, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
         _hide_positives(tile, spec, match, r0, r1, c0, c1)
-        g = grad_buf[:size].view(r1 - r0, c1 - c0)
+        g = grad_buf.view(r1 - r0, c1 - c0)
         torch.sub(tile, lse_r[r0:r1, None], out=g).exp_().mul_(w_r[r0:r1, None])
         if w_col is not None:
             g.add_(tile.sub_(lse_c[None, c0:c1]).exp_().mul_(w_c[None, c0:c1]))
@@ -179,7 +169,7 @@ def softmax_positive_backward(query, key, scale, positive_index, coef, dq_acc, d
     """Add ``G_{i, positive_index[i]} += coef_i`` (the one-hot target terms) to ``dq_acc`` and
     ``dk`` (columns below ``n_grad_cols``); returns their ``d(bias)``, ``sum_i coef_i``."""
     cd = dq_acc.dtype
-    _, qs = _scaled_rows(query, scale, cd)
+    qs = _scaled_rows(query, scale, cd)
     coef = coef.to(cd)
     dq_acc.add_(coef[:, None] * key[positive_index].to(cd))
     if dk is not None:
@@ -192,11 +182,10 @@ def softmax_positive_backward(query, key, scale, positive_index, coef, dq_acc, d
 def _sigmoid_tiles(qs, k, bias, positive_index):
     """Yield ``(r0, r1, c0, c1, tile, positive mask or None)`` of ``L = qs k^T + b``."""
     n, c = qs.shape[0], k.shape[0]
-    br, bc = _tile_shape(n, c)
-    buf = torch.empty(br * bc, dtype=qs.dtype, device=qs.device)
+    buf = _Buffer(n, c, qs.dtype, qs.device)
     has_pos = bool((positive_index >= 0).any())
     for r0, r1, c0, c1 in _tiles(n, c):
-        tile = torch.matmul(qs[r0:r1], k[c0:c1].T, out=buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
+        tile = torch.matmul(qs[r0:r1], k[c0:c1].T, out=buf.view(r1 - r0, c1 - c0))
         if bias:
             tile.add_(bias)
         pos = None
@@ -210,10 +199,10 @@ def sigmoid_block_forward(query, key, scale, bias, spec: SigmoidSpec) -> torch.T
     """``(1 / n_rows_norm) * sum_ij softplus(-z_ij L_ij)`` over this block (compute dtype);
     ``z = +1`` on ``(i, positive_index[i])`` (``-1`` there marks a row with no positive here)."""
     cd = compute_dtype(query.dtype)
-    _, qs = _scaled_rows(query, scale, cd)
+    qs = _scaled_rows(query, scale, cd)
     k = key.to(cd)
     total = torch.zeros((), dtype=cd, device=qs.device)
-    for _, _, _, _, tile, pos in _sigmoid_tiles(qs, k, _bias(bias), spec.positive_index):
+    for _, _, _, _, tile, pos in _sigmoid_tiles(qs, k, _bias_value(bias), spec.positive_index):
         if pos is not None:
             tile = torch.where(pos, -tile, tile)
         total += torch.nn.functional.softplus(tile, threshold=50.0).sum()
@@ -227,12 +216,12 @@ def sigmoid_block_backward(query, key, scale, bias, spec: SigmoidSpec, weight, d
     ``G k``; returns ``(dk = G^T (s q) or None, db = sum G)``.
     """
     cd = dq_acc.dtype
-    _, qs = _scaled_rows(query, scale, cd)
+    qs = _scaled_rows(query, scale, cd)
     k = key.to(cd)
     coef = weight / spec.n_rows_norm
     dk = torch.zeros_like(k) if need_key else None
     db = torch.zeros((), dtype=cd, device=qs.device)
-    for r0, r1, c0, c1, tile, pos in _sigmoid_tiles(qs, k, _bias(bias), spec.positive_index):
+    for r0, r1, c0, c1, tile, pos in _sigmoid_tiles(qs, k, _bias_value(bias), spec.positive_index):
         g = tile.sigmoid_()
         if pos is not None:
             g.sub_(pos.to(cd))
