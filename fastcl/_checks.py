@@ -55,7 +55,8 @@ def integer_vector(name: str, t, length: int, device: torch.device) -> torch.Ten
         raise ValueError(f"{name} must have shape ({length},); got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the features are on {device}")
-    return t.long()
+    # a private copy: an in-place change between forward and backward must not reach the backward
+    return t.to(torch.long, copy=True)
 
 
 def scalar_or_rows(name: str, value, n: int, device: torch.device, positive: bool) -> Union[float, torch.Tensor]:

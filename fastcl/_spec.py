@@ -17,6 +17,8 @@ Every public loss is lowered to one of two specs (DESIGN §2):
 
 A spec holds only non-differentiable configuration; the differentiable tensors (query, key,
 scale, bias) travel beside it. Backends trust a spec: the public functions validate inputs.
+The backends' passes read the mask fields; ``pos_weight`` and ``debias`` belong to the
+per-anchor epilogue (``fastcl/ops/epilogues.py``).
 """
 
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ class SoftmaxSpec:
 
     Attributes:
         positive_index: Long[N] column of each row's single positive, or ``None`` when
-            positives come from labels.
+            positives come from labels (or a block of columns holds no positive).
         row_labels: Long[N] anchor labels (label positives), else ``None``.
         col_labels: Long[C] column labels (label positives), else ``None``.
         col_has_label: Bool[C]; columns where it is False are never positives (extra negatives
@@ -41,6 +43,8 @@ class SoftmaxSpec:
         decoupled: drop the positives from the softmax denominator (DCL).
         symmetric: add the column direction; needs one-to-one ``positive_index``.
         n_grad_cols: columns ``>= n_grad_cols`` get no gradient (a detached queue).
+        debias: ``tau_plus`` of the debiased loss (Chuang et al. 2020), else ``None``. Lowered
+            with ``decoupled=True``, so the passes' LSE runs over the negatives only.
     """
 
     positive_index: Optional[torch.Tensor] = None
@@ -52,6 +56,7 @@ class SoftmaxSpec:
     decoupled: bool = False
     symmetric: bool = False
     n_grad_cols: Optional[int] = None
+    debias: Optional[float] = None
 
     @property
     def uses_labels(self) -> bool:

@@ -1,5 +1,5 @@
 """Gathered negatives across ranks on ``torch.distributed`` (NCCL on GPU, gloo on CPU), with the
-exact gradient of the loss over the concatenated global batch (DESIGN §3).
+exact gradient of the loss over the concatenated global batch (docs/design.md §5).
 
 Each rank holds ``N_r`` anchor rows and ``M_r`` key rows; shards may differ in size. The loss
 is the one a single process would compute over the concatenation of every rank's rows, in rank
@@ -12,14 +12,16 @@ order. Two ways to get there:
     backend works. Memory O(N_global * D) per rank.
 ``gather="ring"``
     Key blocks travel around the ring by point-to-point ops (``batch_isend_irecv``); every rank
-    merges its rows' partial log-sum-exp statistics block by block (and, for symmetric losses,
-    the column statistics travel with their block, so one pass serves both directions). In the
-    backward the blocks go round again and each block's ``dK`` accumulator (fp32) travels one
-    step behind it, so it reaches its owner with every rank's contribution summed. The transfer
-    of the next block is issued before the current one is computed. Extra memory
-    O(max_r M_r * D) per rank, independent of the world size. The per-block arithmetic is
-    :mod:`fastcl.backends.torch_blocks` whatever backend the call asked for (it runs on any
-    device; the Triton and CUDA backends have no block kernels yet).
+    runs the backend's statistics pass on each block and merges its rows' LSE partials (and,
+    for symmetric losses, the column partials travel with their block, so one pass serves both
+    directions). In the backward the blocks go round again through the gradient pass and each
+    block's ``dK`` accumulator (fp32) travels one step behind it, so it reaches its owner with
+    every rank's contribution summed. The transfer of the next block is issued before the
+    current one is computed. Extra memory O(max_r M_r * D) per rank, independent of the world
+    size. :class:`RingColumns` is that driver: the autograd Functions of :mod:`fastcl.ops` take
+    it in place of a single block, so the ring runs the passes of whichever backend was asked
+    for (torch, Triton, CUDA) and shares every line of loss and gradient assembly with the
+    single-process path.
 
 **Gradient convention.** Every rank returns the global loss (or, with ``local_loss=True``, its
 local anchors' share of it scaled by W, so that either way the mean over ranks of the returned
@@ -39,18 +41,18 @@ own for the loss (``dist.new_group()``) keeps the loss's collectives apart from 
 all-reduces.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from . import ops
 from ._spec import SigmoidSpec, SoftmaxSpec
-from .backends import torch_blocks as blocks
-from .backends.common import anchor_losses, compute_dtype, row_scale, sum_to_scale
+from .backends.common import SigmoidSums, SoftmaxStats, compute_dtype
 
-__all__ = ["all_gather", "GATHER_MODES"]
+__all__ = ["all_gather", "GATHER_MODES", "RingColumns"]
 
 GATHER_MODES = ("all_gather", "ring")
 
@@ -59,8 +61,6 @@ _TAG_BLOCK, _TAG_CARRY = 0, 8
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
-
-
 
 @dataclass(frozen=True)
 class Context:
@@ -115,22 +115,50 @@ def _scalar_value(x) -> float:
     return float(x)
 
 
-def prepare(group, gather: str, local_loss: bool, *, op: str, query: torch.Tensor, n_keys: int,
-            options: dict, scalars: dict) -> Optional[Context]:
+def _call_fields(query, key, negatives, scale, bias, spec, reduction) -> dict:
+    """What every rank must agree on, derived from the call: the spec's flags and values, which
+    tensors take part and which need gradients (the backward's collectives depend on both)."""
+    out = {}
+    if isinstance(spec, SoftmaxSpec):
+        out["labels"] = spec.uses_labels
+        out["negatives"] = 0 if negatives is None else negatives.shape[0]
+        out["negatives_require_grad"] = negatives is not None and negatives.requires_grad
+        # the all_gather layout of a symmetric exclude_self loss (checked on every rank alike)
+        out["positive_index_is_permutation"] = bool(
+            spec.symmetric and spec.exclude_self
+            and (torch.sort(spec.positive_index).values == torch.arange(query.shape[0], device=query.device)).all())
+    for f in fields(spec):
+        if f.name in ("n_grad_cols", "n_rows_norm"):  # shard sizes
+            out[f.name] = getattr(spec, f.name) is not None
+            continue
+        value = getattr(spec, f.name)
+        out[f.name] = value is not None if value is None or isinstance(value, torch.Tensor) else float(value)
+    out.update(reduction=("mean", "sum", "none").index(reduction), query_requires_grad=query.requires_grad,
+               key_requires_grad=key.requires_grad, per_row_scale=scale.dim() == 1,
+               scale_requires_grad=scale.requires_grad, bias=bias is not None,
+               bias_requires_grad=bias is not None and bias.requires_grad)
+    return out
+
+
+def prepare(group, gather: str, local_loss: bool, *, op: str, query, key, negatives=None, scale, bias=None, spec,
+            reduction: str = "mean", scalars: Optional[dict] = None) -> Optional[Context]:
     """Validate the distributed arguments and agree with the other ranks on the call.
 
-    Returns ``None`` for ``group=None``. Otherwise all-gathers one small float64 vector per rank
-    (rows, keys, feature width, dtype, ``options`` as numbers, ``scalars`` values) and raises, on
-    every rank alike, if the ranks disagree on anything but their shard sizes.
+    Returns ``None`` for ``group=None`` (no distributed work at all). Otherwise all-gathers one
+    small float64 vector per rank -- rows, keys, feature width, dtype, what :func:`_call_fields`
+    derives from the spec and tensors, and the values of the scale, the bias and ``scalars`` --
+    and raises, on every rank alike, if the ranks disagree on anything but their shard sizes.
     """
     check_options(gather, local_loss)
     if group is None:
         return None
     rank, world = _check_group(group)
-    opts = {"gather": GATHER_MODES.index(gather), "local_loss": local_loss, **options}
-    fields = [query.shape[0], n_keys, query.shape[-1], _DTYPES.index(query.dtype)]
-    fields += [float(v) for v in opts.values()] + [_scalar_value(v) for v in scalars.values()]
-    mine = torch.tensor(fields, dtype=torch.float64, device=query.device)
+    opts = {"gather": GATHER_MODES.index(gather), "local_loss": local_loss,
+            **_call_fields(query, key, negatives, scale, bias, spec, reduction)}
+    values = {"scale": scale, "bias": bias, **(scalars or {})}
+    row = [query.shape[0], key.shape[0], query.shape[-1], _DTYPES.index(query.dtype)]
+    row += [float(v) for v in opts.values()] + [_scalar_value(v) for v in values.values()]
+    mine = torch.tensor(row, dtype=torch.float64, device=query.device)
     table = torch.empty(world * mine.numel(), dtype=torch.float64, device=query.device)
     _all_gather_single(table, mine, group=group)
     table = table.view(world, -1).cpu()
@@ -147,15 +175,22 @@ def prepare(group, gather: str, local_loss: bool, *, op: str, query: torch.Tenso
     for j, name in enumerate(opts, start=4):
         if bool((table[:, j] != table[0, j]).any()):
             raise ValueError(f"{op}: ranks disagree on {name} ({per_rank(j, repr)}); every rank must make the same call")
-    for j, name in enumerate(scalars, start=4 + len(opts)):
+    for j, name in enumerate(values, start=4 + len(opts)):
         col = table[:, j]
         if bool(torch.isnan(col).any()):
             continue
         if bool(((col - col[0]).abs() > 1e-6 * col.abs().max().clamp(min=1e-30)).any()):
-            raise ValueError(f"{op}: {name} differs across ranks ({per_rank(j, repr)}); "
+            raise ValueError(f"{op}: {values_name(name, op)} differs across ranks ({per_rank(j, repr)}); "
                              "it must be the same (replicated) value on every rank")
     sizes = table[:, :2].long().tolist()
     return Context(group, rank, world, gather, local_loss, [r for r, _ in sizes], [k for _, k in sizes])
+
+
+def values_name(name: str, op: str) -> str:
+    """The user's name of a scalar: CLIP-style losses call the scale and bias logit_*."""
+    if op in ("clip_loss", "siglip_loss") and name in ("scale", "bias"):
+        return f"logit_{name}"
+    return name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,221 +365,127 @@ def _circulate(c: Context, payload, step, carry=None):
     return carry_bufs[world % 2 if world > 1 else 0][: sizes[rank]]
 
 
-def _merge_stats(acc, part) -> None:
-    m, l = blocks.merge_lse(acc[:, 0], acc[:, 1], part[:, 0], part[:, 1])
-    acc[:, 0] = m
-    acc[:, 1] = l
+def _merge_lse(acc, part) -> None:
+    torch.logaddexp(acc, part, out=acc)
 
 
 def _add(acc, part) -> None:
     acc.add_(part)
 
 
-def _remote_softmax_spec(spec: SoftmaxSpec, labels) -> SoftmaxSpec:
+def _remote_spec(spec: SoftmaxSpec, labels) -> SoftmaxSpec:
     """Another rank's block: no one-hot positive, no self column, no queue; labels compare."""
     if spec.uses_labels:
         return SoftmaxSpec(row_labels=spec.row_labels, col_labels=labels, decoupled=spec.decoupled)
     return SoftmaxSpec(symmetric=spec.symmetric)
 
 
-class _RingSoftmax(torch.autograd.Function):
-    """Softmax-family per-anchor losses of this rank's rows over every rank's keys (plus local
-    negatives), by ring. Same outputs as :class:`fastcl.backends.torch.SoftmaxLoss`."""
+class RingColumns:
+    """Every rank's key block in turn (this rank's ``[key; negatives]`` first), through one
+    backend's passes: the columns object of :mod:`fastcl.ops` for ``gather="ring"``.
 
-    @staticmethod
-    def forward(ctx, c: Context, query, key, negatives, scale, bias, spec: SoftmaxSpec):
-        cd = compute_dtype(query.dtype)
-        n, m = query.shape[0], key.shape[0]
-        local_cols = key if negatives is None else torch.cat([key, negatives])
-        state = {"m": torch.full((n,), float("-inf"), dtype=cd, device=query.device),
-                 "l": torch.zeros(n, dtype=cd, device=query.device)}
-        if spec.uses_labels:
-            state["pos_sum"] = torch.zeros(n, dtype=cd, device=query.device)
-            state["pos_cnt"] = torch.zeros(n, dtype=cd, device=query.device)
-        payload = [key] + ([spec.col_labels[:m]] if spec.uses_labels else [])
+    Row statistics merge as LSEs (label sums add); a symmetric loss's column LSE partials and
+    the gradient pass's ``dK`` accumulators travel one step behind their block
+    (:func:`_circulate`), so each owner ends with every rank's contribution.
+    """
+
+    def __init__(self, c: Context, backend, n_negatives: int):
+        self.c, self.backend = c, backend
+        self.n_rows, self.n_cols = c.total_rows, sum(c.key_sizes) + n_negatives
+
+    def _payload(self, key, spec: SoftmaxSpec, *extra):
+        return [key] + ([spec.col_labels[: key.shape[0]]] if spec.uses_labels else []) + list(extra)
+
+    def stats(self, query, key, negatives, s_rows, spec: SoftmaxSpec) -> SoftmaxStats:
+        n, m, cd, dev = query.shape[0], key.shape[0], s_rows.dtype, query.device
+        local = key if negatives is None else torch.cat([key, negatives])
+        state = {"lse": torch.full((n,), float("-inf"), dtype=cd, device=dev), "pos_sum": None, "pos_cnt": None}
 
         def step(t, block):
-            if t == 0:
-                part = blocks.softmax_block_forward(query, local_cols, scale, bias, spec)
-            else:
-                part = blocks.softmax_block_forward(query, block[0], scale, bias,
-                                                    _remote_softmax_spec(spec, block[-1]))
-            state["m"], state["l"] = blocks.merge_lse(state["m"], state["l"], part.row_max, part.row_sum)
+            cols, block_spec = (local, spec) if t == 0 else (block[0], _remote_spec(spec, block[-1]))
+            st = self.backend.softmax_stats(query, cols, s_rows, block_spec)
+            _merge_lse(state["lse"], st.lse_row)
             if spec.uses_labels:
-                state["pos_sum"] += part.pos_sum
-                state["pos_cnt"] += part.pos_cnt
-            if spec.symmetric:
-                rows = block[0].shape[0]
-                return torch.stack([part.col_max[:rows], part.col_sum[:rows]], dim=1)
-            return None
+                state["pos_sum"] = st.pos_sum if t == 0 else state["pos_sum"] + st.pos_sum
+                state["pos_cnt"] = st.pos_cnt if t == 0 else state["pos_cnt"] + st.pos_cnt
+            return st.lse_col[: block[0].shape[0]] if spec.symmetric else None
 
-        carry = ((2,), cd, _merge_stats) if spec.symmetric else None
-        own_cols = _circulate(c, payload, step, carry)
+        carry = ((), cd, _merge_lse) if spec.symmetric else None
+        lse_col = _circulate(self.c, self._payload(key, spec), step, carry)
+        return SoftmaxStats(state["lse"], None if lse_col is None else lse_col[:m], state["pos_sum"], state["pos_cnt"])
 
-        lse_row = state["m"] + torch.log(state["l"])
-        pos_cnt = state.get("pos_cnt")
-        if spec.uses_labels:
-            pos_term = state["pos_sum"] / pos_cnt.clamp(min=1)
-        else:
-            pos_term = blocks.positive_logit(query, local_cols, scale, bias, spec.positive_index)
-        lse_col = None
-        if spec.symmetric:
-            lse_col = (own_cols[:, 0] + torch.log(own_cols[:, 1]))[spec.positive_index]
-        row_loss, col_loss, row_valid, col_valid = anchor_losses(spec, lse_row, pos_term, pos_cnt, lse_col)
-
-        ctx.c, ctx.spec = c, spec
-        empty = torch.empty(0, dtype=cd, device=query.device)
-        ctx.save_for_backward(query, key, negatives if negatives is not None else empty, scale,
-                              bias if bias is not None else empty, lse_row,
-                              lse_col if lse_col is not None else empty, row_valid, col_valid,
-                              pos_cnt if pos_cnt is not None else empty)
-        ctx.has_negatives, ctx.has_bias = negatives is not None, bias is not None
-        ctx.mark_non_differentiable(row_valid, col_valid)
-        return row_loss, col_loss, row_valid, col_valid
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_row, grad_col, _grad_row_valid, _grad_col_valid):
-        query, key, negatives, scale, bias, lse_row, lse_col, row_valid, col_valid, pos_cnt = ctx.saved_tensors
-        c, spec = ctx.c, ctx.spec
-        negatives = negatives if ctx.has_negatives else None
-        bias = bias if ctx.has_bias else None
-        need_q, need_k, need_neg, need_s, need_b = ctx.needs_input_grad[1:6]
-        cd = lse_row.dtype
-        n, m, dev = query.shape[0], key.shape[0], query.device
+    def grad(self, query, key, negatives, s_rows, spec: SoftmaxSpec, lse_row, w_row, coef, lse_col, w_col, *,
+             rows: bool, keys: bool, negs: bool):
+        n, m, cd, dev = query.shape[0], key.shape[0], s_rows.dtype, query.device
         n_neg = 0 if negatives is None else negatives.shape[0]
-        local_cols = key if negatives is None else torch.cat([key, negatives])
-        pw = None if spec.pos_weight is None else spec.pos_weight.to(cd)
-
-        w_row = torch.where(row_valid, grad_row.to(cd), torch.zeros_like(lse_row))
-        w_col_by_row = None
-        payload = [key] + ([spec.col_labels[:m]] if spec.uses_labels else [])
-        if spec.symmetric:
-            # each column's (LSE', weight) travels with its block: the column losses belong to the owner
-            w_col_by_row = torch.where(col_valid, grad_col.to(cd), torch.zeros_like(lse_col))
-            info = torch.zeros(m, 2, dtype=cd, device=dev)
-            info[spec.positive_index, 0] = torch.where(col_valid, lse_col, torch.zeros_like(lse_col))
-            info[spec.positive_index, 1] = w_col_by_row
-            payload.append(info)
-        label_coef = None
-        if spec.uses_labels:
-            label_coef = w_row / pos_cnt.clamp(min=1)
-            if pw is not None:
-                label_coef = label_coef * pw
-
-        dq_acc = torch.zeros(query.shape, dtype=cd, device=dev)
-        state = {"db": torch.zeros((), dtype=cd, device=dev), "dneg": None}
+        local = key if negatives is None else torch.cat([key, negatives])
+        # each key's column statistics travel with its block: the column losses belong to the owner
+        extra = [torch.stack([lse_col, w_col], dim=1)] if spec.symmetric else []
+        acc_q = torch.zeros(query.shape, dtype=cd, device=dev) if rows else None
+        state = {"neg": None}
 
         def step(t, block):
+            if t > 0 and not (rows or keys):
+                return None
+            lse_c = w_c = None
+            if spec.symmetric:
+                lse_c, w_c = block[-1][:, 0], block[-1][:, 1]
             if t == 0:
-                cols, block_spec = local_cols, spec
-                lse_col_b = w_col_b = None
-                if spec.symmetric:
-                    pad = torch.zeros(n_neg, dtype=cd, device=dev)
-                    lse_col_b, w_col_b = torch.cat([block[-1][:, 0], pad]), torch.cat([block[-1][:, 1], pad])
-                need_key = need_k or need_neg
+                cols, block_spec = local, spec
+                if spec.symmetric and n_neg:
+                    pad = lse_c.new_zeros(n_neg)
+                    lse_c, w_c = torch.cat([lse_c, pad]), torch.cat([w_c, pad])
             else:
-                cols = block[0]
-                block_spec = _remote_softmax_spec(spec, block[1] if spec.uses_labels else None)
-                lse_col_b, w_col_b = (block[-1][:, 0], block[-1][:, 1]) if spec.symmetric else (None, None)
-                need_key = need_k
-            dk, db = blocks.softmax_block_backward(query, cols, scale, bias, block_spec, lse_row, w_row, dq_acc,
-                                                   label_coef=label_coef, lse_col=lse_col_b, w_col=w_col_b,
-                                                   need_key=need_key)
-            state["db"] += db
-            if t == 0 and need_neg:
-                state["dneg"] = dk[m:]
-            return dk[: block[0].shape[0]] if need_k else None
+                cols, block_spec = block[0], _remote_spec(spec, block[1] if spec.uses_labels else None)
+            part_q, part_k = self.backend.softmax_grad(query, cols, s_rows, block_spec, lse_row, w_row, coef, lse_c,
+                                                       w_c, rows=rows, cols=keys or (t == 0 and negs))
+            if rows:
+                acc_q.add_(part_q)
+            if t == 0 and negs:
+                state["neg"] = part_k[m:]
+            return part_k[: block[0].shape[0]] if keys else None
 
-        carry = ((key.shape[1],), cd, _add) if need_k else None
-        dk_own = _circulate(c, payload, step, carry)
+        carry = ((key.shape[1],), cd, _add) if keys else None
+        acc_key = _circulate(self.c, self._payload(key, spec, *extra), step, carry)
+        return acc_q, acc_key, state["neg"]
 
-        if not spec.uses_labels:
-            coef = w_row if w_col_by_row is None else w_row + w_col_by_row
-            coef = -coef if pw is None else -coef * pw
-            d_cols = None
-            if need_k or need_neg:
-                d_cols = torch.zeros(local_cols.shape, dtype=cd, device=dev)
-                if need_k:
-                    d_cols[:m] = dk_own
-                if need_neg:
-                    d_cols[m:] = state["dneg"]
-            state["db"] += blocks.softmax_positive_backward(query, local_cols, scale, spec.positive_index, coef,
-                                                            dq_acc, d_cols, spec.n_grad_cols)
-            dk_own = d_cols[:m] if need_k else None
-            if need_neg:
-                state["dneg"] = d_cols[m:]
-
-        s_rows = row_scale(scale, n, cd)
-        grad_q = (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None
-        grad_k = dk_own.to(key.dtype) if need_k else None
-        grad_neg = state["dneg"].to(negatives.dtype) if need_neg else None
-        grad_s = sum_to_scale((dq_acc * query.to(cd)).sum(dim=1), scale) if need_s else None
-        grad_b = state["db"].to(bias.dtype).reshape(bias.shape) if need_b else None
-        return None, grad_q, grad_k, grad_neg, grad_s, grad_b, None
-
-
-class _RingSigmoid(torch.autograd.Function):
-    """This rank's rows' share of the sigmoid loss over every rank's keys, by ring. Positives
-    only in the local block; other ranks' blocks are negatives only, so every pair counts once."""
-
-    @staticmethod
-    def forward(ctx, c: Context, query, key, scale, bias, spec: SigmoidSpec):
-        cd = compute_dtype(query.dtype)
-        remote = SigmoidSpec(positive_index=torch.full_like(spec.positive_index, -1), n_rows_norm=spec.n_rows_norm)
-        total = [torch.zeros((), dtype=cd, device=query.device)]
+    def sigmoid(self, query, key, s_rows, bias, positive_index, *, rows, cols, gsum) -> SigmoidSums:
+        cd, dev = s_rows.dtype, query.device
+        acc_q = torch.zeros(query.shape, dtype=cd, device=dev) if rows else None
+        total = {"loss": torch.zeros((), dtype=cd, device=dev), "g": torch.zeros((), dtype=cd, device=dev)}
 
         def step(t, block):
-            total[0] = total[0] + blocks.sigmoid_block_forward(query, block[0], scale, bias, spec if t == 0 else remote)
+            # positives only in the local block: every (image, text) pair counts once
+            sums = self.backend.sigmoid_pass(query, block[0], s_rows, bias, positive_index if t == 0 else None,
+                                             rows=rows, cols=cols, gsum=gsum)
+            total["loss"] = total["loss"] + sums.loss
+            if gsum:
+                total["g"] = total["g"] + sums.g_sum
+            if rows:
+                acc_q.add_(sums.acc_q)
+            return sums.acc_k
 
-        _circulate(c, [key], step)
-        ctx.c, ctx.spec, ctx.remote, ctx.has_bias = c, spec, remote, bias is not None
-        ctx.save_for_backward(query, key, scale, bias if bias is not None else torch.empty(0, device=query.device))
-        return total[0]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        query, key, scale, bias = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
-        need_q, need_k, need_s, need_b = ctx.needs_input_grad[1:5]
-        cd = compute_dtype(query.dtype)
-        dq_acc = torch.zeros(query.shape, dtype=cd, device=query.device)
-        db = [torch.zeros((), dtype=cd, device=query.device)]
-        weight = grad.to(cd)
-
-        def step(t, block):
-            dk, db_t = blocks.sigmoid_block_backward(query, block[0], scale, bias, ctx.spec if t == 0 else ctx.remote,
-                                                     weight, dq_acc, need_key=need_k)
-            db[0] = db[0] + db_t
-            return dk
-
-        carry = ((key.shape[1],), cd, _add) if need_k else None
-        dk_own = _circulate(ctx.c, [key], step, carry)
-        s_rows = row_scale(scale, query.shape[0], cd)
-        grad_q = (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None
-        grad_k = dk_own.to(key.dtype) if need_k else None
-        grad_s = sum_to_scale((dq_acc * query.to(cd)).sum(dim=1), scale) if need_s else None
-        grad_b = db[0].to(bias.dtype).reshape(bias.shape) if need_b else None
-        return None, grad_q, grad_k, grad_s, grad_b, None
+        carry = ((key.shape[1],), cd, _add) if cols else None
+        acc_k = _circulate(self.c, [key], step, carry)
+        return SigmoidSums(total["loss"], total["g"] if gsum else None, acc_q, acc_k)
 
 
 # ----------------------------------------------------------------------------------------------
 # Entry points for fastcl.functional
 
 
-def softmax_loss(c: Context, module, query, key, negatives, scale, bias, spec: SoftmaxSpec):
+def softmax_loss(c: Context, backend, query, key, negatives, scale, bias, spec: SoftmaxSpec):
     """Per-anchor losses ``(row_loss, col_loss, row_valid, col_valid)`` of this rank's rows over
     every rank's keys followed by this rank's ``negatives``.
 
     ``spec`` is written as for a local call over ``[key; negatives]`` (local indices);
-    ``module`` is the backend used in all_gather mode.
+    ``backend`` runs the passes in either mode.
     """
+    n_neg = 0 if negatives is None else negatives.shape[0]
     if c.mode == "ring":
-        return _RingSoftmax.apply(c, query, key, negatives, scale, bias, spec)
+        return ops.softmax.softmax_loss(RingColumns(c, backend, n_neg), query, key, negatives, scale, bias, spec)
     m, m_all = key.shape[0], sum(c.key_sizes)
     keys = _gather_own_first(key, c, c.key_sizes)
-    cols = keys if negatives is None else torch.cat([keys, negatives])
     pos = spec.positive_index
     if pos is not None:
         pos = torch.where(pos < m, pos, pos - m + m_all)
@@ -555,14 +496,15 @@ def softmax_loss(c: Context, module, query, key, negatives, scale, bias, spec: S
             col_has_label = torch.cat([torch.ones(m_all, dtype=torch.bool, device=key.device), col_has_label[m:]])
     row_spec = replace(spec, positive_index=pos, col_labels=col_labels, col_has_label=col_has_label,
                        n_grad_cols=None if spec.n_grad_cols is None else m_all, symmetric=False)
-    outs = module.softmax_loss(query, cols, scale, bias, row_spec)
+    columns = ops.LocalColumns(backend, query.shape[0], m_all + n_neg)
+    outs = ops.softmax.softmax_loss(columns, query, keys, negatives, scale, bias, row_spec)
     if not spec.symmetric:
         return outs
-    col_loss, col_valid = _column_losses(c, module, query, key, scale, bias, spec)
+    col_loss, col_valid = _column_losses(c, backend, query, key, scale, bias, spec)
     return outs[0], col_loss, outs[2], col_valid
 
 
-def _column_losses(c: Context, module, query, key, scale, bias, spec: SoftmaxSpec):
+def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSpec):
     """Symmetric losses, all_gather mode: each local positive column as an anchor over every
     rank's rows, computed as a row-direction loss of the transposed problem."""
     n = query.shape[0]
@@ -587,20 +529,24 @@ def _column_losses(c: Context, module, query, key, scale, bias, spec: SoftmaxSpe
         pw = None if pw is None else pw[inverse]
     else:
         anchors, t_pos = key[pos], torch.arange(n, device=pos.device)
-    t_spec = SoftmaxSpec(positive_index=t_pos, pos_weight=pw, exclude_self=spec.exclude_self, decoupled=spec.decoupled)
-    loss, _, valid, _ = module.softmax_loss(anchors, queries, col_scale, bias, t_spec)
+    t_spec = SoftmaxSpec(positive_index=t_pos, pos_weight=pw, exclude_self=spec.exclude_self, decoupled=spec.decoupled,
+                         debias=spec.debias)
+    columns = ops.LocalColumns(backend, anchors.shape[0], queries.shape[0])
+    loss, _, valid, _ = ops.softmax.softmax_loss(columns, anchors, queries, None, col_scale, bias, t_spec)
     if spec.exclude_self:
         loss, valid = loss[pos], valid[pos]
     return loss, valid
 
 
-def sigmoid_loss(c: Context, module, query, key, scale, bias, spec: SigmoidSpec):
+def sigmoid_loss(c: Context, backend, query, key, scale, bias, spec: SigmoidSpec):
     """This rank's rows' share of the sigmoid loss over every rank's keys, normalised by the
     global row count (so the shares sum to the single-process loss)."""
     spec = SigmoidSpec(positive_index=spec.positive_index, n_rows_norm=c.total_rows)
     if c.mode == "ring":
-        return _RingSigmoid.apply(c, query, key, scale, bias, spec)
-    return module.sigmoid_loss(query, _gather_own_first(key, c, c.key_sizes), scale, bias, spec)
+        return ops.sigmoid.sigmoid_loss(RingColumns(c, backend, 0), query, key, scale, bias, spec)
+    keys = _gather_own_first(key, c, c.key_sizes)
+    return ops.sigmoid.sigmoid_loss(ops.LocalColumns(backend, query.shape[0], keys.shape[0]), query, keys, scale, bias,
+                                    spec)
 
 
 def finish(c: Context, share: torch.Tensor) -> torch.Tensor:
@@ -611,19 +557,8 @@ def finish(c: Context, share: torch.Tensor) -> torch.Tensor:
     return _AllReduceSum.apply(share, c.group)
 
 
-def reduce(c: Context, row_loss, col_loss, row_valid, col_valid, symmetric: bool, reduction: str):
-    """The distributed counterpart of the local reduction: means are over every rank's valid
-    anchors; ``"none"`` returns this rank's per-anchor losses as they are."""
-    if reduction == "none":
-        return (row_loss, col_loss) if symmetric else row_loss
-    if reduction == "sum":
-        share = row_loss.sum()
-        if symmetric:
-            share = (share + col_loss.sum()) / 2
-        return finish(c, share)
-    counts = torch.stack([row_valid.sum(), col_valid.sum()]).to(row_loss.dtype)
-    dist.all_reduce(counts, group=c.group)
-    share = row_loss.sum() / counts[0].clamp(min=1)
-    if symmetric:
-        share = (share + col_loss.sum() / counts[1].clamp(min=1)) / 2
-    return finish(c, share)
+def all_reduce_sum(x: torch.Tensor, c: Context) -> torch.Tensor:
+    """Sum of a (non-differentiable) tensor over the ranks."""
+    x = x.clone()
+    dist.all_reduce(x, group=c.group)
+    return x

@@ -13,76 +13,75 @@ ranks of the returned losses is the single-process loss, and after DDP averages 
 the W ranks every gradient (features, scale or temperature, bias) is the single-process one.
 """
 
+from dataclasses import replace
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, _lower, ops
 from . import distributed as _dist
 from ._dispatch import resolve
+from ._lower import DEFAULT_TEMPERATURE, Lowered, as_bias, as_scale
 from ._spec import SigmoidSpec, SoftmaxSpec
 from .backends.common import compute_dtype
 
 __all__ = ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "dcl"]
 
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-class _DefaultFloat(float):
-    """A float default that can be told apart from the same value passed explicitly."""
-
-
-_DEFAULT_TEMPERATURE = _DefaultFloat(0.1)
 Number = Union[float, torch.Tensor]
 
 
-
-def _as_scale(value: Number, reciprocal: bool, like: torch.Tensor) -> torch.Tensor:
-    """A 0-dim or [N] scale tensor from a validated float/tensor scale or temperature."""
-    if isinstance(value, torch.Tensor):
-        return 1.0 / value if reciprocal else value
-    value = 1.0 / value if reciprocal else value
-    return torch.tensor(value, dtype=compute_dtype(like.dtype), device=like.device)
+def _prepare(call: Lowered, group, gather, local_loss, op: str, reduction: str = "mean", scalars=None):
+    """The distributed context of a call (``None`` without ``group``), agreed on by every rank."""
+    return _dist.prepare(group, gather, local_loss, op=op, query=call.query, key=call.key, negatives=call.negatives,
+                         scale=call.scale, bias=call.bias, spec=call.spec, reduction=reduction, scalars=scalars)
 
 
-def _as_bias(value: Optional[Number], like: torch.Tensor) -> Optional[torch.Tensor]:
-    if value is None or isinstance(value, torch.Tensor):
-        return value
-    return torch.tensor(value, dtype=compute_dtype(like.dtype), device=like.device)
+def _softmax(call: Lowered, reduction: str, backend, dist, op: str):
+    """Per-anchor losses of ``call`` on the chosen backend, reduced; with a distributed context,
+    over every rank's keys (followed by this rank's negatives)."""
+    query, key, negatives, scale, bias, spec = call
+    module = resolve(backend, query.device)
+    if dist is None:
+        n_cols = key.shape[0] + (0 if negatives is None else negatives.shape[0])
+        columns = ops.LocalColumns(module, query.shape[0], n_cols)
+        outs = ops.softmax.softmax_loss(columns, query, key, negatives, scale, bias, spec)
+    else:
+        if spec.debias is not None and spec.symmetric and scale.dim() == 1:
+            raise ValueError(f"{op}: debias with symmetric=True and a per-row temperature/scale is not supported "
+                             "across ranks (its column floor sums every rank's scales); use a scalar scale")
+        outs = _dist.softmax_loss(dist, module, query, key, negatives, scale, bias, spec)
+    return _reduce(*outs, spec.symmetric, reduction, dist)
 
 
-def _reduce(row_loss, col_loss, row_valid, col_valid, symmetric: bool, reduction: str):
+def _reduce(row_loss, col_loss, row_valid, col_valid, symmetric: bool, reduction: str, dist=None):
+    """The one reduction: ``"none"`` (this rank's per-anchor losses), ``"sum"``, or ``"mean"``
+    over the valid anchors (of every rank, with a distributed context); the two directions of
+    a symmetric loss are averaged."""
     if reduction == "none":
         return (row_loss, col_loss) if symmetric else row_loss
     if reduction == "sum":
-        total = row_loss.sum()
-        return (total + col_loss.sum()) / 2 if symmetric else total
-    rows = row_loss.sum() / row_valid.sum().clamp(min=1)
-    if not symmetric:
-        return rows
-    cols = col_loss.sum() / col_valid.sum().clamp(min=1)
-    return (rows + cols) / 2
+        share = row_loss.sum()
+        if symmetric:
+            share = (share + col_loss.sum()) / 2
+    else:
+        counts = torch.stack([row_valid.sum(), col_valid.sum()]).to(row_loss.dtype)
+        if dist is not None:
+            counts = _dist.all_reduce_sum(counts, dist)
+        share = row_loss.sum() / counts[0].clamp(min=1)
+        if symmetric:
+            share = (share + col_loss.sum() / counts[1].clamp(min=1)) / 2
+    return share if dist is None else _dist.finish(dist, share)
 
 
-def _softmax(query, key, scale, bias, spec: SoftmaxSpec, reduction: str, backend, negatives=None, dist=None):
-    """Per-anchor losses over the columns ``[key; negatives]``, reduced; with a distributed
-    context ``dist``, over every rank's keys followed by this rank's negatives."""
+def _sigmoid(query, key, scale, bias, spec: SigmoidSpec, backend, group, gather, local_loss, op: str):
     module = resolve(backend, query.device)
-    if dist is not None:
-        outs = _dist.softmax_loss(dist, module, query, key, negatives, scale, bias, spec)
-        return _dist.reduce(dist, *outs, spec.symmetric, reduction)
-    columns = key if negatives is None else torch.cat([key, negatives])
-    row_loss, col_loss, row_valid, col_valid = module.softmax_loss(query, columns, scale, bias, spec)
-    return _reduce(row_loss, col_loss, row_valid, col_valid, spec.symmetric, reduction)
-
-
-def _per_row(x) -> bool:
-    return isinstance(x, torch.Tensor) and x.dim() == 1
-
-
-def _requires_grad(x) -> bool:
-    return isinstance(x, torch.Tensor) and x.requires_grad
+    dist = _dist.prepare(group, gather, local_loss, op=op, query=query, key=key, scale=scale, bias=bias, spec=spec)
+    if dist is None:
+        columns = ops.LocalColumns(module, query.shape[0], key.shape[0])
+        return ops.sigmoid.sigmoid_loss(columns, query, key, scale, bias, spec)
+    return _dist.finish(dist, _dist.sigmoid_loss(dist, module, query, key, scale, bias, spec))
 
 
 def _pair_positions(n: int, device: torch.device) -> torch.Tensor:
@@ -95,7 +94,7 @@ def info_nce(
     query: torch.Tensor,
     key: torch.Tensor,
     *,
-    temperature: Number = _DEFAULT_TEMPERATURE,
+    temperature: Number = DEFAULT_TEMPERATURE,
     scale: Optional[Number] = None,
     positive_index: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
@@ -105,6 +104,7 @@ def info_nce(
     exclude_self: bool = False,
     decoupled: bool = False,
     symmetric: bool = False,
+    debias: Optional[float] = None,
     reduction: str = "mean",
     backend: Optional[str] = None,
     group=None,
@@ -139,6 +139,15 @@ def info_nce(
         exclude_self: ``query`` and the first ``N`` keys are the same samples: column ``i`` is
             removed from row ``i`` everywhere.
         decoupled: remove the positives from the denominator (DCL).
+        debias: ``tau_plus`` in ``[0, 1)``, the debiased contrastive loss of Chuang et al.
+            (2020): with ``p_i`` the positive logit and ``Q_i`` negatives (the denominator
+            columns other than the positive), ``loss_i = -p_i + log(e^{p_i} + Ng_i)``,
+            ``Ng_i = max((sum_neg e^{L_ij} - Q_i tau_plus e^{p_i}) / (1 - tau_plus),
+            sum_neg e^{-s_ij + b})`` (the floor is the smallest logit unit vectors can have).
+            ``0`` is InfoNCE with the positive's own term kept apart. Needs one-hot positives
+            (not ``labels``) and ``decoupled=False``; works with ``symmetric`` (the column
+            direction over the N rows likewise), queues, ``exclude_self`` and every scale form
+            (per-row scales with ``symmetric`` only without ``group``).
         symmetric: also the key -> query direction (each positive column is an anchor over the
             ``N`` rows); the loss is ``(rows + columns) / 2``, as CLIP. Needs one-to-one
             positives among the keys.
@@ -176,91 +185,13 @@ def info_nce(
         The loss, float32 (float64 for float64 inputs). If no anchor has a positive the mean is
         0 with zero gradients.
     """
-    query = _checks.features("query", query)
-    key = _checks.features("key", key)
-    _checks.same_width("key", key, "query", query)
-    _checks.same_kind("key", key, "query", query)
-    n, m, device = query.shape[0], key.shape[0], query.device
     _checks.choice("reduction", reduction, _REDUCTIONS)
-
-    if scale is not None and temperature is not _DEFAULT_TEMPERATURE:
-        raise ValueError("set either temperature or scale, not both")
-    if scale is not None:
-        s = _as_scale(_checks.scalar_or_rows("scale", scale, n, device, positive=False), False, query)
-    else:
-        s = _as_scale(_checks.scalar_or_rows("temperature", temperature, n, device, positive=True), True, query)
-
-    n_grad_cols = None
-    n_neg = 0
-    if negatives is not None:
-        negatives = _checks.features("negatives", negatives)
-        _checks.same_width("negatives", negatives, "query", query)
-        _checks.same_kind("negatives", negatives, "query", query)
-        n_neg = negatives.shape[0]
-        if not negatives.requires_grad:
-            n_grad_cols = m
-    elif negative_labels is not None:
-        raise ValueError("negative_labels was given without negatives")
-    n_cols = m + n_neg
-
-    if exclude_self and m < n:
-        raise ValueError(f"exclude_self needs key to hold the N={n} query samples first; key has M={m} rows")
-
-    row_labels = col_labels = col_has_label = pos = None
-    if labels is not None:
-        if positive_index is not None:
-            raise ValueError("give either labels or positive_index, not both")
-        if symmetric:
-            raise ValueError("symmetric needs one-to-one positives (positive_index or the default), not labels")
-        row_labels = _checks.integer_vector("labels", labels, n, device)
-        if key_labels is None:
-            if m != n:
-                raise ValueError(f"key_labels is required when key has M={m} rows and query has N={n}")
-            key_labels = labels
-        col_labels = _checks.integer_vector("key_labels", key_labels, m, device)
-        if n_neg:
-            if negative_labels is not None:
-                col_labels = torch.cat([col_labels, _checks.integer_vector("negative_labels", negative_labels, n_neg, device)])
-            else:
-                col_labels = torch.cat([col_labels, torch.zeros(n_neg, dtype=torch.long, device=device)])
-                col_has_label = torch.arange(n_cols, device=device) < m
-    else:
-        if key_labels is not None or negative_labels is not None:
-            raise ValueError("key_labels / negative_labels need labels")
-        if positive_index is None:
-            if m < n:
-                raise ValueError(
-                    f"default positives (column i for row i) need M >= N; got N={n} query rows and M={m} keys. "
-                    "Pass positive_index or labels."
-                )
-            if exclude_self:
-                raise ValueError("exclude_self removes column i from row i, which is the default positive; pass positive_index or labels")
-            pos = torch.arange(n, device=device)
-        else:
-            pos = _checks.integer_vector("positive_index", positive_index, n, device)
-            if bool(((pos < 0) | (pos >= n_cols)).any()):
-                raise ValueError(f"positive_index values must lie in [0, {n_cols}) (M={m} keys + K={n_neg} negatives)")
-            if exclude_self and bool((pos == torch.arange(n, device=device)).any()):
-                raise ValueError("positive_index points a row at its own column, which exclude_self removes")
-        if symmetric:
-            if bool((pos >= m).any()) or torch.unique(pos).numel() != n:
-                raise ValueError("symmetric needs one-to-one positives: positive_index must be distinct key columns (< M)")
-
-    # a symmetric exclude_self loss gathered by all_gather needs this layout (checked on every rank alike)
-    permutation = bool(group is not None and gather == "all_gather" and symmetric and exclude_self
-                       and (torch.sort(pos).values == torch.arange(n, device=device)).all())
-    dist = _dist.prepare(
-        group, gather, local_loss, op="info_nce", query=query, n_keys=m,
-        options={"reduction": _REDUCTIONS.index(reduction), "labels": labels is not None, "negatives": n_neg,
-                 "negative_labels": negative_labels is not None, "negatives_require_grad": _requires_grad(negatives),
-                 "key_requires_grad": key.requires_grad, "per_row_scale": _per_row(s), "exclude_self": exclude_self,
-                 "decoupled": decoupled, "symmetric": symmetric, "positive_index_is_permutation": permutation},
-        scalars={"scale": s})
-    spec = SoftmaxSpec(
-        positive_index=pos, row_labels=row_labels, col_labels=col_labels, col_has_label=col_has_label,
-        exclude_self=exclude_self, decoupled=decoupled, symmetric=symmetric, n_grad_cols=n_grad_cols,
-    )
-    return _softmax(query, key, s, None, spec, reduction, backend, negatives, dist)
+    call = _lower.info_nce(query, key, temperature=temperature, scale=scale, positive_index=positive_index,
+                           labels=labels, key_labels=key_labels, negatives=negatives,
+                           negative_labels=negative_labels, exclude_self=exclude_self, decoupled=decoupled,
+                           symmetric=symmetric, debias=debias)
+    dist = _prepare(call, group, gather, local_loss, "info_nce", reduction)
+    return _softmax(call, reduction, backend, dist, "info_nce")
 
 
 def _two_towers(names, a, b):
@@ -270,6 +201,24 @@ def _two_towers(names, a, b):
     _checks.same_kind(names[1], b, names[0], a)
     _checks.same_rows(names[1], b, names[0], a)
     return a, b
+
+
+def _towers(image_features, text_features, logit_scale, logit_bias):
+    """Validated CLIP-style inputs: the two towers, the scale tensor and the bias (or None)."""
+    image_features, text_features = _two_towers(("image_features", "text_features"), image_features, text_features)
+    n, device = image_features.shape[0], image_features.device
+    if isinstance(logit_scale, torch.Tensor) and logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale must be a scalar (shape () or (1,)); got {tuple(logit_scale.shape)}")
+    s = as_scale(_checks.scalar_or_rows("logit_scale", logit_scale, n, device, positive=False), False, image_features)
+    bias = as_bias(_checks.optional_bias("logit_bias", logit_bias, device), image_features)
+    return image_features, text_features, s, bias
+
+
+def _scalar_temperature(temperature, device):
+    t = _checks.scalar_or_rows("temperature", temperature, 1, device, positive=True)
+    if isinstance(t, torch.Tensor) and t.dim():
+        raise ValueError(f"temperature must be a scalar; got {tuple(t.shape)}")
+    return t
 
 
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, backend=None, group=None,
@@ -292,17 +241,11 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, ba
             the gradients of the features, ``logit_scale`` and ``logit_bias`` are the
             single-process ones (not W times too large).
     """
-    image_features, text_features = _two_towers(("image_features", "text_features"), image_features, text_features)
-    n, device = image_features.shape[0], image_features.device
-    if isinstance(logit_scale, torch.Tensor) and logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar (shape () or (1,)); got {tuple(logit_scale.shape)}")
-    s = _as_scale(_checks.scalar_or_rows("logit_scale", logit_scale, n, device, positive=False), False, image_features)
-    bias = _as_bias(_checks.optional_bias("logit_bias", logit_bias, device), image_features)
-    dist = _dist.prepare(group, gather, local_loss, op="clip_loss", query=image_features, n_keys=n,
-                         options={"bias": bias is not None, "text_requires_grad": text_features.requires_grad},
-                         scalars={"logit_scale": s, "logit_bias": bias})
-    spec = SoftmaxSpec(positive_index=torch.arange(n, device=device), symmetric=True)
-    return _softmax(image_features, text_features, s, bias, spec, "mean", backend, dist=dist)
+    image_features, text_features, s, bias = _towers(image_features, text_features, logit_scale, logit_bias)
+    n = image_features.shape[0]
+    spec = SoftmaxSpec(positive_index=torch.arange(n, device=image_features.device), symmetric=True)
+    call = Lowered(image_features, text_features, None, s, bias, spec)
+    return _softmax(call, "mean", backend, _prepare(call, group, gather, local_loss, "clip_loss"), "clip_loss")
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend=None, group=None,
@@ -323,22 +266,12 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
             neighbour exchange): a rank's images meet their own texts with the positives and
             every other rank's texts as negatives only; the sum is divided by the global N.
     """
-    image_features, text_features = _two_towers(("image_features", "text_features"), image_features, text_features)
-    n, device = image_features.shape[0], image_features.device
-    if isinstance(logit_scale, torch.Tensor) and logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar (shape () or (1,)); got {tuple(logit_scale.shape)}")
     if logit_bias is None:
         raise ValueError("siglip_loss needs logit_bias (a float or a scalar tensor); SigLIP initialises it to -10")
-    s = _as_scale(_checks.scalar_or_rows("logit_scale", logit_scale, n, device, positive=False), False, image_features)
-    bias = _as_bias(_checks.optional_bias("logit_bias", logit_bias, device), image_features)
-    dist = _dist.prepare(group, gather, local_loss, op="siglip_loss", query=image_features, n_keys=n,
-                         options={"text_requires_grad": text_features.requires_grad},
-                         scalars={"logit_scale": s, "logit_bias": bias})
-    spec = SigmoidSpec(positive_index=torch.arange(n, device=device), n_rows_norm=n)
-    module = resolve(backend, device)
-    if dist is not None:
-        return _dist.finish(dist, _dist.sigmoid_loss(dist, module, image_features, text_features, s, bias, spec))
-    return module.sigmoid_loss(image_features, text_features, s, bias, spec)
+    image_features, text_features, s, bias = _towers(image_features, text_features, logit_scale, logit_bias)
+    n = image_features.shape[0]
+    spec = SigmoidSpec(positive_index=torch.arange(n, device=image_features.device), n_rows_norm=n)
+    return _sigmoid(image_features, text_features, s, bias, spec, backend, group, gather, local_loss, "siglip_loss")
 
 
 def _views(names, z1, z2, normalize: bool):
@@ -367,15 +300,11 @@ def nt_xent(z1, z2, temperature: Number = 0.5, *, normalize: bool = True, backen
             each rank passes its ``N_r`` pairs and the loss is over all ``2 * sum N_r`` views.
     """
     x = _views(("z1", "z2"), z1, z2, normalize)
-    n2 = x.shape[0]
-    t = _checks.scalar_or_rows("temperature", temperature, 1, x.device, positive=True)
-    if isinstance(t, torch.Tensor) and t.dim():
-        raise ValueError(f"temperature must be a scalar; got {tuple(t.shape)}")
-    scale = _as_scale(t, True, x)
-    dist = _dist.prepare(group, gather, local_loss, op="nt_xent", query=x, n_keys=n2,
-                         options={"normalize": normalize, "requires_grad": x.requires_grad}, scalars={"temperature": t})
-    spec = SoftmaxSpec(positive_index=_pair_positions(n2 // 2, x.device), exclude_self=True)
-    return _softmax(x, x, scale, None, spec, "mean", backend, dist=dist)
+    t = _scalar_temperature(temperature, x.device)
+    spec = SoftmaxSpec(positive_index=_pair_positions(x.shape[0] // 2, x.device), exclude_self=True)
+    call = Lowered(x, x, None, as_scale(t, True, x), None, spec)
+    dist = _prepare(call, group, gather, local_loss, "nt_xent", scalars={"temperature": t})
+    return _softmax(call, "mean", backend, dist, "nt_xent")
 
 
 def supcon(features, labels=None, *, temperature: Number = 0.1, base_temperature: Optional[float] = None,
@@ -411,27 +340,16 @@ def supcon(features, labels=None, *, temperature: Number = 0.1, base_temperature
         if group is not None:
             labels = _dist.unique_labels(group, b, device)
     labels = _checks.integer_vector("labels", labels, b, device)
-    t = _checks.scalar_or_rows("temperature", temperature, 1, device, positive=True)
-    if isinstance(t, torch.Tensor) and t.dim():
-        raise ValueError(f"temperature must be a scalar; got {tuple(t.shape)}")
-    if base_temperature is None:
-        base_temperature = t
-    else:
-        base_temperature = _checks.scalar_or_rows("base_temperature", base_temperature, 1, device, positive=True)
+    t = _scalar_temperature(temperature, device)
+    base_t = t if base_temperature is None else _checks.scalar_or_rows("base_temperature", base_temperature, 1,
+                                                                         device, positive=True)
     contrast = features.transpose(0, 1).reshape(b * v, -1)
     contrast_labels = labels.repeat(v)
-    if contrast_mode == "all":
-        anchors, anchor_labels = contrast, contrast_labels
-    else:
-        anchors, anchor_labels = features[:, 0], labels
-    scale = _as_scale(t, True, features)
-    dist = _dist.prepare(group, gather, local_loss, op="supcon", query=anchors, n_keys=contrast.shape[0],
-                         options={"contrast_mode": contrast_mode == "all", "views": v,
-                                  "requires_grad": features.requires_grad},
-                         scalars={"temperature": t, "base_temperature": base_temperature})
+    anchors, anchor_labels = (contrast, contrast_labels) if contrast_mode == "all" else (features[:, 0], labels)
     spec = SoftmaxSpec(row_labels=anchor_labels, col_labels=contrast_labels, exclude_self=True)
-    loss = _softmax(anchors, contrast, scale, None, spec, "mean", backend, dist=dist)
-    return loss * (t / base_temperature)
+    call = Lowered(anchors, contrast, None, as_scale(t, True, features), None, spec)
+    dist = _prepare(call, group, gather, local_loss, "supcon", scalars={"temperature": t, "base_temperature": base_t})
+    return _softmax(call, "mean", backend, dist, "supcon") * (t / base_t)
 
 
 def _von_mises_fisher_weights(x1: torch.Tensor, x2: torch.Tensor, sigma: float, dist=None) -> torch.Tensor:
@@ -468,20 +386,14 @@ def dcl(z1, z2, temperature: Number = 0.1, *, weight_sigma: Optional[float] = No
     """
     x = _views(("z1", "z2"), z1, z2, normalize)
     n = x.shape[0] // 2
-    t = _checks.scalar_or_rows("temperature", temperature, 1, x.device, positive=True)
-    if isinstance(t, torch.Tensor) and t.dim():
-        raise ValueError(f"temperature must be a scalar; got {tuple(t.shape)}")
-    scale = _as_scale(t, True, x)
-    dist = _dist.prepare(group, gather, local_loss, op="dcl", query=x, n_keys=2 * n,
-                         options={"normalize": normalize, "weighted": weight_sigma is not None,
-                                  "requires_grad": x.requires_grad},
-                         scalars={"temperature": t, "weight_sigma": weight_sigma})
-    pos_weight = None
-    if weight_sigma is not None:
+    t = _scalar_temperature(temperature, x.device)
+    weighted = weight_sigma is not None
+    spec = SoftmaxSpec(positive_index=_pair_positions(n, x.device), exclude_self=True, decoupled=True,
+                       pos_weight=x.new_empty(0) if weighted else None)  # the weights need the context first
+    call = Lowered(x, x, None, as_scale(t, True, x), None, spec)
+    dist = _prepare(call, group, gather, local_loss, "dcl", scalars={"temperature": t, "weight_sigma": weight_sigma})
+    if weighted:
         sigma = _checks.scalar_or_rows("weight_sigma", weight_sigma, 1, x.device, positive=True)
         w = _von_mises_fisher_weights(x[:n], x[n:], sigma, dist)
-        pos_weight = torch.cat([w, w])
-    spec = SoftmaxSpec(positive_index=_pair_positions(n, x.device), exclude_self=True, decoupled=True,
-                       pos_weight=pos_weight)
-    return _softmax(x, x, scale, None, spec, "mean", backend, dist=dist)
-
+        call = call._replace(spec=replace(spec, pos_weight=torch.cat([w, w])))
+    return _softmax(call, "mean", backend, dist, "dcl")

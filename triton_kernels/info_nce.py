@@ -17,24 +17,25 @@ Kernels:
 
 * ``softmax_stats_kernel``: the forward online (max, sum-exp) per anchor in fp32/fp64, masked
   entries at -inf and a zero shift for all-masked lines (no ``-inf - -inf``). With ``OWN_ROWS``
-  it also yields each row's positive-logit sum and count: label positives are an in-tile label
-  comparison, a one-hot positive one row-wise dot product outside the tile loop (two fewer
-  reductions per tile). For symmetric losses it runs a second time with
+  and labels it also yields each row's label-positive logit sum and count (an in-tile label
+  comparison; one-hot positive logits are one row-wise dot product in ``fastcl.ops``). For
+  symmetric losses it runs a second time with
   columns as anchors: a second pass costs ``2NMD`` more FLOPs, whereas merging per-row-tile
   column partials needs an ``(N / BLOCK_A) x C`` buffer, which grows like ``N * C``; atomics
   would make the merge order (and the bits) vary run to run.
 * ``grad_kernel``: recomputes tiles and forms the gradient tile ``G = d loss / d S`` (softmax:
-  ``w_i p_ij + w'_j p'_ij - [j in P_i] coef_i``; sigmoid: ``(sigmoid(L_ij) - z_ij) / N``), then
-  ``acc += G @ B_tile[:, D-chunk]``. Owning rows gives ``dQ = s_i * acc`` and
-  ``ds_i = <q_i, acc_i>``; owning columns (``G`` scaled by ``s_i``) gives ``dK``. Each output
-  element is written by exactly one program that sums in a fixed order: no atomics, so the
-  backward is bitwise deterministic (FlashAttention-2's dQ / dK split; both kernels recompute
-  ``S``, so a backward costs ``8NMD`` FLOPs with the recompute, forward excluded). Row sums of
-  ``G`` (for the bias gradient) and, for the sigmoid family, the loss per row come from the same
-  row-owning pass; the sigmoid family needs no statistics, so its gradient kernels run inside
-  the forward.
+  ``w_i p_ij + w'_j p'_ij - [j in P_i] coef_i``; sigmoid: ``sigmoid(L_ij) - z_ij``), then
+  ``acc += G @ B_tile[:, D-chunk]``. Owning rows gives ``sum_j G_ij k_j``; owning columns (``G``
+  scaled by ``s_i``) gives ``sum_i G_ij s_i q_i``: the two accumulators of the backend contract
+  (``fastcl/backends/__init__.py``), from which ``fastcl.ops`` forms dQ, d(scale) and dK. Each
+  output element is written by exactly one program that sums in a fixed order: no atomics, so
+  the backward is bitwise deterministic (FlashAttention-2's dQ / dK split; both kernels
+  recompute ``S``, so a backward costs ``8NMD`` FLOPs with the recompute, forward excluded).
+  Row sums of ``G`` (for the sigmoid bias gradient) and, for the sigmoid family, the loss per
+  row come from the same row-owning pass; the sigmoid family needs no statistics, so its
+  gradient kernels run inside the forward.
 
-Large D (DESIGN section 8). ``S`` is always built by walking D in ``BLOCK_D`` chunks. The
+Large D (docs/design.md §7). ``S`` is always built by walking D in ``BLOCK_D`` chunks. The
 gradient accumulator is ``BLOCK_A x BLOCK_X``: the grid's second axis splits D into ``BLOCK_X``
 chunks and each program rebuilds ``S`` over the full D. The launcher takes ``BLOCK_X`` = the
 padded width up to 256, so for D <= 256 this is the fully fused backward (a ``BLOCK_A x D``
@@ -129,26 +130,6 @@ def _tile_masks(rows, cols, N, C, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr
 
 
 @triton.jit
-def _positive_logits(q_ptr, k_ptr, offs_q, q_in, D, pos_ptr, scale_ptr, scalars_ptr, HAS_BIAS: tl.constexpr,
-                     ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``s_i * <q_i, k_pos(i)> (+ bias)`` for a block of rows (one-hot positives)."""
-    pos = tl.load(pos_ptr + offs_q, mask=q_in, other=0)
-    q_rows = q_ptr + offs_q.to(tl.int64)[:, None] * D
-    k_rows = k_ptr + pos.to(tl.int64)[:, None] * D
-    dot = tl.zeros((BLOCK_Q,), dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = q_in[:, None] & (offs_d[None, :] < D)
-        q = tl.load(q_rows + offs_d[None, :], mask=mask, other=0.0)
-        k = tl.load(k_rows + offs_d[None, :], mask=mask, other=0.0)
-        dot += tl.sum(q.to(ACC) * k.to(ACC), axis=1)
-    dot = dot * tl.load(scale_ptr + offs_q, mask=q_in, other=0.0)
-    if HAS_BIAS:
-        dot = dot + tl.load(scalars_ptr)
-    return dot
-
-
-@triton.jit
 def _log1p(x):
     # log(1 + x) with the rounding of 1 + x corrected (exact enough for tiny x, no libdevice)
     u = 1.0 + x
@@ -177,8 +158,8 @@ def softmax_stats_kernel(
     DECOUPLED: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Per anchor of the owned axis: ``lse = LSE_{j in D} S``; with ``OWN_ROWS`` also the sum of
-    positive logits and the positive count (``[N]`` each, ``ACC``)."""
+    """Per anchor of the owned axis: ``lse = LSE_{j in D} S``; with ``OWN_ROWS`` and ``LABELS``
+    also the sum of the label-positive logits and their count (``[N]`` each, ``ACC``)."""
     if OWN_ROWS:
         n_a = N
         n_b = C
@@ -191,12 +172,6 @@ def softmax_stats_kernel(
     l = tl.zeros((BLOCK_A,), dtype=ACC)
     pos_sum = tl.zeros((BLOCK_A,), dtype=ACC)
     pos_cnt = tl.zeros((BLOCK_A,), dtype=ACC)
-    if OWN_ROWS and not LABELS:
-        # a one-hot positive's logit is one dot product per row: taken here, outside the tile
-        # loop, it spares every tile two row reductions (and their registers)
-        pos_sum = _positive_logits(a_ptr, b_ptr, offs_a, a_in, D, pos_ptr, scale_ptr, scalars_ptr, HAS_BIAS, ACC,
-                                   BLOCK_A, BLOCK_D)
-        pos_cnt += 1.0
     for b0 in range(0, n_b, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         rows, cols = _oriented(offs_a, offs_b, OWN_ROWS)
@@ -218,7 +193,7 @@ def softmax_stats_kernel(
     # log(0) = -inf is meant (an empty denominator); the where only keeps the interpreter quiet
     lse = tl.where(l == 0.0, NEG_INF, m + tl.log(tl.where(l == 0.0, 1.0, l)))
     tl.store(lse_ptr + offs_a, lse, mask=a_in)
-    if OWN_ROWS:
+    if OWN_ROWS and LABELS:
         tl.store(pos_sum_ptr + offs_a, pos_sum, mask=a_in)
         tl.store(pos_cnt_ptr + offs_a, pos_cnt, mask=a_in)
 
@@ -227,23 +202,21 @@ def softmax_stats_kernel(
 def grad_kernel(
     a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
     lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
-    out_ptr, ds_ptr, gsum_ptr, loss_ptr,
+    out_ptr, gsum_ptr, loss_ptr,
     N, C, D, n_out,
     SIGMOID: tl.constexpr, OWN_ROWS: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, DECOUPLED: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACCUMULATE: tl.constexpr, STORE_OUT: tl.constexpr, WRITE_DS: tl.constexpr, WRITE_GSUM: tl.constexpr,
+    ACCUMULATE: tl.constexpr, STORE_OUT: tl.constexpr, WRITE_GSUM: tl.constexpr,
     WRITE_LOSS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     """Gradient of the owned block, for features ``[pid_x * BLOCK_X, +BLOCK_X)``.
 
-    ``OWN_ROWS``: ``out = dQ = s_i * sum_j G_ij k_j`` (``[N, D]``, input dtype),
-    ``ds[pid_x, i] = <q_i, sum_j G_ij k_j>`` over this D-chunk, ``gsum[i] = sum_j G_ij`` and
-    (sigmoid) ``loss[i] = sum_j softplus(-z_ij L_ij)``. Otherwise ``out = dK = sum_i G_ij s_i q_i``
-    for the first ``n_out`` columns. Softmax inputs: per row ``lse_row`` (finite), ``w_row`` (the
-    upstream gradient, 0 on invalid anchors) and ``coef`` (the positive weight ``t_ij`` summed over
-    both directions); per column ``lse_col``/``w_col`` for symmetric. Sigmoid: ``scalars[1]`` is
-    the ``1/N`` on every ``G``.
+    ``OWN_ROWS``: ``out = sum_j G_ij k_j`` (``[N, D]``, ``ACC``), ``gsum[i] = sum_j G_ij`` and
+    (sigmoid) ``loss[i] = sum_j softplus(-z_ij L_ij)``. Otherwise ``out = sum_i G_ij s_i q_i`` for
+    the first ``n_out`` columns. Softmax inputs: per row ``lse_row`` (finite), ``w_row`` (0 on
+    anchors without gradient) and ``coef`` (the target weight on each positive entry); per column
+    ``lse_col``/``w_col`` for symmetric.
     """
     if OWN_ROWS:
         n_a = N
@@ -269,7 +242,7 @@ def grad_kernel(
             if WRITE_LOSS:
                 # every entry as a negative, softplus(L); a positive is softplus(L) - L
                 loss += tl.sum(tl.where(keep, _softplus(t), 0.0) - tl.where(match, t, 0.0), axis=1)
-            g = tl.where(keep, (_sigmoid(t) - match.to(ACC)) * tl.load(scalars_ptr + 1), 0.0)
+            g = tl.where(keep, _sigmoid(t) - match.to(ACC), 0.0)
         else:
             if DECOUPLED:
                 t = tl.where(keep & ~match, t, NEG_INF)
@@ -302,11 +275,6 @@ def grad_kernel(
         tl.store(loss_ptr + offs_a, loss, mask=a_in & first_chunk)
     if ACCUMULATE:
         offs_a64 = offs_a.to(tl.int64)
-        if OWN_ROWS:
-            if WRITE_DS:
-                q = tl.load(a_ptr + offs_a64[:, None] * D + offs_x[None, :], mask=a_in[:, None] & x_in, other=0.0)
-                tl.store(ds_ptr + pid_x * N + offs_a, tl.sum(q.to(ACC) * acc, axis=1), mask=a_in)
-            acc = acc * tl.load(scale_ptr + offs_a, mask=a_in, other=0.0)[:, None]
         if STORE_OUT:
             tl.store(out_ptr + offs_a64[:, None] * D + offs_x[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=(offs_a < n_out)[:, None] & x_in)

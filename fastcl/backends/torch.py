@@ -1,23 +1,27 @@
-"""Blockwise PyTorch backend: the readable specification and the CPU fallback.
+"""Blockwise PyTorch backend: the passes of ``fastcl.backends`` in plain PyTorch, the readable
+specification of the contract and the CPU path.
 
-The similarity ``S = s * Q K^T`` is visited one (row block x column block) tile at a time.
-The forward keeps online (reference, sum-exp) statistics per row, and per column for symmetric
-losses; the backward recomputes each tile from the saved inputs and statistics
-(FlashAttention's trade). No tensor larger than one tile is ever created, so the extra memory
-is O((N + C) * D + block_rows * block_cols) whatever N and C are.
+The similarity ``S = s * Q K^T`` is visited one (row block x column block) tile at a time; no
+tensor larger than one tile is created, so the extra memory is O((N + C) * D + tile) whatever
+N and C are. The statistics pass keeps online (reference, sum-exp) pairs per row, and per column
+for symmetric specs; the gradient pass recomputes each tile from the final statistics
+(FlashAttention's trade).
 
 On a CPU the matmuls run near peak and the elementwise passes over each tile are what cost, so
 the code counts passes:
 
-* the row scale is folded into the queries once (``qs = s * q``), and a scalar bias, which a
-  softmax cancels, is added analytically instead of to every logit;
+* the row scale is folded into the queries once (``qs = s * q``);
+* label positives are per-class sums outside the tiles (:class:`_LabelClasses`), so tiles
+  carry a label mask only when positives leave the denominator;
 * a symmetric tile shares one ``exp`` between its row and column statistics, referenced to the
   tile's maximum; rows or columns whose share would lose precision to underflow are redone
   exactly (``_SAFE_LOG`` says when);
-* the backward folds ``-LSE_i`` into the tile's matmul as one extra feature column, so
-  ``exp`` of the matmul output is already the row softmax.
+* the gradient pass folds ``-LSE_i`` into the tile's matmul as one extra feature column, so
+  ``exp`` of the matmul output is already the row softmax, and applies the one-hot target
+  terms outside the tiles.
 
-Runs on any device PyTorch runs on; statistics and accumulation are fp32 (fp64 for fp64 inputs).
+Runs on any device PyTorch runs on (on a GPU it syncs once per tile to read the tile maximum:
+a fallback there, not the fast path).
 """
 
 import math
@@ -26,8 +30,8 @@ from typing import Optional
 
 import torch
 
-from .._spec import SigmoidSpec, SoftmaxSpec
-from .common import NEG_INF, anchor_losses, compute_dtype, finite_or_zero, row_scale, scaled_saved_gradients, sum_to_scale
+from .._spec import SoftmaxSpec
+from .common import NEG_INF, SigmoidSums, SoftmaxStats, finite_or_zero
 
 # Largest tile, in elements: 2**19 fp32 values (2 MiB) keep a tile and its temporaries in a
 # CPU's last-level cache. FASTCL_TORCH_BLOCK="rows,cols" overrides the shape (tests use tiny
@@ -71,14 +75,6 @@ class _Buffer:
         return self.data[: rows * cols].view(rows, cols)
 
 
-
-
-def _bias_value(bias: Optional[torch.Tensor]) -> float:
-    return 0.0 if bias is None else float(bias.detach())
-
-
-
-
 # ----------------------------------------------------------------------------------------------
 # Tiles and masks
 
@@ -106,6 +102,8 @@ def _hide_positives(tile, spec: SoftmaxSpec, match, r0, r1, c0, c1) -> None:
         return
     if match is not None:
         tile.masked_fill_(match, NEG_INF)
+        return
+    if spec.positive_index is None:
         return
     pos = spec.positive_index[r0:r1]
     rows = torch.nonzero((pos >= c0) & (pos < c1)).flatten()
@@ -221,136 +219,90 @@ def _merge_rows_and_cols(tile, row_ref, row_acc, col_ref, col_acc, work, safe_lo
 # Softmax family
 
 
-class SoftmaxLoss(torch.autograd.Function):
-    """Per-anchor softmax-family losses, blockwise, with recompute in the backward.
+def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
+    """Row (and, for symmetric specs, column) LSE of the block, and label-positive sums."""
+    cd = scale_rows.dtype
+    q, k = query.to(cd), key.to(cd)
+    n, c, dev = q.shape[0], k.shape[0], q.device
+    qs = q * scale_rows[:, None]
+    tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
 
-    Returns ``(row_loss[N], col_loss[N] or empty, row_valid[N], col_valid[N] or empty)`` in the
-    compute dtype. ``col_loss[i]`` is the loss of column ``positive_index[i]`` as an anchor.
-    Invalid anchors (no positive, or an empty denominator) have loss 0 and no gradient.
-
-    A scalar bias ``b`` shifts every logit of a row equally, so the softmax ignores it: tiles are
-    built without it and the loss gains ``b * (1 - pos_weight_i)`` (0 unless DCLW weights).
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, scale, bias, spec: SoftmaxSpec):
-        cd = compute_dtype(query.dtype)
-        q, k = query.to(cd), key.to(cd)
-        n, c, dev = q.shape[0], k.shape[0], q.device
-        s_rows = row_scale(scale, n, cd)
-        qs = q * s_rows[:, None]
-        tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
-
-        row_ref = torch.full((n,), NEG_INF, dtype=cd, device=dev)
-        row_acc = torch.zeros(n, dtype=cd, device=dev)
+    row_ref = torch.full((n,), NEG_INF, dtype=cd, device=dev)
+    row_acc = torch.zeros(n, dtype=cd, device=dev)
+    if spec.symmetric:
+        col_ref = torch.full((c,), NEG_INF, dtype=cd, device=dev)
+        col_acc = torch.zeros(c, dtype=cd, device=dev)
+    for r0, r1, c0, c1 in _tiles(n, c):
+        tile = _masked_tile(qs, k, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
+        work = work_buf.view(r1 - r0, c1 - c0)
         if spec.symmetric:
-            col_ref = torch.full((c,), NEG_INF, dtype=cd, device=dev)
-            col_acc = torch.zeros(c, dtype=cd, device=dev)
-        for r0, r1, c0, c1 in _tiles(n, c):
-            tile = _masked_tile(qs, k, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
-            work = work_buf.view(r1 - r0, c1 - c0)
-            if spec.symmetric:
-                _merge_rows_and_cols(tile, row_ref[r0:r1], row_acc[r0:r1], col_ref[c0:c1], col_acc[c0:c1],
-                                     work, _SAFE_LOG[cd])
-            else:
-                _merge_exact(row_ref[r0:r1], row_acc[r0:r1], tile, 1, work)
-
-        lse_row = row_ref + torch.log(row_acc)
-        pos_cnt = None
-        if spec.uses_labels:
-            classes = _LabelClasses(spec, n, c)
-            pos_cnt = classes.over_row_positives(torch.ones(c, dtype=cd, device=dev))
-            pos_term = (qs * classes.over_row_positives(k)).sum(dim=1) / pos_cnt.clamp(min=1)
+            _merge_rows_and_cols(tile, row_ref[r0:r1], row_acc[r0:r1], col_ref[c0:c1], col_acc[c0:c1],
+                                 work, _SAFE_LOG[cd])
         else:
-            pos_term = (qs * k[spec.positive_index]).sum(dim=1)
-        lse_col = (col_ref + torch.log(col_acc))[spec.positive_index] if spec.symmetric else None
-        row_loss, col_loss, row_valid, col_valid = anchor_losses(spec, lse_row, pos_term, pos_cnt, lse_col, bias)
-        if lse_col is None:
-            lse_col = col_loss
+            _merge_exact(row_ref[r0:r1], row_acc[r0:r1], tile, 1, work)
 
-        ctx.spec = spec
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(query, key, scale, bias if bias is not None else torch.empty(0),
-                              lse_row, lse_col, row_valid, col_valid,
-                              pos_cnt if pos_cnt is not None else torch.empty(0))
-        ctx.mark_non_differentiable(row_valid, col_valid)
-        return row_loss, col_loss, row_valid, col_valid
+    lse_col = col_ref + torch.log(col_acc) if spec.symmetric else None
+    pos_sum = pos_cnt = None
+    if spec.uses_labels:
+        classes = _LabelClasses(spec, n, c)
+        pos_cnt = classes.over_row_positives(torch.ones(c, dtype=cd, device=dev))
+        pos_sum = (qs * classes.over_row_positives(k)).sum(dim=1)
+    return SoftmaxStats(row_ref + torch.log(row_acc), lse_col, pos_sum, pos_cnt)
 
-    @staticmethod
-    def backward(ctx, grad_row, grad_col, _grad_row_valid, _grad_col_valid):
-        query, key, scale, bias, lse_row, lse_col, row_valid, col_valid, pos_cnt = ctx.saved_tensors
-        spec: SoftmaxSpec = ctx.spec
-        need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
-        cd = lse_row.dtype
-        q, k = query.to(cd), key.to(cd)
-        n, c, d, dev = q.shape[0], k.shape[0], q.shape[1], q.device
-        s_rows = row_scale(scale, n, cd)
-        n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
-        pw = None if spec.pos_weight is None else spec.pos_weight.to(cd)
 
-        # Softmax-term weight of each anchor: the incoming gradient, zero on invalid anchors.
-        w_row = torch.where(row_valid, grad_row.to(cd), torch.zeros_like(lse_row))
-        w_col_by_row = None
+def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef, lse_col=None, w_col=None, *,
+                 rows: bool = True, cols: bool = True):
+    """``(sum_j G_ij k_j, sum_i G_ij s_i q_i)`` of the block from final statistics."""
+    cd = scale_rows.dtype
+    q, k = query.to(cd), key.to(cd)
+    n, c, d, dev = q.shape[0], k.shape[0], q.shape[1], q.device
+    n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
+
+    # [qs | -LSE_i] @ [k | 1]^T = S - LSE_i: the matmul yields the exponent of the row softmax.
+    lse_safe = finite_or_zero(lse_row)
+    qs_aug = torch.cat([q * scale_rows[:, None], -lse_safe[:, None]], dim=1)
+    k_aug = torch.cat([k, torch.ones(c, 1, dtype=cd, device=dev)], dim=1)
+    qs, k_view = qs_aug[:, :d], k_aug[:, :d]
+    if spec.symmetric:
+        is_anchor = w_col != 0
+        # +inf on columns that carry no weight keeps exp(S - LSE'_j) at 0 there
+        lse_col = torch.where(is_anchor, lse_col, float("inf"))
+    acc_q = torch.zeros_like(q) if rows else None
+    acc_k = torch.zeros_like(k) if cols else None
+    safe_log = _SAFE_LOG[cd]
+
+    tile_buf, grad_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
+    for r0, r1, c0, c1 in _tiles(n, c):
+        key_part = cols and c0 < n_grad_cols
+        if not (rows or key_part):
+            continue
+        tile = _masked_tile(qs_aug, k_aug, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
+        g = grad_buf.view(r1 - r0, c1 - c0)
         if spec.symmetric:
-            w_col_by_row = torch.where(col_valid, grad_col.to(cd), torch.zeros_like(lse_col))
-            w_col = torch.zeros(c, dtype=cd, device=dev).index_put_((spec.positive_index,), w_col_by_row)
-            is_anchor = w_col != 0
-            # +inf on columns that are not anchors keeps exp(S - LSE'_j) at 0 there
-            lse_col_full = torch.full((c,), float("inf"), dtype=cd, device=dev)
-            lse_col_full[spec.positive_index[w_col_by_row != 0]] = lse_col[w_col_by_row != 0]
-        if spec.uses_labels:
-            # -t_ij on each label positive: t_ij = pos_weight_i / |P_i|
-            label_coef = w_row / pos_cnt.clamp(min=1)
-            if pw is not None:
-                label_coef = label_coef * pw
-
-        # [qs | -LSE_i] @ [k | 1]^T = S - LSE_i: the matmul yields the exponent of the row softmax.
-        lse_safe = finite_or_zero(lse_row)
-        qs_aug = torch.cat([q * s_rows[:, None], -lse_safe[:, None]], dim=1)
-        k_aug = torch.cat([k, torch.ones(c, 1, dtype=cd, device=dev)], dim=1)
-        qs, k_view = qs_aug[:, :d], k_aug[:, :d]
-        dq_acc = torch.zeros_like(q)  # sum_j G_ij k_j, before the row scale
-        dk = torch.zeros_like(k) if need_k else None
-        safe_log = _SAFE_LOG[cd]
-
-        tile_buf, grad_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
-        for r0, r1, c0, c1 in _tiles(n, c):
-            tile = _masked_tile(qs_aug, k_aug, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
-            g = grad_buf.view(r1 - r0, c1 - c0)
-            if spec.symmetric:
-                _symmetric_grad(g, tile, w_row[r0:r1], lse_safe[r0:r1], w_col[c0:c1], lse_col_full[c0:c1],
-                                is_anchor[c0:c1], safe_log)
-            else:
-                torch.mul(tile.exp_(), w_row[r0:r1, None], out=g)  # w_i * exp(S_ij - LSE_i)
-            dq_acc[r0:r1].addmm_(g, k_view[c0:c1])
-            if need_k and c0 < n_grad_cols:
-                hi = min(c1, n_grad_cols)
-                dk[c0:hi].addmm_(g[:, : hi - c0].T, qs[r0:r1])
-
-        # sum_j G_ij = w_row_i * (1 - pos_weight_i) (+ the column anchor's share): d(bias)
-        bias_coef = w_row if w_col_by_row is None else w_row + w_col_by_row
-        if spec.uses_labels:
-            # -t_ij on every label positive, summed per class outside the tiles
-            classes = _LabelClasses(spec, n, c)
-            dq_acc.sub_(label_coef[:, None] * classes.over_row_positives(k))
-            if need_k:
-                dk[:n_grad_cols] -= classes.over_col_positives(label_coef[:, None] * qs)[:n_grad_cols]
+            _symmetric_grad(g, tile, w_row[r0:r1], lse_safe[r0:r1], w_col[c0:c1], lse_col[c0:c1],
+                            is_anchor[c0:c1], safe_log)
         else:
-            # the one-hot target -t_ij lives on one entry per row: applied outside the tiles
-            coef = -bias_coef if pw is None else -bias_coef * pw
-            pos = spec.positive_index
-            dq_acc.add_(coef[:, None] * k[pos])
-            if need_k:
-                dk.index_add_(0, pos, (coef * (pos < n_grad_cols))[:, None] * qs)
+            torch.mul(tile.exp_(), w_row[r0:r1, None], out=g)  # w_i * exp(S_ij - LSE_i)
+        if rows:
+            acc_q[r0:r1].addmm_(g, k_view[c0:c1])
+        if key_part:
+            hi = min(c1, n_grad_cols)
+            acc_k[c0:hi].addmm_(g[:, : hi - c0].T, qs[r0:r1])
 
-        grad_q = (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None
-        grad_k = dk.to(key.dtype) if need_k else None
-        grad_s = sum_to_scale((dq_acc * q).sum(dim=1), scale) if need_s else None
-        grad_b = None
-        if need_b:
-            db = torch.zeros((), dtype=cd, device=dev) if pw is None else (bias_coef * (1 - pw)).sum()
-            grad_b = db.to(bias.dtype).reshape(bias.shape)
-        return grad_q, grad_k, grad_s, grad_b, None
+    # the target terms -coef_i on each positive, outside the tiles
+    if spec.uses_labels:
+        classes = _LabelClasses(spec, n, c)
+        if rows:
+            acc_q.sub_(coef[:, None] * classes.over_row_positives(k))
+        if cols:
+            acc_k[:n_grad_cols] -= classes.over_col_positives(coef[:, None] * qs)[:n_grad_cols]
+    elif spec.positive_index is not None:
+        pos = spec.positive_index
+        if rows:
+            acc_q.sub_(coef[:, None] * k[pos])
+        if cols:
+            acc_k.index_add_(0, pos, (-coef * (pos < n_grad_cols))[:, None] * qs)
+    return acc_q, acc_k
 
 
 def _symmetric_grad(g, tile, w_row, lse_row, w_col, lse_col, is_anchor, safe_log) -> None:
@@ -377,75 +329,49 @@ def _symmetric_grad(g, tile, w_row, lse_row, w_col, lse_col, is_anchor, safe_log
 # Sigmoid family
 
 
-class SigmoidLoss(torch.autograd.Function):
-    """Sigmoid-family loss (a scalar), blockwise.
+def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = True, cols: bool = True,
+                 gsum: bool = True) -> SigmoidSums:
+    """Sigmoid loss and gradient sums of the block.
 
-    Every entry is first treated as a negative (``softplus(L_ij)``); each positive then gets
-    ``softplus(-x) - softplus(x) = -x``. The gradient of a logit needs no global statistic, so
-    when autograd will need gradients the forward forms them tile by tile and the backward only
-    scales them (6NMD FLOPs in all).
+    Every entry is first treated as a negative (``softplus(L_ij)``, ``G = sigmoid(L_ij)``); each
+    positive then gets ``softplus(-x) - softplus(x) = -x`` and ``G -= 1``, outside the tiles.
     """
+    cd = scale_rows.dtype
+    q, k = query.to(cd), key.to(cd)
+    n, c, dev = q.shape[0], k.shape[0], q.device
+    b = 0.0 if bias is None else float(bias.detach())
+    qs = q * scale_rows[:, None]
+    total = torch.zeros((), dtype=cd, device=dev)
+    g_sum = torch.zeros((), dtype=cd, device=dev) if gsum else None
+    acc_q = torch.zeros_like(q) if rows else None
+    acc_k = torch.zeros_like(k) if cols else None
+    tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
+    for r0, r1, c0, c1 in _tiles(n, c):
+        tile = torch.matmul(qs[r0:r1], k[c0:c1].T, out=tile_buf.view(r1 - r0, c1 - c0))
+        if b:
+            tile.add_(b)
+        work = work_buf.view(r1 - r0, c1 - c0)
+        total += torch.ops.aten.softplus.out(tile, 1.0, 50.0, out=work).sum()
+        if rows or cols or gsum:
+            g = torch.sigmoid(tile, out=work)
+            if rows:
+                acc_q[r0:r1].addmm_(g, k[c0:c1])
+            if cols:
+                acc_k[c0:c1].addmm_(g.T, qs[r0:r1])
+            if gsum:
+                g_sum += g.sum()
 
-    @staticmethod
-    def forward(ctx, query, key, scale, bias, spec: SigmoidSpec):
-        cd = compute_dtype(query.dtype)
-        q, k = query.to(cd), key.to(cd)
-        n, c, dev = q.shape[0], k.shape[0], q.device
-        s_rows = row_scale(scale, n, cd)
-        b = _bias_value(bias)
-        need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
-        need_grad = need_q or need_k or need_s or need_b
-        inv_n = 1.0 / spec.n_rows_norm
-
-        qs = q * s_rows[:, None]
-        total = torch.zeros((), dtype=cd, device=dev)
-        if need_grad:
-            dq_acc = torch.zeros_like(q)
-            dk = torch.zeros_like(k)
-            db = torch.zeros((), dtype=cd, device=dev)
-        tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
-        for r0, r1, c0, c1 in _tiles(n, c):
-            tile = torch.matmul(qs[r0:r1], k[c0:c1].T, out=tile_buf.view(r1 - r0, c1 - c0))
-            if b:
-                tile.add_(b)
-            work = work_buf.view(r1 - r0, c1 - c0)
-            total += torch.ops.aten.softplus.out(tile, 1.0, 50.0, out=work).sum()
-            if need_grad:
-                g = torch.sigmoid(tile, out=work)
-                dq_acc[r0:r1].addmm_(g, k[c0:c1])
-                dk[c0:c1].addmm_(g.T, qs[r0:r1])
-                if need_b:
-                    db += g.sum()
-
-        rows = torch.nonzero(spec.positive_index >= 0).flatten()
-        pos = spec.positive_index[rows]
-        pos_logit = (qs[rows] * k[pos]).sum(dim=1) + b
-        loss = (total - pos_logit.sum()) * inv_n
-
-        if need_grad:
-            dq_acc.index_add_(0, rows, -k[pos])
-            dk.index_add_(0, pos, -qs[rows])
-            db -= rows.numel()
-            dq_acc *= inv_n
-            ctx.save_for_backward(
-                (dq_acc * s_rows[:, None]).to(query.dtype) if need_q else None,
-                (dk * inv_n).to(key.dtype) if need_k else None,
-                sum_to_scale((dq_acc * q).sum(dim=1), scale) if need_s else None,
-                (db * inv_n).to(bias.dtype).reshape(bias.shape) if need_b else None,
-            )
-        return loss
-
-    backward = staticmethod(scaled_saved_gradients)
-
-
-def softmax_loss(query, key, scale, bias, spec: SoftmaxSpec):
-    """Softmax-family per-anchor losses; see :class:`SoftmaxLoss`."""
-    return SoftmaxLoss.apply(query, key, scale, bias, spec)
-
-
-def sigmoid_loss(query, key, scale, bias, spec: SigmoidSpec):
-    """Sigmoid-family scalar loss; see :class:`SigmoidLoss`."""
-    return SigmoidLoss.apply(query, key, scale, bias, spec)
+    if positive_index is not None:
+        rows_with = torch.nonzero(positive_index >= 0).flatten()
+        pos = positive_index[rows_with]
+        total -= (qs[rows_with] * k[pos]).sum() + b * rows_with.numel()
+        if rows:
+            acc_q.index_add_(0, rows_with, -k[pos])
+        if cols:
+            acc_k.index_add_(0, pos, -qs[rows_with])
+        if gsum:
+            g_sum -= rows_with.numel()
+    return SigmoidSums(total, g_sum, acc_q, acc_k)
 
 
 def available(device: torch.device) -> Optional[str]:

@@ -1,9 +1,11 @@
-"""Triton backend: launchers and autograd Functions for ``fastcl.triton_kernels.info_nce``.
+"""Triton backend: the passes of ``fastcl.backends`` as launches of ``fastcl.triton_kernels.info_nce``.
 
-Same contract and semantics as ``backends/torch.py`` (its readable twin): ``softmax_loss``
-returns per-anchor losses and validity, ``sigmoid_loss`` a scalar. The kernels keep every tile
-of ``S = s * Q K^T + b`` on chip; the launchers allocate only O(N + C) statistics and the
-``[N, D]`` / ``[C, D]`` gradients, never an N x C buffer.
+``backends/torch.py`` is the readable twin. The kernels keep every tile of ``S = s * Q K^T``
+on chip; the launchers allocate only O(N + C) statistics and the ``[N, D]`` / ``[C, D]``
+accumulators, never an N x C buffer. The statistics pass is one kernel launch owning rows (and
+one owning columns for symmetric specs); the gradient pass one launch owning rows
+(``sum_j G_ij k_j``) and one owning the first ``n_grad_cols`` columns (``sum_i G_ij s_i q_i``);
+``sigmoid_pass`` the same two gradient launches, the row one also summing the loss.
 
 Runs on CUDA tensors when Triton and a GPU are present, and on CPU tensors under
 ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests). The interpreter is chosen when the
@@ -24,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from .._spec import SigmoidSpec, SoftmaxSpec
-from .common import anchor_losses, compute_dtype, finite_or_zero, row_scale, scaled_saved_gradients, sum_to_scale
+from .._spec import SoftmaxSpec
+from .common import SigmoidSums, SoftmaxStats, finite_or_zero, no_positives
 
 _KERNEL_MODULE = "fastcl.triton_kernels.info_nce"
 _INTERPRETER_BLOCKS = (16, 16, 16, 16)
@@ -80,12 +82,11 @@ def _on_device(t: torch.Tensor):
 
 
 
-def _scalars(bias: Optional[torch.Tensor], grad_scale: float, dtype, device) -> torch.Tensor:
-    """``[bias, grad_scale]`` in the compute dtype, read by the kernels without a host sync."""
-    b = torch.zeros((), dtype=dtype, device=device) if bias is None else bias.detach().reshape(()).to(dtype)
-    return torch.stack([b, torch.full((), grad_scale, dtype=dtype, device=device)])
-
-
+def _scalars(bias: Optional[torch.Tensor], dtype, device) -> torch.Tensor:
+    """``[bias]`` in the compute dtype, read by the kernels without a host sync."""
+    if bias is None:
+        return torch.zeros(1, dtype=dtype, device=device)
+    return bias.detach().reshape(1).to(dtype)
 
 
 class _Launcher:
@@ -130,182 +131,96 @@ class _Launcher:
         """Fill ``lse`` (and, owning rows, the positive-logit sums and counts) per anchor."""
         a, b = (self.q, self.k) if own_rows else (self.k, self.q)
         dummy = lse
-        args = (a, b, *self.pointers, lse, pos_sum if own_rows else dummy, pos_cnt if own_rows else dummy,
-                self.n, self.c, self.d)
+        args = (a, b, *self.pointers, lse, dummy if pos_sum is None else pos_sum,
+                dummy if pos_cnt is None else pos_cnt, self.n, self.c, self.d)
         self._run("softmax_stats_kernel", a.shape[0], False, args, dict(self.flags, OWN_ROWS=own_rows))
 
-    def grad(self, own_rows: bool, out=None, ds=None, gsum=None, loss=None, n_out=None, lse_row=None, w_row=None,
+    def grad(self, own_rows: bool, out=None, gsum=None, loss=None, n_out=None, lse_row=None, w_row=None,
              coef=None, lse_col=None, w_col=None):
-        """One gradient pass owning rows (dQ, ds, row sums of G, sigmoid loss) or columns (dK).
-
-        Outputs left as ``None`` are not computed. ``ds`` is ``[d_chunks, N]``: one partial per
-        D-chunk of the accumulator. ``n_out`` limits the owned lines (the columns that get dK).
-        """
+        """One gradient launch owning rows (``sum_j G_ij k_j``, row sums of G, sigmoid loss) or
+        columns (``sum_i G_ij s_i q_i``). Outputs left as ``None`` are not computed; ``n_out``
+        limits the owned lines (the columns that get a gradient)."""
         a, b = (self.q, self.k) if own_rows else (self.k, self.q)
-        accumulate = out is not None or ds is not None
         dummy = self.pointers[0]
         stats = tuple(dummy if t is None else t for t in (lse_row, w_row, coef, lse_col, w_col))
-        outputs = tuple(dummy if t is None else t for t in (out, ds, gsum, loss))
+        outputs = tuple(dummy if t is None else t for t in (out, gsum, loss))
         n_out = a.shape[0] if n_out is None else n_out
         args = (a, b, *self.pointers, *stats, *outputs, self.n, self.c, self.d, n_out)
         flags = dict(self.flags, SIGMOID=self.sigmoid, OWN_ROWS=own_rows, SYMMETRIC=self.symmetric,
-                     ACCUMULATE=accumulate, STORE_OUT=out is not None, WRITE_DS=ds is not None,
+                     ACCUMULATE=out is not None, STORE_OUT=out is not None,
                      WRITE_GSUM=gsum is not None, WRITE_LOSS=loss is not None)
-        self._run("grad_kernel", n_out, accumulate, args, flags)
-
-    @property
-    def d_chunks(self) -> int:
-        return _cdiv(self.d, self.block_x)
+        self._run("grad_kernel", n_out, out is not None, args, flags)
 
 
-class SoftmaxLoss(torch.autograd.Function):
-    """Per-anchor softmax-family losses; the contract of ``backends.torch.SoftmaxLoss``.
-
-    Returns ``(row_loss[N], col_loss[N] or empty, row_valid[N], col_valid[N] or empty)`` in the
-    compute dtype. Forward: one statistics pass owning rows (plus one owning columns when
-    symmetric). Backward: a pass owning rows (dQ, d scale, d bias) and one owning the first
-    ``n_grad_cols`` columns (dK), each recomputing S.
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, scale, bias, spec: SoftmaxSpec):
-        cd = compute_dtype(query.dtype)
-        q, k = query.contiguous(), key.contiguous()
-        n, c, dev = q.shape[0], k.shape[0], q.device
-        s_rows = row_scale(scale, n, cd)
-        scalars = _scalars(bias, 1.0, cd, dev)
-        launcher = _launcher(q, k, s_rows, scalars, bias is not None, spec)
-        lse_row, pos_sum, pos_cnt = (torch.empty(n, dtype=cd, device=dev) for _ in range(3))
-        with _on_device(q):
-            launcher.stats(True, lse_row, pos_sum, pos_cnt)
-            if spec.symmetric:
-                lse_col_full = torch.empty(c, dtype=cd, device=dev)
-                launcher.stats(False, lse_col_full)
-
-        # the kernels include the bias in the statistics and count a one-hot positive as 1
-        row_loss, col_loss, row_valid, col_valid = anchor_losses(
-            spec, lse_row, pos_sum / pos_cnt.clamp(min=1), pos_cnt,
-            lse_col_full[spec.positive_index] if spec.symmetric else None)
-        if not spec.symmetric:
-            lse_col_full = col_loss
-
-        ctx.spec = spec
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(query, key, scale, bias if bias is not None else torch.empty(0),
-                              lse_row, lse_col_full, row_valid, col_valid, pos_cnt)
-        ctx.mark_non_differentiable(row_valid, col_valid)
-        return row_loss, col_loss, row_valid, col_valid
-
-    @staticmethod
-    def backward(ctx, grad_row, grad_col, _gv1, _gv2):
-        query, key, scale, bias, lse_row, lse_col_full, row_valid, col_valid, pos_cnt = ctx.saved_tensors
-        spec: SoftmaxSpec = ctx.spec
-        need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
-        cd = lse_row.dtype
-        q, k = query.contiguous(), key.contiguous()
-        n, c, dev = q.shape[0], k.shape[0], q.device
-        s_rows = row_scale(scale, n, cd)
-        scalars = _scalars(bias if ctx.has_bias else None, 1.0, cd, dev)
-        n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
-
-        # weights of the softmax terms (the upstream gradient, 0 on invalid anchors) and the
-        # coefficient of the target term on each positive entry, both directions folded in
-        w_row = torch.where(row_valid, grad_row.to(cd), torch.zeros_like(lse_row))
-        coef = w_row / pos_cnt.clamp(min=1)
-        lse_col = w_col = None
-        if spec.symmetric:
-            w_col_by_row = torch.where(col_valid, grad_col.to(cd), torch.zeros_like(w_row))
-            coef = coef + w_col_by_row
-            w_col = torch.zeros(c, dtype=cd, device=dev).index_copy_(0, spec.positive_index, w_col_by_row)
-            lse_col = finite_or_zero(lse_col_full)
-        if spec.pos_weight is not None:
-            coef = coef * spec.pos_weight.to(cd)
-        stats = dict(lse_row=finite_or_zero(lse_row), w_row=w_row, coef=coef, lse_col=lse_col, w_col=w_col)
-
-        launcher = _launcher(q, k, s_rows, scalars, ctx.has_bias, spec)
-        grad_q = grad_k = grad_s = grad_b = None
-        with _on_device(q):
-            if need_q or need_s or need_b:
-                grad_q, ds, gsum = _row_pass(launcher, need_q, need_s, need_b, stats)
-                if need_s:
-                    grad_s = sum_to_scale(ds.sum(0), scale)
-                if need_b:
-                    grad_b = gsum.sum().to(bias.dtype).reshape(bias.shape)
-            if need_k:
-                grad_k = _column_pass(launcher, n_grad_cols, stats)
-        return grad_q if need_q else None, grad_k, grad_s, grad_b, None
-
-
-class SigmoidLoss(torch.autograd.Function):
-    """Sigmoid-family loss (a scalar); the contract of ``backends.torch.SigmoidLoss``.
-
-    ``G`` needs no statistic, so when autograd will need gradients the forward runs the two
-    gradient passes itself (the row pass also yields the loss) and the backward only scales them.
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, scale, bias, spec: SigmoidSpec):
-        cd = compute_dtype(query.dtype)
-        q, k = query.contiguous(), key.contiguous()
-        n, dev = q.shape[0], q.device
-        need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
-        s_rows = row_scale(scale, n, cd)
-        scalars = _scalars(bias, 1.0 / spec.n_rows_norm, cd, dev)
-        launcher = _Launcher(q, k, s_rows, scalars, bias is not None, spec.positive_index.contiguous(), sigmoid=True)
-        loss_rows = torch.empty(n, dtype=cd, device=dev)
-        with _on_device(q):
-            grad_q, ds, gsum = _row_pass(launcher, need_q, need_s, need_b, {}, loss=loss_rows)
-            grad_k = _column_pass(launcher, k.shape[0], {}) if need_k else None
-        loss = loss_rows.sum() / spec.n_rows_norm
-        ctx.save_for_backward(
-            grad_q if need_q else None,
-            grad_k,
-            sum_to_scale(ds.sum(0), scale) if need_s else None,
-            gsum.sum().to(bias.dtype).reshape(bias.shape) if need_b else None,
-        )
-        return loss
-
-    backward = staticmethod(scaled_saved_gradients)
-
-
-def _launcher(q, k, s_rows, scalars, has_bias, spec: SoftmaxSpec) -> _Launcher:
+def _launcher(query, key, scale_rows, spec: SoftmaxSpec) -> _Launcher:
+    q, k = query.contiguous(), key.contiguous()
     pos = spec.positive_index.contiguous() if spec.positive_index is not None else None
+    if pos is None and not spec.uses_labels:
+        pos = no_positives(q.shape[0], q.device)
     labels = (spec.row_labels.contiguous(), spec.col_labels.contiguous()) if spec.uses_labels else (None, None)
-    return _Launcher(q, k, s_rows, scalars, has_bias, pos, *labels, col_has_label=spec.col_has_label,
-                     exclude_self=spec.exclude_self, decoupled=spec.decoupled, symmetric=spec.symmetric)
+    return _Launcher(q, k, scale_rows, _scalars(None, scale_rows.dtype, q.device), False, pos, *labels,
+                     col_has_label=spec.col_has_label, exclude_self=spec.exclude_self, decoupled=spec.decoupled,
+                     symmetric=spec.symmetric)
 
 
-def _row_pass(launcher: _Launcher, need_q, need_s, need_b, stats, loss=None):
-    """dQ (input dtype), ds partials per D-chunk ``[chunks, N]`` and row sums of G, as needed."""
-    q = launcher.q
-    n, dev = q.shape[0], q.device
-    cd = launcher.pointers[0].dtype
-    grad_q = torch.empty_like(q) if need_q else None
-    ds = torch.empty(launcher.d_chunks, n, dtype=cd, device=dev) if need_s else None
-    gsum = torch.empty(n, dtype=cd, device=dev) if need_b else None
-    if grad_q is not None or ds is not None or gsum is not None or loss is not None:
-        launcher.grad(True, out=grad_q, ds=ds, gsum=gsum, loss=loss, **stats)
-    return grad_q, ds, gsum
+def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
+    """Row (and, for symmetric specs, column) LSE of the block, and label-positive sums."""
+    launcher = _launcher(query, key, scale_rows, spec)
+    n, c, cd, dev = launcher.n, launcher.c, scale_rows.dtype, scale_rows.device
+    lse_row = torch.empty(n, dtype=cd, device=dev)
+    pos_sum = pos_cnt = lse_col = None
+    if spec.uses_labels:
+        pos_sum, pos_cnt = torch.empty(n, dtype=cd, device=dev), torch.empty(n, dtype=cd, device=dev)
+    with _on_device(launcher.q):
+        launcher.stats(True, lse_row, pos_sum, pos_cnt)
+        if spec.symmetric:
+            lse_col = torch.empty(c, dtype=cd, device=dev)
+            launcher.stats(False, lse_col)
+    return SoftmaxStats(lse_row, lse_col, pos_sum, pos_cnt)
 
 
-def _column_pass(launcher: _Launcher, n_grad_cols: int, stats):
-    """dK (input dtype); columns ``>= n_grad_cols`` get zeros."""
-    k = launcher.k
-    grad_k = torch.empty_like(k)
-    grad_k[n_grad_cols:].zero_()
+def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef, lse_col=None, w_col=None, *,
+                 rows: bool = True, cols: bool = True):
+    """``(sum_j G_ij k_j, sum_i G_ij s_i q_i)`` of the block from final statistics."""
+    launcher = _launcher(query, key, scale_rows, spec)
+    cd = scale_rows.dtype
+    weights = dict(lse_row=finite_or_zero(lse_row).contiguous(), w_row=w_row.contiguous(), coef=coef.contiguous(),
+                   lse_col=None if lse_col is None else lse_col.contiguous(),
+                   w_col=None if w_col is None else w_col.contiguous())
+    acc_q = acc_k = None
+    with _on_device(launcher.q):
+        if rows:
+            acc_q = torch.empty(launcher.n, launcher.d, dtype=cd, device=scale_rows.device)
+            launcher.grad(True, out=acc_q, **weights)
+        if cols:
+            acc_k = _column_launch(launcher, cd, launcher.c if spec.n_grad_cols is None else spec.n_grad_cols,
+                                   **weights)
+    return acc_q, acc_k
+
+
+def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = True, cols: bool = True,
+                 gsum: bool = True) -> SigmoidSums:
+    """Sigmoid loss and gradient sums of the block (the row launch also sums the loss)."""
+    q, k = query.contiguous(), key.contiguous()
+    n, cd, dev = q.shape[0], scale_rows.dtype, q.device
+    pos = no_positives(n, dev) if positive_index is None else positive_index.contiguous()
+    launcher = _Launcher(q, k, scale_rows, _scalars(bias, cd, dev), bias is not None, pos, sigmoid=True)
+    loss_rows = torch.empty(n, dtype=cd, device=dev)
+    g_rows = torch.empty(n, dtype=cd, device=dev) if gsum else None
+    acc_q = torch.empty(n, launcher.d, dtype=cd, device=dev) if rows else None
+    with _on_device(q):
+        launcher.grad(True, out=acc_q, gsum=g_rows, loss=loss_rows)
+        acc_k = _column_launch(launcher, cd, launcher.c) if cols else None
+    return SigmoidSums(loss_rows.sum(), None if g_rows is None else g_rows.sum(), acc_q, acc_k)
+
+
+def _column_launch(launcher: _Launcher, cd, n_grad_cols: int, **weights):
+    """``sum_i G_ij s_i q_i`` for the first ``n_grad_cols`` columns, zeros beyond."""
+    acc_k = torch.empty(launcher.c, launcher.d, dtype=cd, device=launcher.q.device)
+    acc_k[n_grad_cols:].zero_()
     if n_grad_cols > 0:
-        launcher.grad(False, out=grad_k, n_out=n_grad_cols, **stats)
-    return grad_k
-
-
-def softmax_loss(query, key, scale, bias, spec: SoftmaxSpec):
-    """Softmax-family per-anchor losses; see :class:`SoftmaxLoss`."""
-    return SoftmaxLoss.apply(query, key, scale, bias, spec)
-
-
-def sigmoid_loss(query, key, scale, bias, spec: SigmoidSpec):
-    """Sigmoid-family scalar loss; see :class:`SigmoidLoss`."""
-    return SigmoidLoss.apply(query, key, scale, bias, spec)
+        launcher.grad(False, out=acc_k, n_out=n_grad_cols, **weights)
+    return acc_k
 
 
 def available(device: torch.device) -> Optional[str]:

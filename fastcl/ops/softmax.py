@@ -1,0 +1,254 @@
+"""The softmax family's autograd Function, over any backend's passes (docs/design.md §2-§3).
+
+Forward: the statistics pass gives each anchor's LSE (and label-positive sums); the one-hot
+positive logits are one row-wise dot product; :mod:`.epilogues` turns them into per-anchor
+losses. Backward: the same epilogue under autograd gives, per anchor, the weight of the softmax
+term and of the target term of the tile gradient ``G``; one gradient pass turns those into
+``sum_j G_ij k_j`` and ``sum_i G_ij s_i q_i``, and this module forms
+
+    dQ_i = s_i sum_j G_ij k_j      dK_j = sum_i G_ij s_i q_i
+    ds_i = <q_i, sum_j G_ij k_j> (+ the epilogue's direct term)      db = the epilogue's term
+
+once, for every backend and for the ring.
+"""
+
+from typing import Optional
+
+import torch
+
+from .._spec import SoftmaxSpec
+from ..backends.common import compute_dtype, finite_or_zero
+from . import epilogues
+from .epilogues import Anchors
+
+
+def first_order_only(backward):
+    """Backward of a fused loss: one clear error under ``create_graph=True`` (the tile gradients
+    are computed without a graph, so a second-order gradient would be silently wrong)."""
+
+    def wrapped(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fastcl losses do not support double backward (create_graph=True, higher-order "
+                               "gradients); compute the gradient penalty with a materialised loss")
+        return backward(ctx, *grads)
+
+    wrapped.__doc__ = backward.__doc__
+    return wrapped
+
+
+def row_scale(scale: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The per-row scale ``s_i`` as a contiguous ``[n]`` vector (a scalar scale broadcast)."""
+    return scale.detach().to(dtype).reshape(-1).expand(n).contiguous()
+
+
+def sum_to_scale(ds_rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """d(scale) from the per-row ``ds_i``: summed for a scalar scale, as is for a per-row one."""
+    per_row = scale.dim() == 1 and scale.numel() == ds_rows.numel()
+    ds = ds_rows if per_row else ds_rows.sum().reshape(scale.shape)
+    return ds.to(scale.dtype)
+
+
+class LocalColumns:
+    """A single-process loss: the columns ``[key; negatives]`` are one block, each pass one call.
+
+    The ring of :mod:`fastcl.distributed` has the same methods over one block per rank.
+    ``n_cols``/``n_rows`` are what every row / column sees (for denominator counts).
+    """
+
+    def __init__(self, backend, n_rows: int, n_cols: int):
+        self.backend, self.n_rows, self.n_cols = backend, n_rows, n_cols
+
+    @staticmethod
+    def _cat(key, negatives):
+        return key if negatives is None else torch.cat([key, negatives])
+
+    def stats(self, query, key, negatives, s_rows, spec: SoftmaxSpec):
+        st = self.backend.softmax_stats(query, self._cat(key, negatives), s_rows, spec)
+        return st._replace(lse_col=None if st.lse_col is None else st.lse_col[: key.shape[0]])
+
+    def grad(self, query, key, negatives, s_rows, spec: SoftmaxSpec, lse_row, w_row, coef, lse_col, w_col, *,
+             rows: bool, keys: bool, negs: bool):
+        """``(acc_q, acc_key, acc_negatives)``; column statistics are given for the keys only."""
+        m = key.shape[0]
+        if lse_col is not None and negatives is not None:
+            pad = lse_col.new_zeros(negatives.shape[0])
+            lse_col, w_col = torch.cat([lse_col, pad]), torch.cat([w_col, pad])
+        acc_q, acc_k = self.backend.softmax_grad(query, self._cat(key, negatives), s_rows, spec, lse_row, w_row, coef,
+                                                 lse_col, w_col, rows=rows, cols=keys or negs)
+        if acc_k is None:
+            return acc_q, None, None
+        return acc_q, acc_k[:m], acc_k[m:]
+
+    def sigmoid(self, query, key, s_rows, bias, positive_index, *, rows, cols, gsum):
+        return self.backend.sigmoid_pass(query, key, s_rows, bias, positive_index, rows=rows, cols=cols, gsum=gsum)
+
+
+def _positive_logits(query, key, negatives, s_rows, positive_index):
+    """``s_i <q_i, col_pos(i)>`` over the columns ``[key; negatives]`` (no copy of the columns)."""
+    cd = s_rows.dtype
+    m = key.shape[0]
+    cols = key[positive_index.clamp(max=m - 1)].to(cd)
+    if negatives is not None:
+        in_negs = positive_index >= m
+        cols = torch.where(in_negs[:, None], negatives[(positive_index - m).clamp(min=0)].to(cd), cols)
+    return s_rows * (query.to(cd) * cols).sum(dim=1)
+
+
+def _row_counts(spec: SoftmaxSpec, n_cols: int, pos_cnt) -> torch.Tensor:
+    """Columns in each row's pass denominator: all, minus self, minus positives if decoupled."""
+    count = torch.full_like(pos_cnt, float(n_cols))
+    if spec.exclude_self:
+        count -= 1
+    if spec.decoupled:
+        count -= pos_cnt
+    return count
+
+
+def _column_log_floor(s_rows, spec: SoftmaxSpec, n_den_col, per_row: bool):
+    """``log sum_{i in Neg'_j} exp(-s_i)`` for the positive column of every row (debiased,
+    symmetric): every row but the column's positive row and, with ``exclude_self``, its own.
+    A per-row scale needs every row here: a single-process loss (the public layer checks)."""
+    if not per_row:
+        return torch.log(n_den_col) - s_rows
+    neg = -s_rows
+    top = neg.max().detach()
+    e = torch.exp(neg - top)
+    f = e.sum() - e
+    if spec.exclude_self:
+        j = spec.positive_index
+        n = s_rows.shape[0]
+        f = f - torch.where(j < n, e[j.clamp(max=n - 1)], torch.zeros_like(e))
+    return top + torch.log(f.clamp(min=0))
+
+
+class _Terms:
+    """Per-anchor statistics of one call, as the epilogue sees them (see :func:`_anchors`)."""
+
+    def __init__(self, lse_row, pos, pos_cnt, lse_col, row_den, col_den, has_pos, per_row):
+        self.lse_row, self.pos, self.pos_cnt, self.lse_col = lse_row, pos, pos_cnt, lse_col
+        self.row_den, self.col_den, self.has_pos, self.per_row = row_den, col_den, has_pos, per_row
+
+
+def _losses(spec: SoftmaxSpec, t: _Terms, s_rows, bias):
+    """``(row_loss, col_loss, row_valid, col_valid)`` from the terms; differentiable in
+    ``t.lse_row``, ``t.pos``, ``t.lse_col``, ``s_rows`` and ``bias``."""
+    debias = spec.debias is not None
+    rows = Anchors(t.lse_row, t.pos, t.row_den, torch.log(t.row_den) - s_rows if debias else None)
+    row_valid = epilogues.valid(spec, rows, t.has_pos)
+    row_loss = _masked(epilogues.anchor_loss(spec, _safe(rows, row_valid), bias), row_valid)
+    if t.lse_col is None:
+        empty = row_loss[:0]
+        return row_loss, empty, row_valid, row_valid[:0]
+    cols = Anchors(t.lse_col, t.pos, t.col_den, _column_log_floor(s_rows, spec, t.col_den, t.per_row) if debias else None)
+    col_valid = epilogues.valid(spec, cols)
+    col_loss = _masked(epilogues.anchor_loss(spec, _safe(cols, col_valid), bias), col_valid)
+    return row_loss, col_loss, row_valid, col_valid
+
+
+def _safe(a: Anchors, ok) -> Anchors:
+    """Finite stand-ins on invalid anchors, so their (discarded) loss has no NaN gradient."""
+    zero = torch.zeros_like(a.lse)
+    floor = None if a.log_floor is None else torch.where(ok, a.log_floor, zero)
+    return Anchors(torch.where(ok, a.lse, zero), torch.where(ok, a.pos, zero), a.n_den, floor)
+
+
+def _masked(loss, ok):
+    return torch.where(ok, loss, torch.zeros_like(loss))
+
+
+class SoftmaxLoss(torch.autograd.Function):
+    """Per-anchor softmax-family losses ``(row_loss[N], col_loss[N] or empty, row_valid[N],
+    col_valid[N] or empty)`` in the compute dtype, over the columns ``[key; negatives]``.
+
+    ``col_loss[i]`` is the loss of column ``positive_index[i]`` as an anchor (symmetric specs).
+    Invalid anchors (no positive, or an empty denominator) have loss 0 and no gradient.
+    ``columns`` runs the passes: :class:`LocalColumns`, or the ring.
+    """
+
+    @staticmethod
+    def forward(ctx, columns, query, key, negatives, scale, bias, spec: SoftmaxSpec):
+        cd = compute_dtype(query.dtype)
+        n = query.shape[0]
+        s_rows = row_scale(scale, n, cd)
+        st = columns.stats(query, key, negatives, s_rows, spec)
+        if spec.uses_labels:
+            pos_cnt, has_pos = st.pos_cnt, st.pos_cnt > 0
+            pos = st.pos_sum / pos_cnt.clamp(min=1)
+        else:
+            pos_cnt, has_pos = torch.ones(n, dtype=cd, device=query.device), None
+            pos = _positive_logits(query, key, negatives, s_rows, spec.positive_index)
+        lse_col = col_den = None
+        if spec.symmetric:
+            lse_col = st.lse_col[spec.positive_index]
+            col_den = torch.full_like(pos, float(columns.n_rows) - float(spec.decoupled))
+            if spec.exclude_self:
+                col_den -= (spec.positive_index < n).to(cd)
+        terms = _Terms(st.lse_row, pos, pos_cnt, lse_col, _row_counts(spec, columns.n_cols, pos_cnt), col_den, has_pos,
+                       scale.dim() == 1)
+        b = None if bias is None else bias.detach().to(cd).reshape(())
+        row_loss, col_loss, row_valid, col_valid = _losses(spec, terms, s_rows, b)
+
+        ctx.columns, ctx.spec, ctx.terms = columns, spec, terms
+        ctx.has_negatives, ctx.has_bias = negatives is not None, bias is not None
+        ctx.save_for_backward(query, key, negatives, scale, bias, st.lse_col)
+        ctx.mark_non_differentiable(row_valid, col_valid)
+        return row_loss, col_loss, row_valid, col_valid
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_row, grad_col, _grad_row_valid, _grad_col_valid):
+        query, key, negatives, scale, bias, lse_col_keys = ctx.saved_tensors
+        spec: SoftmaxSpec = ctx.spec
+        t: _Terms = ctx.terms
+        need_q, need_k, need_neg, need_s, need_b = ctx.needs_input_grad[1:6]
+        n, cd = query.shape[0], t.lse_row.dtype
+        s_rows = row_scale(scale, n, cd)
+
+        # the epilogue again, under autograd: per-anchor weights of G and the direct terms
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_() for x in (t.lse_row, t.pos)]
+            lse_col = t.lse_col.detach().requires_grad_() if spec.symmetric else None
+            s_leaf = s_rows.clone().requires_grad_(need_s and spec.debias is not None)
+            b_leaf = None if bias is None else bias.detach().to(cd).reshape(()).requires_grad_(need_b)
+            terms = _Terms(leaves[0], leaves[1], t.pos_cnt, lse_col, t.row_den, t.col_den, t.has_pos, t.per_row)
+            row_loss, col_loss, _, _ = _losses(spec, terms, s_leaf, b_leaf)
+            inputs = leaves + [x for x in (lse_col, s_leaf, b_leaf) if x is not None and x.requires_grad]
+            outs, upstream = [row_loss], [grad_row.to(cd)]
+            if spec.symmetric:
+                outs.append(col_loss)
+                upstream.append(grad_col.to(cd))
+            grads = list(torch.autograd.grad(outs, inputs, upstream, allow_unused=True))
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+        w_row, g_pos = grads[0], grads[1]
+        rest = iter(grads[2:])
+        w_col_keys = None
+        if spec.symmetric:
+            w_col_keys = torch.zeros_like(lse_col_keys).index_put_((spec.positive_index,), next(rest))
+        ds_direct = next(rest) if s_leaf.requires_grad else None
+        db = next(rest) if b_leaf is not None and b_leaf.requires_grad else None
+        # d loss / d pos spreads over the positives: -coef_i on each of them in G
+        coef = -g_pos / t.pos_cnt.clamp(min=1) if spec.uses_labels else -g_pos
+
+        acc_q, acc_k, acc_neg = ctx.columns.grad(
+            query, key, negatives, s_rows, spec, t.lse_row, w_row, coef,
+            None if lse_col_keys is None else finite_or_zero(lse_col_keys), w_col_keys,
+            rows=need_q or need_s, keys=need_k, negs=need_neg)
+        grad_q = (acc_q * s_rows[:, None]).to(query.dtype) if need_q else None
+        grad_s = None
+        if need_s:
+            ds_rows = (acc_q * query.to(cd)).sum(dim=1)
+            if ds_direct is not None:
+                ds_rows = ds_rows + ds_direct
+            grad_s = sum_to_scale(ds_rows, scale)
+        grad_k = acc_k.to(key.dtype) if need_k else None
+        grad_neg = acc_neg.to(negatives.dtype) if need_neg else None
+        grad_b = None
+        if need_b:
+            grad_b = (torch.zeros((), dtype=cd, device=query.device) if db is None else db).to(bias.dtype)
+            grad_b = grad_b.reshape(bias.shape)
+        return None, grad_q, grad_k, grad_neg, grad_s, grad_b, None
+
+
+def softmax_loss(columns, query, key, negatives, scale, bias: Optional[torch.Tensor], spec: SoftmaxSpec):
+    """Per-anchor losses of ``query`` over ``[key; negatives]``; see :class:`SoftmaxLoss`."""
+    return SoftmaxLoss.apply(columns, query, key, negatives, scale, bias, spec)
