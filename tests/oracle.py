@@ -30,7 +30,7 @@ def _f64(x):
 @_on_input_device
 def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, labels=None, key_labels=None,
              negatives=None, negative_labels=None, exclude_self=False, decoupled=False, symmetric=False,
-             reduction="mean", pos_weight=None, bias=None):
+             reduction="mean", pos_weight=None, bias=None, debias=None):
     q, k = _f64(query), _f64(key)
     cols = k if negatives is None else torch.cat([k, _f64(negatives)])
     n, c = q.shape[0], cols.shape[0]
@@ -68,8 +68,19 @@ def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, la
     if decoupled:
         in_denominator = in_denominator & ~positive
     weight = torch.ones(n, dtype=torch.float64) if pos_weight is None else _f64(pos_weight)
+    # the scale of every logit (for the debiased loss's floor)
+    s_full = (s if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=torch.float64)) * torch.ones(n, c,
+                                                                                                        dtype=torch.float64)
 
-    def direction(lg, pos, den, w):
+    def direction(lg, pos, den, w, s_mat):
+        if debias is not None:  # Chuang et al. 2020, straight from the formula, in float64
+            neg = den & ~pos
+            p = (lg * pos).sum(1)
+            q_count = neg.sum(1).double()
+            neg_sum = torch.where(neg, lg.exp(), 0).sum(1)
+            floor = torch.where(neg, (-s_mat + (0.0 if bias is None else _f64(bias))).exp(), 0).sum(1)
+            ng = torch.maximum((neg_sum - q_count * debias * p.exp()) / (1 - debias), floor)
+            return -p + torch.log(p.exp() + ng), torch.ones(lg.shape[0], dtype=torch.bool)
         count = pos.sum(1)
         lse = torch.logsumexp(lg.masked_fill(~den, float("-inf")), dim=1)
         pos_mean = (lg * pos).sum(1) / count.clamp(min=1)
@@ -77,7 +88,7 @@ def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, la
         loss = torch.where(valid, lse - w * pos_mean, torch.zeros_like(lse))
         return loss, valid
 
-    row_loss, row_valid = direction(logits, positive, in_denominator, weight)
+    row_loss, row_valid = direction(logits, positive, in_denominator, weight, s_full)
     if not symmetric:
         if reduction == "none":
             return row_loss
@@ -86,7 +97,7 @@ def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, la
         return row_loss.sum() / row_valid.sum().clamp(min=1)
     idx = torch.arange(n) if positive_index is None else positive_index
     col_all, col_valid_all = direction(logits.T, positive.T, in_denominator.T,
-                                       torch.zeros(c, dtype=torch.float64).index_put((idx,), weight))
+                                       torch.zeros(c, dtype=torch.float64).index_put((idx,), weight), s_full.T)
     col_loss, col_valid = col_all[idx], col_valid_all[idx]
     if reduction == "none":
         return row_loss, col_loss

@@ -59,6 +59,12 @@ INFO_NCE_CASES = {
     "symmetric_permuted_n_lt_m": dict(n=9, m=14, k=0, d=8, opts=lambda n, m, k: {"symmetric": True, "positive_index": torch.randperm(m, device=DEVICE)[:n]}),
     "symmetric_decoupled_queue": dict(n=8, m=8, k=6, d=8, opts=lambda n, m, k: {"symmetric": True, "decoupled": True}),
     "symmetric_exclude_self": dict(n=10, m=10, k=0, d=5, opts=lambda n, m, k: {"symmetric": True, "exclude_self": True, "positive_index": (torch.arange(n, device=DEVICE) + 1) % n}),
+    "debias": dict(n=13, m=16, k=0, d=9, opts=lambda n, m, k: {"debias": 0.1}),
+    "debias_zero": dict(n=7, m=7, k=0, d=6, opts=lambda n, m, k: {"debias": 0.0}),
+    "debias_queue_exclude_self": dict(n=8, m=8, k=6, d=7, opts=lambda n, m, k: {"debias": 0.2, "exclude_self": True, "positive_index": (torch.arange(n, device=DEVICE) + 3) % n}),
+    "debias_positive_in_queue": dict(n=6, m=6, k=8, d=5, opts=lambda n, m, k: {"debias": 0.3, "positive_index": torch.randint(0, m + k, (n,), device=DEVICE)}),
+    "debias_symmetric": dict(n=11, m=11, k=0, d=8, opts=lambda n, m, k: {"debias": 0.3, "symmetric": True}),
+    "debias_symmetric_exclude_self_queue": dict(n=9, m=9, k=5, d=6, opts=lambda n, m, k: {"debias": 0.05, "symmetric": True, "exclude_self": True, "positive_index": (torch.arange(n, device=DEVICE) + 1) % n}),
 }
 
 
@@ -83,9 +89,10 @@ def test_info_nce(case, reduction, dtype, torch_blocks):
     check_against_oracle(fast, ref, inputs, dtype, differentiable=names)
 
 
+@pytest.mark.parametrize("debias", [None, 0.2])
 @pytest.mark.parametrize("form", ["temperature_scalar", "temperature_rows", "scale_scalar", "scale_rows", "scale_shape1"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_info_nce_scale_gradients(form, dtype, torch_blocks):
+def test_info_nce_scale_gradients(form, dtype, debias, torch_blocks):
     n, m, d = 11, 14, 9
     value = {
         "temperature_scalar": torch.tensor(0.2, dtype=torch.float64),
@@ -98,8 +105,43 @@ def test_info_nce_scale_gradients(form, dtype, torch_blocks):
     inputs = {"query": unit(n, d), "key": unit(m, d), arg: value}
     for symmetric in (False, True):
         check_against_oracle(
-            lambda **kw: fastcl.info_nce(**kw, symmetric=symmetric, backend=BACKEND),
-            lambda **kw: oracle.info_nce(**kw, symmetric=symmetric), inputs, dtype)
+            lambda **kw: fastcl.info_nce(**kw, symmetric=symmetric, debias=debias, backend=BACKEND),
+            lambda **kw: oracle.info_nce(**kw, symmetric=symmetric, debias=debias), inputs, dtype)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_debias_floor_branch(dtype, symmetric, torch_blocks):
+    """tau+ = 0.5 with strong positives: the estimate of the negatives' sum goes below its floor
+    on some rows (checked here from the inputs), so both branches of the max are exercised, with
+    a per-row scale whose gradient also flows through the floor."""
+    n, d = 12, 6
+    q = unit(n, d)
+    # aligned pairs put their row on the floor, anti-aligned pairs keep theirs off it
+    k = F.normalize(torch.cat([q[:6], -q[6:]]) + 0.2 * randn(n, d), dim=1)
+    scale = torch.rand(n, dtype=torch.float64, device=DEVICE) * 4 + 3
+    logits = scale[:, None] * (q @ k.T)
+    neg = ~torch.eye(n, dtype=torch.bool, device=DEVICE)
+    estimate = (torch.where(neg, logits.exp(), 0).sum(1) - (n - 1) * 0.5 * logits.diag().exp()) / 0.5
+    floor = torch.where(neg, (-scale[:, None]).exp().expand(n, n), 0).sum(1)
+    below = estimate < floor
+    assert 0 < int(below.sum()) < n, "the inputs should put some rows, not all, on the floor"
+    inputs = {"query": q, "key": k, "scale": scale}
+    check_against_oracle(lambda **kw: fastcl.info_nce(**kw, debias=0.5, symmetric=symmetric, backend=BACKEND),
+                         lambda **kw: oracle.info_nce(**kw, debias=0.5, symmetric=symmetric), inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_debias_extreme_temperature(dtype, torch_blocks):
+    """Temperature 0.01 with unit features: logits reach +-100, past exp's fp32 range."""
+    n, d = 17, 5
+    q, k = unit(n, d), unit(n, d)
+    k[:4] = q[:4]
+    for symmetric in (False, True):
+        check_against_oracle(
+            lambda **kw: fastcl.info_nce(**kw, temperature=0.01, debias=0.1, symmetric=symmetric, backend=BACKEND),
+            lambda **kw: oracle.info_nce(**kw, temperature=0.01, debias=0.1, symmetric=symmetric),
+            {"query": q, "key": k}, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
