@@ -1,19 +1,132 @@
+"""The one place that configures how the suite runs each backend.
+
+The ``backend`` fixture is the backend axis of every loss test: ``torch`` (with its default tile
+shape and with tiny 5 x 7 tiles, so every tile boundary appears at test sizes), ``triton`` and
+``cuda``. Where a backend cannot run, its tests are skipped and the reason is shown (``-rs``):
+
+* ``FASTCL_TEST_DEVICE`` (default ``cpu``) is where the tensors live. On ``cpu``:
+  ``triton`` runs the real kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set here
+  before anything imports the kernels), in float64/float32/float16 -- the interpreter's bfloat16
+  ``tl.dot`` is wrong, so bfloat16 is left to GPU runs; ``cuda`` runs the real host glue and
+  kernel code of ``csrc/`` with the kernels on CPU threads (``csrc/testing/``: emulated
+  barriers, shuffles and WMMA fragments), an extension built once per session under ``build/``.
+* On ``cuda``: both GPU backends run compiled, on the GPU, in every dtype.
+
+``FASTCL_TEST_BACKENDS=torch,triton`` restricts the axis; ``FASTCL_TEST_SEED=<n>`` draws a fresh
+set of random inputs for the whole run.
+"""
+
 import os
+import shutil
 import sys
 import zlib
 
 import pytest
-import torch
+
+DEVICE = os.environ.get("FASTCL_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    # Triton chooses interpreter or compiler when it decorates the kernels, at their first import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-# Tiny blocks make every tile boundary, partial tile and diagonal-crossing tile appear at the
-# small sizes the tests use; "default" uses the backend's own tile shape.
-BLOCKS = ["default", "5,7"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SELECTED = [b for b in os.environ.get("FASTCL_TEST_BACKENDS", "torch,triton,cuda").split(",") if b]
+# (backend, torch tile override): tiny torch tiles cross every tile boundary at test sizes
+BACKEND_PARAMS = [("torch", None), ("torch", "5,7"), ("triton", None), ("cuda", None)]
 
 
-@pytest.fixture(params=BLOCKS)
+def cuda_include():
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    inc = os.path.join(home, "include")
+    return inc if os.path.exists(os.path.join(inc, "cuda_fp16.h")) else None
+
+
+def emulation_missing():
+    """Why the CPU emulation of the CUDA kernels cannot be built here, or None."""
+    if shutil.which("g++") is None:
+        return "g++ is not installed"
+    if cuda_include() is None:
+        return "the CUDA headers (CUDA_HOME/include) are missing"
+    return None
+
+
+_emulated = {}
+
+
+def emulated_extension():
+    """``csrc/ops.cpp`` + ``bindings.cpp`` (``-DFASTCL_EMULATION_HOST``) + the emulated launchers as
+    a CPU extension: ``fastcl._C``'s entry points on CPU tensors. Built once, cached in build/."""
+    if "module" not in _emulated:
+        from torch.utils.cpp_extension import load
+
+        csrc = os.path.join(ROOT, "csrc")
+        build_dir = os.path.join(ROOT, "build", "fastcl_emulated_C")
+        os.makedirs(build_dir, exist_ok=True)
+        _emulated["module"] = load(
+            name="fastcl_emulated_C",
+            sources=[os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "bindings.cpp"),
+                     os.path.join(csrc, "testing", "emulated_launchers.cpp")],
+            extra_cflags=["-O1", "-DFASTCL_EMULATION_HOST"], extra_include_paths=[cuda_include(), csrc],
+            build_directory=build_dir, verbose=False)
+    return _emulated["module"]
+
+
+def use_emulated_cuda(monkeypatch) -> None:
+    """Route ``backend="cuda"`` to the emulated kernels on CPU tensors for one test."""
+    import fastcl.backends.cuda as cuda_backend
+
+    module = emulated_extension()
+    monkeypatch.setattr(cuda_backend, "_ext", lambda: module)
+    monkeypatch.setattr(cuda_backend, "available", lambda device: None)
+
+
+def backend_skip_reason(name: str, dtype=None):
+    """Why ``name`` cannot run the tests here (None if it can)."""
+    from fastcl._dispatch import unavailable_reason
+
+    if name not in SELECTED:
+        return f"FASTCL_TEST_BACKENDS={','.join(SELECTED)}"
+    if name == "triton":
+        reason = unavailable_reason("triton", torch.device(DEVICE))
+        if reason is None and DEVICE == "cpu" and dtype == torch.bfloat16:
+            return "Triton's interpreter computes bfloat16 dots wrongly; bfloat16 runs on a GPU"
+        return reason
+    if name == "cuda" and DEVICE == "cpu":
+        return emulation_missing()
+    return unavailable_reason(name, torch.device(DEVICE))
+
+
+def _param_id(p):
+    name, blocks = p
+    return name if blocks is None else f"{name}-{blocks}"
+
+
+@pytest.fixture(params=BACKEND_PARAMS, ids=_param_id)
+def backend(request, monkeypatch):
+    """The backend under test (a name to pass as ``backend=``), set up for this device."""
+    name, blocks = request.param
+    dtype = getattr(request.node, "callspec", None) and request.node.callspec.params.get("dtype")
+    reason = backend_skip_reason(name, dtype)
+    if reason is not None:
+        pytest.skip(f"backend {name}: {reason}")
+    if name == "torch":
+        if blocks is None:
+            monkeypatch.delenv("FASTCL_TORCH_BLOCK", raising=False)
+        else:
+            monkeypatch.setenv("FASTCL_TORCH_BLOCK", blocks)
+    if name == "triton":
+        monkeypatch.delenv("FASTCL_TRITON_BLOCK", raising=False)
+    if name == "cuda" and DEVICE == "cpu":
+        use_emulated_cuda(monkeypatch)
+    return name
+
+
+@pytest.fixture(params=["default", "5,7"])
 def torch_blocks(request, monkeypatch):
+    """The torch backend's tile shape, for tests of that backend alone."""
     if request.param == "default":
         monkeypatch.delenv("FASTCL_TORCH_BLOCK", raising=False)
     else:

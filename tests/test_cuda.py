@@ -1,21 +1,16 @@
-"""The CUDA backend (``fastcl._C``, ``csrc/``): build, host-side checks, dispatch, and on a GPU
-the variant matrix and tile-boundary cases.
+"""The CUDA backend (``fastcl._C``, ``csrc/``): build, host-side checks, dispatch, and the
+kernels across tile, D-chunk and split boundaries.
 
-On a machine without a GPU (CI): the extension's host checks fire on CPU tensors before any
+The whole variant matrix of ``tests/test_losses.py`` runs through ``backend="cuda"`` by the
+backend axis of ``tests/conftest.py``: on a GPU with the compiled kernels, on a CPU with the real
+host glue and kernel code on CPU threads (``csrc/testing/emulate.h``: blocks as std::threads,
+barriers, warp shuffles, a model of WMMA fragments). The kernel tests below take the same two
+routes (``kernel_device``). That emulation cannot catch real fragment layouts, code generation
+or races; a GPU run does.
+
+On a machine without a GPU (CI) the extension's host checks fire on CPU tensors before any
 launch, ``build_info`` reports the extension, and ``backend="cuda"`` explains why it cannot run.
 With ``FASTCL_EXPECT_CUDA_EXTENSION=1`` a missing extension fails instead of skipping.
-
-On any machine: the kernels themselves run on CPU threads (``csrc/testing/emulate.h``: blocks as
-std::threads, barriers, warp shuffles, a model of WMMA fragments) against a float64 reference of
-their contract, every configuration (fp16, bf16, tf32, fp32, fp64) and mode, with tails in N, C
-and D, D-chunk loops and splits (``csrc/testing/check_tile_kernels.cpp``). And the Python half of the backend (``fastcl/backends/cuda.py``: one-hot positive
-terms, bias, validity, d(scale), split merging) runs the whole variant matrix of
-``tests/test_losses.py`` on CPU against the oracle, with ``fastcl._C`` replaced by
-:class:`ReferenceC`, a materialised PyTorch model of the kernels' contract (``csrc/ops.h``).
-
-On a GPU: ``pytest tests/test_cuda.py`` runs the direct tests below and, in a subprocess,
-``tests/test_losses.py`` with ``FASTCL_TEST_BACKEND=cuda FASTCL_TEST_DEVICE=cuda`` (that needs the
-oracle and helpers to build their tensors on ``FASTCL_TEST_DEVICE`` too).
 """
 
 import os
@@ -29,111 +24,12 @@ import torch.nn.functional as F
 
 import fastcl
 from fastcl._dispatch import unavailable_reason
+from conftest import cuda_include, emulation_missing, use_emulated_cuda
 from helpers import RTOL, assert_close
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-
-class ReferenceC:
-    """The contract of fastcl._C's kernels (csrc/ops.h), materialised in PyTorch: what each entry
-    point returns, entry by entry. Test-only (it builds N x C matrices)."""
-
-    @staticmethod
-    def built_with_cuda():
-        return True
-
-    @staticmethod
-    def cuda_archs():
-        return ["80", "90"]
-
-    @staticmethod
-    def _tile(query, key, scale_rows, positive_index, row_labels, col_labels, col_has_label, exclude_self, decoupled):
-        cd = scale_rows.dtype
-        s = (query.to(cd) @ key.to(cd).T) * scale_rows[:, None]
-        n, c = s.shape
-        i = torch.arange(n, device=s.device)[:, None]
-        j = torch.arange(c, device=s.device)[None, :]
-        excluded = (i == j) & exclude_self
-        if row_labels is not None:
-            match = (row_labels[:, None] == col_labels[None, :]) & ~excluded
-            if col_has_label is not None:
-                match &= col_has_label[None, :]
-            positive = match
-        else:
-            match = torch.zeros_like(excluded)
-            positive = (j == positive_index[:, None]) if positive_index is not None else match
-        in_den = ~excluded & ~(positive & decoupled)
-        return s, match, in_den
-
-    @staticmethod
-    def softmax_stats(query, key, scale_rows, positive_index=None, row_labels=None, col_labels=None,
-                      col_has_label=None, own_rows=True, exclude_self=False, decoupled=False, allow_tf32=False,
-                      n_split=0):
-        s, match, in_den = ReferenceC._tile(query, key, scale_rows, positive_index, row_labels, col_labels,
-                                            col_has_label, exclude_self, decoupled)
-        lse = torch.where(in_den, s, float("-inf")).logsumexp(dim=1 if own_rows else 0)
-        empty = s.new_empty(0)
-        if row_labels is None or not own_rows:
-            return lse, empty, empty
-        return lse, torch.where(match, s, 0).sum(1), match.sum(1).to(s.dtype)
-
-    @staticmethod
-    def softmax_grad(query, key, scale_rows, positive_index, row_labels, col_labels, col_has_label, lse_row, w_row,
-                     coef_row, lse_col, w_col, own_rows, n_own, exclude_self, decoupled, allow_tf32=False,
-                     n_split=0):
-        s, match, in_den = ReferenceC._tile(query, key, scale_rows, positive_index, row_labels, col_labels,
-                                            col_has_label, exclude_self, decoupled)
-        g = torch.where(in_den & (w_row[:, None] != 0), w_row[:, None] * (s - lse_row[:, None]).exp(), 0)
-        if lse_col is not None:
-            g = g + torch.where(in_den & (w_col[None, :] != 0), w_col[None, :] * (s - lse_col[None, :]).exp(), 0)
-        if coef_row is not None:
-            positive = match if row_labels is not None else (
-                torch.arange(s.shape[1], device=s.device)[None, :] == positive_index[:, None])
-            g = g - positive * coef_row[:, None]
-        if own_rows:
-            return g @ key.to(s.dtype)
-        return ((g * scale_rows[:, None]).T @ query.to(s.dtype))[:n_own]
-
-    @staticmethod
-    def sigmoid_pass(query, key, scale_rows, positive_index, bias, own_rows, n_own, accumulate, allow_tf32=False,
-                     n_split=0):
-        cd = scale_rows.dtype
-        logits = (query.to(cd) @ key.to(cd).T) * scale_rows[:, None]
-        if bias is not None:
-            logits = logits + bias.reshape(())
-        positive = torch.arange(logits.shape[1])[None, :] == positive_index[:, None]
-        g = logits.sigmoid() - positive.to(cd)
-        empty = logits.new_empty(0)
-        acc = empty
-        if accumulate:
-            acc = g @ key.to(cd) if own_rows else ((g * scale_rows[:, None]).T @ query.to(cd))[:n_own]
-        if not own_rows:
-            return acc, empty, empty
-        return acc, F.softplus(torch.where(positive, -logits, logits)).sum(1), g.sum(1)
-
-
-def _stand_in(module):
-    """Make ``module`` fastcl._C for this process and let the CUDA backend take CPU tensors."""
-    import fastcl.backends.cuda as cuda_backend
-
-    sys.modules["fastcl._C"] = module
-    fastcl._C = module
-    cuda_backend.available = lambda device: None
-
-
-# Loaded as a plugin (-p test_cuda) by the subprocess tests below, the backend runs on CPU
-# tensors with a stand-in for the compiled kernels: ReferenceC, or the real host glue and kernel
-# code built for CPU threads (FASTCL_CUDA_EMULATED = path of that module).
-if os.environ.get("FASTCL_CUDA_REFERENCE") == "1":
-    _stand_in(ReferenceC)
-elif os.environ.get("FASTCL_CUDA_EMULATED"):
-    import importlib.util
-
-    _spec = importlib.util.spec_from_file_location("fastcl_emulated_C", os.environ["FASTCL_CUDA_EMULATED"])
-    _emulated = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_emulated)
-    _stand_in(_emulated)
 
 try:
     from fastcl import _C
@@ -144,17 +40,24 @@ else:
 
 EXPECT_EXTENSION = os.environ.get("FASTCL_EXPECT_CUDA_EXTENSION") == "1"
 GPU = torch.cuda.is_available() and _C is not None and unavailable_reason("cuda", torch.device("cuda")) is None
-# the kernel tests below run on a GPU, or on CPU tensors inside the emulated-extension subprocess
-EMULATED = bool(os.environ.get("FASTCL_CUDA_EMULATED"))
-KERNEL_DEVICE = "cpu" if EMULATED else "cuda"
+# without a GPU the kernel tests below run on CPU tensors through the emulated kernels
+EMULATED = not GPU
+KERNEL_DEVICE = "cuda" if GPU else "cpu"
 
 needs_ext = pytest.mark.skipif(_C is None and not EXPECT_EXTENSION,
                                reason=f"fastcl._C is not built ({_C_ERROR}); setup.py skips it with FASTCL_BUILD_CUDA=0 "
                                       "or without nvcc / a CUDA build of torch")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (compute capability >= 8.0) and the built extension")
-needs_kernels = pytest.mark.skipif(not (GPU or EMULATED),
-                                   reason="needs a CUDA GPU (compute capability >= 8.0) and the built extension; "
-                                          "test_subprocess_variant_matrix_with_emulated_kernels runs these on CPU")
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The kernels of backend="cuda": compiled on a GPU, else emulated on CPU threads."""
+    if not GPU:
+        reason = emulation_missing()
+        if reason is not None:
+            pytest.skip(f"no GPU, and the CPU emulation cannot be built: {reason}")
+        use_emulated_cuda(monkeypatch)
 
 
 # --- build ------------------------------------------------------------------------------------
@@ -205,17 +108,11 @@ def test_import_does_not_initialise_cuda():
 
 # --- the kernels on CPU threads ----------------------------------------------------------------
 
-def _cuda_include():
-    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    inc = os.path.join(home, "include")
-    return inc if os.path.exists(os.path.join(inc, "cuda_fp16.h")) else None
-
-
-@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None,
+@pytest.mark.skipif(shutil.which("g++") is None or cuda_include() is None,
                     reason="needs g++ and the CUDA headers (CUDA_HOME/include) to build the CPU emulation")
 def test_tile_kernels_emulated_on_cpu(tmp_path):
     exe = str(tmp_path / "check_tile_kernels")
-    build = subprocess.run(["g++", "-std=c++20", "-O2", "-pthread", "-I", _cuda_include(),
+    build = subprocess.run(["g++", "-std=c++20", "-O2", "-pthread", "-I", cuda_include(),
                             os.path.join(ROOT, "csrc", "testing", "check_tile_kernels.cpp"), "-o", exe],
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-6000:]
@@ -223,42 +120,6 @@ def test_tile_kernels_emulated_on_cpu(tmp_path):
     assert run.returncode == 0, "\n".join(line for line in run.stdout.splitlines() if not line.startswith("ok"))
     assert "0 failed checks" in run.stdout
 
-
-def _build_emulated_extension():
-    """ops.cpp + bindings.cpp (-DFASTCL_EMULATION_HOST) + the emulated launchers, as a CPU
-    extension; cached under build/ (torch rebuilds it when a source changes)."""
-    from torch.utils.cpp_extension import load
-
-    csrc = os.path.join(ROOT, "csrc")
-    build_dir = os.path.join(ROOT, "build", "fastcl_emulated_C")
-    os.makedirs(build_dir, exist_ok=True)
-    return load(name="fastcl_emulated_C",
-                sources=[os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "bindings.cpp"),
-                         os.path.join(csrc, "testing", "emulated_launchers.cpp")],
-                extra_cflags=["-O1", "-DFASTCL_EMULATION_HOST"], extra_include_paths=[_cuda_include(), csrc],
-                build_directory=build_dir, verbose=False)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None,
-                    reason="needs g++ and the CUDA headers (CUDA_HOME/include) to build the CPU emulation")
-def test_subprocess_variant_matrix_with_emulated_kernels():
-    """backend="cuda" end to end -- Python half, host glue (checks, splits, merges, fp16 G scaling),
-    kernel code -- with the kernels on CPU threads: the variant matrix against the oracle."""
-    module = _build_emulated_extension()
-    env = dict(os.environ, FASTCL_TEST_BACKEND="cuda", FASTCL_TEST_DEVICE="cpu", FASTCL_CUDA_EMULATED=module.__file__,
-               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    env.pop("FASTCL_CUDA_REFERENCE", None)
-    kernel_tests = [f"tests/test_cuda.py::{name}" for name in
-                    ("test_kernels_clip_and_siglip", "test_kernels_info_nce_variants", "test_kernels_tf32_when_allowed")]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "test_cuda", "tests/test_losses.py",
-           *kernel_tests]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-8000:]}\n{run.stderr[-3000:]}"
-    assert " passed" in run.stdout and "deselected" in run.stdout, run.stdout[-2000:]
-
-
-# --- dispatch ---------------------------------------------------------------------------------
 
 def test_cuda_backend_on_cpu_tensors_raises_with_the_reason():
     q, k = torch.randn(5, 4), torch.randn(5, 4)
@@ -364,43 +225,7 @@ def test_mixed_devices_are_rejected():
         _C.softmax_stats(**args)
 
 
-# --- GPU: the variant matrix of tests/test_losses.py through backend="cuda" -------------------
-
-def pytest_collection_modifyitems(config, items):
-    """Plugin hook, active only in the subprocess that loads this module with ``-p test_cuda``:
-    drop the torch backend's second tile shape, which the CUDA backend ignores."""
-    kept, dropped = [], []
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        (dropped if params.get("torch_blocks", "default") != "default" else kept).append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
-
-
-def test_subprocess_python_half_with_reference_kernels():
-    """backend="cuda" minus the kernels: the whole variant matrix on CPU against the oracle."""
-    env = dict(os.environ, FASTCL_TEST_BACKEND="cuda", FASTCL_TEST_DEVICE="cpu", FASTCL_CUDA_REFERENCE="1",
-               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "test_cuda", "tests/test_losses.py"]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-8000:]}\n{run.stderr[-3000:]}"
-    assert " passed" in run.stdout and "deselected" in run.stdout, run.stdout[-2000:]
-
-
-@needs_gpu
-@pytest.mark.parametrize("split", ["auto", "3"])
-def test_subprocess_variant_matrix_on_gpu(split):
-    env = dict(os.environ, FASTCL_TEST_BACKEND="cuda", FASTCL_TEST_DEVICE="cuda",
-               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    if split != "auto":
-        env["FASTCL_CUDA_SPLIT"] = split
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "test_cuda", "tests/test_losses.py"]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-8000:]}\n{run.stderr[-3000:]}"
-
-
-# --- GPU: shapes that cross tile, D-chunk and split boundaries, against the fp64 torch backend -
+# --- the kernels: shapes that cross tile, D-chunk and split boundaries, against the fp64 torch backend
 
 def _against_torch_fp64(fn, tensors: dict, dtype, rtol=None, grads=None, loss_rtol=None):
     """``fn(backend, **tensors)`` through the kernels in ``dtype`` vs the torch backend in fp64 on
@@ -439,11 +264,10 @@ def _unit(n, d):
     return F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
 
 
-@needs_kernels
 @pytest.mark.parametrize("split", ["auto", "1", "4"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_kernels_clip_and_siglip(shape, dtype, split, monkeypatch):
+def test_kernels_clip_and_siglip(shape, dtype, split, monkeypatch, kernels):
     if split != "auto":
         monkeypatch.setenv("FASTCL_CUDA_SPLIT", split)
     n, _, d = shape
@@ -454,12 +278,11 @@ def test_kernels_clip_and_siglip(shape, dtype, split, monkeypatch):
     _against_torch_fp64(lambda b, **kw: fastcl.siglip_loss(**kw, backend=b), tensors, dtype)
 
 
-@needs_kernels
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("variant", ["labels_exclude_decoupled", "queue_no_grad", "rows_scale_positive_index",
                                      "nt_xent", "labels_queue_unlabelled"])
-def test_kernels_info_nce_variants(variant, shape, dtype, monkeypatch):
+def test_kernels_info_nce_variants(variant, shape, dtype, monkeypatch, kernels):
     monkeypatch.setenv("FASTCL_CUDA_SPLIT", "2")
     n, m, d = shape
     m = max(m, n)
@@ -496,8 +319,7 @@ def test_kernels_info_nce_variants(variant, shape, dtype, monkeypatch):
     _against_torch_fp64(fn, tensors, dtype)
 
 
-@needs_kernels
-def test_kernels_tf32_when_allowed():
+def test_kernels_tf32_when_allowed(kernels):
     """float32 through TF32 tensor cores when torch allows TF32 (tolerance of a 10-bit mantissa)."""
     # set and restored by hand: the flag lives behind the module's __getattr__, which newer
     # pytest monkeypatching does not see as an attribute to restore

@@ -1,7 +1,5 @@
-"""Every public loss x its options x dtypes, against the float64 oracle (loss and all gradients).
-
-The backend under test comes from FASTCL_TEST_BACKEND (default "torch"), so the same matrix runs
-through the Triton interpreter and, on a GPU, the compiled kernels.
+"""Every public loss x its options x dtypes x backends, against the float64 oracle (loss and all
+gradients). The backend axis is the ``backend`` fixture of ``tests/conftest.py``.
 """
 
 import os
@@ -14,7 +12,6 @@ import fastcl
 import oracle
 from helpers import check_against_oracle
 
-BACKEND = os.environ.get("FASTCL_TEST_BACKEND", "torch")
 DEVICE = os.environ.get("FASTCL_TEST_DEVICE", "cpu")
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 # nt_xent/dcl normalise inside the op and hand the kernels features rounded to the input dtype:
@@ -71,7 +68,7 @@ INFO_NCE_CASES = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", sorted(INFO_NCE_CASES))
-def test_info_nce(case, reduction, dtype, torch_blocks):
+def test_info_nce(case, reduction, dtype, backend):
     c = INFO_NCE_CASES[case]
     n, m, k, d = c["n"], c["m"], c["k"], c["d"]
     opts = c["opts"](n, m, k)
@@ -81,7 +78,7 @@ def test_info_nce(case, reduction, dtype, torch_blocks):
     names = [x for x in ("query", "key", "negatives") if x in inputs and (x != "negatives" or c.get("negatives_grad", True))]
 
     def fast(**kw):
-        return fastcl.info_nce(**kw, **opts, reduction=reduction, backend=BACKEND)
+        return fastcl.info_nce(**kw, **opts, reduction=reduction, backend=backend)
 
     def ref(**kw):
         return oracle.info_nce(**kw, **opts, reduction=reduction)
@@ -92,7 +89,7 @@ def test_info_nce(case, reduction, dtype, torch_blocks):
 @pytest.mark.parametrize("debias", [None, 0.2])
 @pytest.mark.parametrize("form", ["temperature_scalar", "temperature_rows", "scale_scalar", "scale_rows", "scale_shape1"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_info_nce_scale_gradients(form, dtype, debias, torch_blocks):
+def test_info_nce_scale_gradients(form, dtype, debias, backend):
     n, m, d = 11, 14, 9
     value = {
         "temperature_scalar": torch.tensor(0.2, dtype=torch.float64),
@@ -105,13 +102,13 @@ def test_info_nce_scale_gradients(form, dtype, debias, torch_blocks):
     inputs = {"query": unit(n, d), "key": unit(m, d), arg: value}
     for symmetric in (False, True):
         check_against_oracle(
-            lambda **kw: fastcl.info_nce(**kw, symmetric=symmetric, debias=debias, backend=BACKEND),
+            lambda **kw: fastcl.info_nce(**kw, symmetric=symmetric, debias=debias, backend=backend),
             lambda **kw: oracle.info_nce(**kw, symmetric=symmetric, debias=debias), inputs, dtype)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_debias_floor_branch(dtype, symmetric, torch_blocks):
+def test_debias_floor_branch(dtype, symmetric, backend):
     """tau+ = 0.5 with strong positives: the estimate of the negatives' sum goes below its floor
     on some rows (checked here from the inputs), so both branches of the max are exercised, with
     a per-row scale whose gradient also flows through the floor."""
@@ -127,19 +124,19 @@ def test_debias_floor_branch(dtype, symmetric, torch_blocks):
     below = estimate < floor
     assert 0 < int(below.sum()) < n, "the inputs should put some rows, not all, on the floor"
     inputs = {"query": q, "key": k, "scale": scale}
-    check_against_oracle(lambda **kw: fastcl.info_nce(**kw, debias=0.5, symmetric=symmetric, backend=BACKEND),
+    check_against_oracle(lambda **kw: fastcl.info_nce(**kw, debias=0.5, symmetric=symmetric, backend=backend),
                          lambda **kw: oracle.info_nce(**kw, debias=0.5, symmetric=symmetric), inputs, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_debias_extreme_temperature(dtype, torch_blocks):
+def test_debias_extreme_temperature(dtype, backend):
     """Temperature 0.01 with unit features: logits reach +-100, past exp's fp32 range."""
     n, d = 17, 5
     q, k = unit(n, d), unit(n, d)
     k[:4] = q[:4]
     for symmetric in (False, True):
         check_against_oracle(
-            lambda **kw: fastcl.info_nce(**kw, temperature=0.01, debias=0.1, symmetric=symmetric, backend=BACKEND),
+            lambda **kw: fastcl.info_nce(**kw, temperature=0.01, debias=0.1, symmetric=symmetric, backend=backend),
             lambda **kw: oracle.info_nce(**kw, temperature=0.01, debias=0.1, symmetric=symmetric),
             {"query": q, "key": k}, dtype)
 
@@ -147,7 +144,7 @@ def test_debias_extreme_temperature(dtype, torch_blocks):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [None, "tensor", "float"])
 @pytest.mark.parametrize("shape", [(1, 3), (13, 19), (37, 64)])
-def test_clip_loss(shape, bias, dtype, torch_blocks):
+def test_clip_loss(shape, bias, dtype, backend):
     n, d = shape
     inputs = {"image_features": unit(n, d), "text_features": unit(n, d),
               "logit_scale": torch.tensor(14.3, dtype=torch.float64, device=DEVICE)}
@@ -155,28 +152,28 @@ def test_clip_loss(shape, bias, dtype, torch_blocks):
         inputs["logit_bias"] = torch.tensor(-2.5, dtype=torch.float64, device=DEVICE)
     elif bias == "float":
         inputs["logit_bias"] = -2.5
-    check_against_oracle(lambda **kw: fastcl.clip_loss(**kw, backend=BACKEND), oracle.clip_loss, inputs, dtype)
+    check_against_oracle(lambda **kw: fastcl.clip_loss(**kw, backend=backend), oracle.clip_loss, inputs, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 3), (13, 19), (37, 64)])
-def test_siglip_loss(shape, dtype, torch_blocks):
+def test_siglip_loss(shape, dtype, backend):
     n, d = shape
     inputs = {"image_features": unit(n, d), "text_features": unit(n, d),
               "logit_scale": torch.tensor(10.0, dtype=torch.float64, device=DEVICE),
               "logit_bias": torch.tensor(-10.0, dtype=torch.float64, device=DEVICE)}
-    check_against_oracle(lambda **kw: fastcl.siglip_loss(**kw, backend=BACKEND), oracle.siglip_loss, inputs, dtype)
+    check_against_oracle(lambda **kw: fastcl.siglip_loss(**kw, backend=backend), oracle.siglip_loss, inputs, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("n", [1, 2, 13])
-def test_nt_xent(n, normalize, dtype, torch_blocks):
+def test_nt_xent(n, normalize, dtype, backend):
     inputs = {"z1": randn(n, 10), "z2": randn(n, 10)}
     if not normalize:
         inputs = {k: v / 3 for k, v in inputs.items()}
     check_against_oracle(
-        lambda **kw: fastcl.nt_xent(**kw, temperature=0.5, normalize=normalize, backend=BACKEND),
+        lambda **kw: fastcl.nt_xent(**kw, temperature=0.5, normalize=normalize, backend=backend),
         lambda **kw: oracle.nt_xent(**kw, temperature=0.5, normalize=normalize), inputs, dtype,
         loss_rtol=NORMALIZED_LOSS_RTOL.get(dtype) if normalize else None)
 
@@ -185,12 +182,12 @@ def test_nt_xent(n, normalize, dtype, torch_blocks):
 @pytest.mark.parametrize("mode", ["all", "one"])
 @pytest.mark.parametrize("labelled", [True, False])
 @pytest.mark.parametrize("views", [1, 2, 3])
-def test_supcon(views, labelled, mode, dtype, torch_blocks):
+def test_supcon(views, labelled, mode, dtype, backend):
     b = 11
     features = F.normalize(randn(b, views, 9), dim=-1)
     labels = _labels(b, 4) if labelled else None
     check_against_oracle(
-        lambda **kw: fastcl.supcon(**kw, labels=labels, temperature=0.1, base_temperature=0.07, contrast_mode=mode, backend=BACKEND),
+        lambda **kw: fastcl.supcon(**kw, labels=labels, temperature=0.1, base_temperature=0.07, contrast_mode=mode, backend=backend),
         lambda **kw: oracle.supcon(**kw, labels=labels, temperature=0.1, base_temperature=0.07, contrast_mode=mode),
         {"features": features}, dtype)
 
@@ -198,85 +195,85 @@ def test_supcon(views, labelled, mode, dtype, torch_blocks):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("sigma", [None, 0.5])
 @pytest.mark.parametrize("n", [2, 9])
-def test_dcl(n, sigma, dtype, torch_blocks):
+def test_dcl(n, sigma, dtype, backend):
     inputs = {"z1": randn(n, 12), "z2": randn(n, 12)}
     check_against_oracle(
-        lambda **kw: fastcl.dcl(**kw, temperature=0.1, weight_sigma=sigma, backend=BACKEND),
+        lambda **kw: fastcl.dcl(**kw, temperature=0.1, weight_sigma=sigma, backend=backend),
         lambda **kw: oracle.dcl(**kw, temperature=0.1, weight_sigma=sigma), inputs, dtype,
         loss_rtol=NORMALIZED_LOSS_RTOL.get(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_extreme_scale_no_overflow(dtype, torch_blocks):
+def test_extreme_scale_no_overflow(dtype, backend):
     """Logit scale 100 with unit features: logits reach +-100, past exp's fp32 range."""
     n, d = 29, 8
     img, txt = unit(n, d), unit(n, d)
     txt[:5] = img[:5]  # some logits at exactly +100
     scale = torch.tensor(100.0, dtype=torch.float64, device=DEVICE)
-    check_against_oracle(lambda **kw: fastcl.clip_loss(**kw, backend=BACKEND), oracle.clip_loss,
+    check_against_oracle(lambda **kw: fastcl.clip_loss(**kw, backend=backend), oracle.clip_loss,
                          {"image_features": img, "text_features": -txt, "logit_scale": scale}, dtype)
-    check_against_oracle(lambda **kw: fastcl.siglip_loss(**kw, backend=BACKEND), oracle.siglip_loss,
+    check_against_oracle(lambda **kw: fastcl.siglip_loss(**kw, backend=backend), oracle.siglip_loss,
                          {"image_features": img, "text_features": txt, "logit_scale": scale, "logit_bias": -10.0}, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_tiny_temperature_labels(dtype, torch_blocks):
+def test_tiny_temperature_labels(dtype, backend):
     n, d = 23, 8
     labels = _labels(n, 3)
     opts = dict(temperature=0.01, labels=labels, exclude_self=True)
-    check_against_oracle(lambda **kw: fastcl.info_nce(**kw, **opts, backend=BACKEND),
+    check_against_oracle(lambda **kw: fastcl.info_nce(**kw, **opts, backend=backend),
                          lambda **kw: oracle.info_nce(**kw, **opts),
                          {"query": unit(n, d), "key": unit(n, d)}, dtype)
 
 
-def test_no_positive_anywhere_gives_zero_loss_and_zero_grads(torch_blocks):
+def test_no_positive_anywhere_gives_zero_loss_and_zero_grads(backend):
     q = randn(6, 4).requires_grad_()
     k = randn(6, 4).requires_grad_()
     loss = fastcl.info_nce(q, k, labels=torch.arange(6, device=DEVICE), key_labels=torch.arange(6, device=DEVICE) + 100,
-                           backend=BACKEND)
+                           backend=backend)
     assert loss.item() == 0.0
     loss.backward()
     assert torch.count_nonzero(q.grad) == 0 and torch.count_nonzero(k.grad) == 0
     feats = torch.nn.functional.normalize(randn(5, 1, 3), dim=-1).requires_grad_()
-    loss = fastcl.supcon(feats, backend=BACKEND)  # one view, own class each: no positives
+    loss = fastcl.supcon(feats, backend=backend)  # one view, own class each: no positives
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(feats.grad) == 0
 
 
-def test_empty_denominator_row_is_left_out(torch_blocks):
+def test_empty_denominator_row_is_left_out(backend):
     # one key column, decoupled: row 0's only column is its positive, so its denominator is empty
     q, k = randn(3, 4).requires_grad_(), randn(1, 4).requires_grad_()
     pos = torch.zeros(3, dtype=torch.long, device=DEVICE)
-    got = fastcl.info_nce(q, k, positive_index=pos, decoupled=True, reduction="none", backend=BACKEND)
+    got = fastcl.info_nce(q, k, positive_index=pos, decoupled=True, reduction="none", backend=backend)
     assert torch.equal(got.detach(), torch.zeros(3, dtype=got.dtype, device=DEVICE))
-    fastcl.info_nce(q, k, positive_index=pos, decoupled=True, backend=BACKEND).backward()
+    fastcl.info_nce(q, k, positive_index=pos, decoupled=True, backend=backend).backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
 
 
 @pytest.mark.parametrize("where", ["query", "key"])
-def test_nan_propagates(where, torch_blocks):
+def test_nan_propagates(where, backend):
     q, k = randn(9, 5), randn(9, 5)
     (q if where == "query" else k)[3, 2] = float("nan")
-    assert torch.isnan(fastcl.info_nce(q, k, backend=BACKEND))
-    assert torch.isnan(fastcl.clip_loss(q, k, 10.0, backend=BACKEND))
-    assert torch.isnan(fastcl.siglip_loss(q, k, 10.0, -10.0, backend=BACKEND))
+    assert torch.isnan(fastcl.info_nce(q, k, backend=backend))
+    assert torch.isnan(fastcl.clip_loss(q, k, 10.0, backend=backend))
+    assert torch.isnan(fastcl.siglip_loss(q, k, 10.0, -10.0, backend=backend))
 
 
-def test_inf_does_not_become_finite(torch_blocks):
+def test_inf_does_not_become_finite(backend):
     q, k = randn(9, 5), randn(9, 5)
     k[4, 1] = float("inf")
-    assert not torch.isfinite(fastcl.info_nce(q, k, backend=BACKEND))
-    assert not torch.isfinite(fastcl.clip_loss(q, k, 10.0, backend=BACKEND))
+    assert not torch.isfinite(fastcl.info_nce(q, k, backend=backend))
+    assert not torch.isfinite(fastcl.clip_loss(q, k, 10.0, backend=backend))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("spread", [30.0, 300.0])
-def test_symmetric_wide_logit_range(spread, dtype, torch_blocks):
+def test_symmetric_wide_logit_range(spread, dtype, backend):
     """Rows whose logits differ by more than exp's range within one tile: the shared-exponent
     shortcuts must hand those rows and columns to the exact path."""
     n, d = 21, 6
     scale = torch.ones(n, dtype=torch.float64, device=DEVICE)
     scale[::3] = spread
     inputs = {"query": unit(n, d), "key": unit(n, d), "scale": scale}
-    check_against_oracle(lambda **kw: fastcl.info_nce(**kw, symmetric=True, backend=BACKEND),
+    check_against_oracle(lambda **kw: fastcl.info_nce(**kw, symmetric=True, backend=backend),
                          lambda **kw: oracle.info_nce(**kw, symmetric=True), inputs, dtype)

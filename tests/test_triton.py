@@ -1,17 +1,11 @@
-"""The Triton backend: the whole variant matrix through Triton's interpreter, and checks of the
-launcher (no N x M allocation, bitwise determinism, D-chunked accumulators, availability).
+"""The Triton backend beyond the variant matrix (which ``tests/test_losses.py`` runs through the
+backend axis of ``tests/conftest.py``): widths and block shapes, half precision, bitwise
+determinism, no N x M allocation, availability, and an ahead-of-time compile of every launch for
+sm_90.
 
-Triton decides interpreter or compiler when the kernels are first imported, and another test in
-this process may already have imported them, so the interpreter runs happen in subprocesses
-(``test_subprocess_*``) with ``TRITON_INTERPRET=1``:
-
-* ``tests/test_losses.py`` with ``FASTCL_TEST_BACKEND=triton`` in float64 and float32 (the
-  interpreter's bfloat16 ``tl.dot`` returns garbage, so bf16 is left to GPU runs), once per
-  variant, not once per torch-backend tile shape;
-* the direct tests of this file, which run in-process whenever the Triton backend can run on
-  ``FASTCL_TEST_DEVICE`` (default ``cpu``, i.e. under the interpreter). On a GPU:
-  ``FASTCL_TEST_DEVICE=cuda pytest tests/test_triton.py -k "not subprocess"`` and
-  ``FASTCL_TEST_BACKEND=triton FASTCL_TEST_DEVICE=cuda pytest tests/test_losses.py``.
+On a CPU the direct tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set by
+the conftest before the kernels are first imported); on a GPU
+(``FASTCL_TEST_DEVICE=cuda``) they run compiled.
 """
 
 import os
@@ -47,57 +41,13 @@ needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not install
 def _triton_reason():
     if not HAVE_TRITON:
         return "Triton is not installed"
-    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "runs under TRITON_INTERPRET=1 (test_subprocess_direct_tests does that)"
     return unavailable_reason("triton", torch.device(DEVICE))
 
 
 direct = pytest.mark.skipif(_triton_reason() is not None, reason=str(_triton_reason()))
 
 
-# --- the interpreter runs --------------------------------------------------------------------
-
-def pytest_collection_modifyitems(config, items):
-    """Plugin hook, active only in the subprocess that loads this module with ``-p test_triton``:
-    drop bf16 and the torch backend's second tile shape, which the Triton backend ignores."""
-    kept, dropped = [], []
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        skip = params.get("dtype") == torch.bfloat16 or params.get("torch_blocks", "default") != "default"
-        (dropped if skip else kept).append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
-
-
-def _pytest_under_interpreter(*args):
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTCL_TEST_BACKEND="triton", FASTCL_TEST_DEVICE="cpu",
-               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    env.pop("FASTCL_TRITON_BLOCK", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning", *args]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
-    return run.stdout
-
-
-MATRIX = {
-    "info_nce": ["tests/test_losses.py::test_info_nce"],
-    "other_losses": ["tests/test_losses.py", "--deselect", "tests/test_losses.py::test_info_nce"],
-}
-
-
-@needs_triton
-@pytest.mark.parametrize("group", sorted(MATRIX))
-def test_subprocess_variant_matrix(group):
-    out = _pytest_under_interpreter("-p", "test_triton", *MATRIX[group])
-    assert " passed" in out and "deselected" in out, out[-2000:]
-
-
-@needs_triton
-def test_subprocess_direct_tests():
-    out = _pytest_under_interpreter("tests/test_triton.py", "-k", "not subprocess and not sm90", "-rs")
-    assert " passed" in out and "SKIPPED" not in out, out[-2000:]
-
+# --- import -----------------------------------------------------------------------------------
 
 def test_subprocess_import_without_triton():
     """fastcl imports, reports the reason and falls back when Triton cannot be imported."""
@@ -308,6 +258,19 @@ _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "
                  torch.int64: "i64", torch.int32: "i32"}
 
 
+def _compiled_kernels(monkeypatch):
+    """A second copy of the kernel module decorated for the compiler (``TRITON_INTERPRET`` unset
+    while it loads), whatever this process loaded for the backend itself."""
+    import importlib.util
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    path = os.path.join(ROOT, "triton_kernels", "info_nce.py")
+    spec = importlib.util.spec_from_file_location("fastcl_compiled_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @needs_triton
 def test_launches_compile_for_sm90_without_a_gpu(monkeypatch):
     """The interpreter accepts code that the compiler rejects: compile, ahead of time for sm_90
@@ -315,9 +278,7 @@ def test_launches_compile_for_sm90_without_a_gpu(monkeypatch):
     of variants and dtypes, with the launcher's own arguments and flags."""
     from fastcl.backends import triton as tb
 
-    module = tb._kernels()
-    if tb._kernels_interpreted(module):
-        pytest.skip("the kernels were loaded interpreted in this process")
+    module = _compiled_kernels(monkeypatch)
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -333,6 +294,7 @@ def test_launches_compile_for_sm90_without_a_gpu(monkeypatch):
 
     monkeypatch.setattr(tb._Launcher, "_run", record)
     monkeypatch.setattr(tb, "available", lambda device: None)  # CPU tensors, kernels never run
+    monkeypatch.setattr(tb, "_fixed_blocks", lambda: None)  # the GPU's blocks, not the interpreter's
     monkeypatch.delenv("FASTCL_TRITON_BLOCK", raising=False)
 
     def leaves(dtype, *shapes):
