@@ -92,7 +92,7 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "numpy"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "numpy", "ruff"],
         # the peers the benchmark compares with, and its plots
         "bench": ["open_clip_torch==3.3.0", "matplotlib"],
         # the host libraries the drop-in classes are tested against, at the versions whose

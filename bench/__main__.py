@@ -38,7 +38,7 @@ supcon, dcl (see bench/cases.py; N is the batch size as passed, so the two-view 
 2N x 2N similarity matrix).
 
 Every row reports the median time, the peak extra memory (beyond inputs and gradients), the
-achieved TFLOP/s by DESIGN §7's count (8·N·M·D forward+backward, 2·N·M·D forward), its
+achieved TFLOP/s by docs/design.md §9's count (8·N·M·D forward+backward, 2·N·M·D forward), its
 percentage of dense matmuls of the same dtype measured in the same run ([S, D] @ [D, S]: "%
 matmul"; a large square one: "% peak"), and time and memory ratios against every other
 implementation of the same group. Results go to
@@ -57,8 +57,7 @@ import sys
 from . import results
 from .cases import CASES
 from .peers import PEERS
-from .runner import (FASTCL_BACKENDS, MODES, Block, Driver, Run, busy_warning, check_names, matmul_specs, max_batch,
-                     plan)
+from .runner import FASTCL_BACKENDS, MODES, Block, Driver, Run, busy_warning, check_names, matmul_specs, max_batch, plan
 
 ALL_LOSSES = tuple(CASES)
 
@@ -98,7 +97,8 @@ def _common(p: argparse.ArgumentParser):
                    help="stop starting rows after S seconds; rows not run are recorded as not_run")
     p.add_argument("--row-timeout", type=float, default=None, metavar="S", help="kill a row after S seconds")
     p.add_argument("--fresh", action="store_true", help="a new worker process for every row")
-    p.add_argument("--target-s", type=float, default=None, help="time spent timing each row (default 0.5 s CPU, 0.3 s GPU)")
+    p.add_argument("--target-s", type=float, default=None,
+                   help="time spent timing each row (default 0.5 s CPU, 0.3 s GPU)")
     p.add_argument("--min-reps", type=int, default=None, help="fewest timed calls per row")
     p.add_argument("--mem-cap-gb", type=float, default=8.0,
                    help="CPU: a row whose peak RSS growth would pass this fails (RLIMIT_AS guard); default 8")
@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--peers", nargs="+", default=list(PEERS))
     m.add_argument("--start-n", type=int, default=None, help="default 1024 CPU, 16384 GPU")
     m.add_argument("--max-n", type=int, default=None, help="default 32768 CPU, 1048576 GPU")
-    m.add_argument("--max-call-s", type=float, default=None, help="skip sizes predicted to take longer (default 300 CPU, 60 GPU)")
+    m.add_argument("--max-call-s", type=float, default=None,
+                   help="skip sizes predicted to take longer (default 300 CPU, 60 GPU)")
     pl = sub.add_parser("plot", help="PNGs from result files")
     pl.add_argument("files", nargs="*", help="result JSON files (default: all in bench/results)")
     c = sub.add_parser("check", help="GPU large-N / bf16 agreement between backends (skips on CPU)")

@@ -31,7 +31,7 @@ class Shape:
     grad_cols: int
 
     def flops(self, d: int, backward: bool) -> int:
-        """DESIGN §7: forward ``2·R·C·D``; forward+backward adds the recomputed tile, dQ and dK.
+        """docs/design.md §9: forward ``2·R·C·D``; forward+backward adds the recomputed tile, dQ and dK.
 
         For one row and column pass over a square matrix that is ``8·N·M·D``. The same count is
         used for every implementation, so TFLOP/s ratios are time ratios; implementations that

@@ -5,7 +5,7 @@ a ``.csv`` of the same rows. ``meta`` names the device, the library versions, th
 (and whether fastcl's sources differed from it), a hash of the measured sources, the command
 line and the time. Derived columns:
 
-* ``flops``: DESIGN §7's count for the row (:meth:`bench.cases.Shape.flops`); ``tflops``.
+* ``flops``: docs/design.md §9's count for the row (:meth:`bench.cases.Shape.flops`); ``tflops``.
 * ``matmul_tflops``/``pct_matmul``: against the dense ``[S, D] @ [D, S]`` matmul of the same
   dtype and D measured in the same run (at its start and end; the faster is kept);
   ``peak_tflops``/``pct_peak``: against the square one.
@@ -304,7 +304,8 @@ def summary(path: str) -> str:
         lines = [head, "  largest N that ran:"]
         for s in meta.get("maxbatch", []):
             name = s["impl"] + (f"({s['backend']})" if s.get("backend") else "")
-            peak = "" if s.get("peak_mb") is None else f", {s['peak_mb']:.0f} MB peak, {s['extra_mb']:.0f} MB beyond grads"
+            peak = ("" if s.get("peak_mb") is None
+                    else f", {s['peak_mb']:.0f} MB peak, {s['extra_mb']:.0f} MB beyond grads")
             lines.append(f"  {s['loss']} {name}: {s['largest_n']}{peak} (stopped: {s['stopped']})")
         return "\n".join(lines)
     failed = [r for r in rows if r.get("status") not in ("ok", "skipped")]

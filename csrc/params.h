@@ -1,5 +1,5 @@
 // The contract between the torch host code (ops.cpp) and the tile kernels (tile_kernels.cuh).
-// Plain C++: no torch headers, so the .cu files compile without them (DESIGN §6).
+// Plain C++: no torch headers, so the .cu files compile without them (docs/design.md §8).
 #pragma once
 
 #include <cstdint>

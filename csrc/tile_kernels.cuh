@@ -1,5 +1,5 @@
 // The tile kernel behind every CUDA op of fastcl: one loop over (owner tile x other tile) of
-// S = Q K^T with three epilogues (DESIGN §2). Plain CUDA: no torch headers (DESIGN §6).
+// S = Q K^T with three epilogues (docs/design.md §2). Plain CUDA: no torch headers (docs/design.md §8).
 //
 // Structure of one block (kThreads = 128 threads = 4 warps; kTile = 64):
 //   * it owns kTile consecutive lines of one side ("owner": query rows, or key columns when
@@ -13,7 +13,7 @@
 //     G . other[:, x0:x0+64] into the block's own rows of a zero-initialised fp32 accumulator
 //     in global memory, chunk by chunk over D (read-modify-write, L2-resident).
 //
-// Large D (DESIGN §8): S is built once per tile whatever D is, and the dQ/dK accumulator never
+// Large D (docs/design.md §7): S is built once per tile whatever D is, and the dQ/dK accumulator never
 // has to fit on chip: the block owns acc[64, D] in global memory and updates it once per other
 // tile, 64 columns of D at a time, through WMMA accumulator fragments. Extra traffic per other
 // tile: 64 x D x 8 bytes (read + write fp32) against 4 x 64 x 64 x D FLOPs, i.e. 32 FLOP/B of

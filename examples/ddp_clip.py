@@ -45,7 +45,8 @@ def main():
     parser.add_argument("--embed-dim", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--gather", choices=fastcl.distributed.GATHER_MODES, default="all_gather")
-    parser.add_argument("--local-loss", action="store_true", help="return the local anchors' share (open_clip's local_loss)")
+    parser.add_argument("--local-loss", action="store_true",
+                        help="return the local anchors' share (open_clip's local_loss)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)

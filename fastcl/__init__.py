@@ -4,9 +4,9 @@ Public API: the loss functions in :mod:`fastcl.functional` (re-exported here), t
 :mod:`fastcl.nn`, and :func:`build_info`.
 """
 
+from . import nn
 from ._version import __version__
 from .functional import clip_loss, dcl, info_nce, nt_xent, siglip_loss, supcon
-from . import nn
 
 __all__ = ["__version__", "build_info", "clip_loss", "dcl", "info_nce", "nn", "nt_xent", "siglip_loss", "supcon"]
 

@@ -71,7 +71,8 @@ def scalar_or_rows(name: str, value, n: int, device: torch.device, positive: boo
         if value.numel() == 1 and value.dim() <= 1:
             value = value.reshape(())
         elif value.dim() != 1 or value.shape[0] != n:
-            raise ValueError(f"{name} must be a scalar, shape (1,) or shape ({n},) (one per row); got {tuple(value.shape)}")
+            raise ValueError(f"{name} must be a scalar, shape (1,) or shape ({n},) (one per row); "
+                             f"got {tuple(value.shape)}")
         if positive and bool((value.detach() <= 0).any()):
             raise ValueError(f"{name} must be > 0; got a tensor with min {float(value.detach().min()):.4g}")
         return value

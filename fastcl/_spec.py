@@ -1,6 +1,6 @@
 """Validated, backend-neutral description of one contrastive loss call.
 
-Every public loss is lowered to one of two specs (DESIGN §2):
+Every public loss is lowered to one of two specs (docs/design.md §2):
 
 * :class:`SoftmaxSpec` -- the softmax family (InfoNCE, CLIP, NT-Xent, SupCon, DCL, queues,
   hard negatives). Per row ``i`` over the columns ``j`` of ``key`` (and any extra negatives

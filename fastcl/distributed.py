@@ -86,7 +86,8 @@ def _check_group(group):
             "torch.distributed.init_process_group(...) first, or pass group=None for a local loss"
         )
     if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD); got {type(group).__name__}")
+        raise TypeError("group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD); "
+                        f"got {type(group).__name__}")
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("this process is not a member of group")
@@ -174,7 +175,8 @@ def prepare(group, gather: str, local_loss: bool, *, op: str, query, key, negati
                         f"({per_rank(3, lambda v: _DTYPES[int(v)])}); cast the features to one dtype")
     for j, name in enumerate(opts, start=4):
         if bool((table[:, j] != table[0, j]).any()):
-            raise ValueError(f"{op}: ranks disagree on {name} ({per_rank(j, repr)}); every rank must make the same call")
+            raise ValueError(f"{op}: ranks disagree on {name} ({per_rank(j, repr)}); "
+                             "every rank must make the same call")
     for j, name in enumerate(values, start=4 + len(opts)):
         col = table[:, j]
         if bool(torch.isnan(col).any()):
@@ -416,7 +418,7 @@ class RingColumns:
 
     def grad(self, query, key, negatives, s_rows, spec: SoftmaxSpec, lse_row, w_row, coef, lse_col, w_col, *,
              rows: bool, keys: bool, negs: bool):
-        n, m, cd, dev = query.shape[0], key.shape[0], s_rows.dtype, query.device
+        m, cd, dev = key.shape[0], s_rows.dtype, query.device
         n_neg = 0 if negatives is None else negatives.shape[0]
         local = key if negatives is None else torch.cat([key, negatives])
         # each key's column statistics travel with its block: the column losses belong to the owner

@@ -1,7 +1,6 @@
 """gradcheck in float64, the never-N x M guarantee, and the nn modules."""
 
-import os
-
+import oracle
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,16 +8,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fastcl
-import oracle
 
-BACKEND = os.environ.get("FASTCL_TEST_BACKEND", "torch")
+# the torch backend: gradcheck's many calls and the N_BIG memory check would take minutes in
+# Triton's interpreter (the Triton launcher has its own allocation test in test_triton.py)
+BACKEND = "torch"
 
 
 def _leaf(*shape, scale=0.5):
     return (torch.randn(*shape, dtype=torch.float64) * scale).requires_grad_()
 
 
-@pytest.mark.parametrize("case", ["labels_queue", "symmetric_rows_scale", "decoupled_exclude", "hard_negatives"])
+@pytest.mark.parametrize("case", ["labels_queue", "symmetric_rows_scale", "decoupled_exclude", "hard_negatives",
+                                  "debias_symmetric_rows_scale"])
 def test_gradcheck_info_nce(case, torch_blocks):
     n, m, d = 5, 7, 3
     q, k = _leaf(n, d), _leaf(m, d)
@@ -30,6 +31,9 @@ def test_gradcheck_info_nce(case, torch_blocks):
         args = (q, k, neg, torch.tensor(0.7, dtype=torch.float64, requires_grad=True))
     elif case == "symmetric_rows_scale":
         fn = lambda q, k, s: fastcl.info_nce(q, k, scale=s, symmetric=True, positive_index=torch.tensor([6, 2, 0, 3, 1]), backend=BACKEND)
+        args = (q, k, (torch.rand(n, dtype=torch.float64) * 3 + 0.5).requires_grad_())
+    elif case == "debias_symmetric_rows_scale":
+        fn = lambda q, k, s: fastcl.info_nce(q, k, scale=s, symmetric=True, debias=0.4, positive_index=torch.tensor([6, 2, 0, 3, 1]), backend=BACKEND)
         args = (q, k, (torch.rand(n, dtype=torch.float64) * 3 + 0.5).requires_grad_())
     elif case == "decoupled_exclude":
         k = _leaf(n, d)
@@ -129,3 +133,37 @@ def test_nn_modules_match_functional():
     ]
     for got, want in pairs:
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("loss", ["info_nce", "siglip"])
+def test_double_backward_raises(loss):
+    """The tile gradients are formed without a graph: a second-order gradient must be an error,
+    not a silently wrong number."""
+    q, k = _leaf(6, 4), _leaf(6, 4)
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    value = (fastcl.info_nce(q, k, scale=s, backend=BACKEND) if loss == "info_nce"
+             else fastcl.siglip_loss(q, k, s, -1.0, backend=BACKEND))
+    with pytest.raises(RuntimeError, match="do not support double backward"):
+        torch.autograd.grad(value, (q, s), create_graph=True)
+
+
+@pytest.mark.parametrize("which", ["positive_index", "labels"])
+def test_index_tensors_changed_after_forward_do_not_reach_backward(which):
+    q, k = _leaf(7, 3), _leaf(9, 3)
+    index = torch.randint(0, 9, (7,)) if which == "positive_index" else torch.randint(0, 3, (7,))
+    opts = {which: index} if which == "positive_index" else {"labels": index, "key_labels": torch.randint(0, 3, (9,))}
+    want = torch.autograd.grad(fastcl.info_nce(q, k, **opts, backend=BACKEND), (q, k))
+    loss = fastcl.info_nce(q, k, **opts, backend=BACKEND)
+    index.copy_(torch.flip(index, [0]) if which == "positive_index" else (index + 1) % 3)
+    got = torch.autograd.grad(loss, (q, k))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_minus_inf_feature_gives_a_non_finite_loss():
+    """Every logit of row 0 is -inf: cross-entropy's answer is NaN, never a finite loss with the
+    row quietly left out."""
+    q, k = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64).abs()
+    q[0] = float("-inf")
+    assert not torch.isfinite(fastcl.info_nce(q, k, backend=BACKEND))
+    assert not torch.isfinite(F.cross_entropy(q @ k.T / 0.1, torch.arange(5)))

@@ -25,7 +25,6 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-
 from spawn import run_ranks
 
 RTOL = 1e-10

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import assert_close
 
 host = pytest.importorskip("info_nce", reason="info-nce-pytorch is not installed")

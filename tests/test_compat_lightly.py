@@ -5,7 +5,6 @@ from functools import partial
 
 import pytest
 import torch
-
 from helpers import assert_close
 
 lightly_loss = pytest.importorskip("lightly.loss", reason="lightly is not installed")

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import assert_close
 
 open_clip_loss = pytest.importorskip("open_clip.loss", reason="open_clip_torch is not installed")

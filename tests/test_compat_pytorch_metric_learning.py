@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import assert_close
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses", reason="pytorch-metric-learning is not installed")

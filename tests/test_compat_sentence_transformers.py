@@ -4,7 +4,6 @@ gradients of every column's embeddings, float64 and float32, through ``forward``
 
 import pytest
 import torch
-
 from helpers import assert_close
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses",

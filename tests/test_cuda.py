@@ -21,11 +21,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cuda_include, emulation_missing, use_emulated_cuda
+from helpers import RTOL, assert_close
 
 import fastcl
 from fastcl._dispatch import unavailable_reason
-from conftest import cuda_include, emulation_missing, use_emulated_cuda
-from helpers import RTOL, assert_close
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -25,13 +25,16 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn.functional as F
-
 from spawn import run_ranks
+
+if __name__ != "__main__":
+    from conftest import emulated_extension
 
 WORLD_SIZES = (1, 2, 3, 4)
 MULTI = tuple(w for w in WORLD_SIZES if w > 1)
 MODES = ("all_gather", "ring")
 RTOL = 1e-10
+BACKEND_RTOL = 1e-9  # float64 through kernels that sum in other orders
 LAUNCH_TIMEOUT_S = 240
 
 
@@ -81,7 +84,7 @@ def case_siglip(world, g):
 
 def _info_nce_case(world, g, *, key_extra=0, n_neg=0, neg_grad=False, labels=0, neg_labels=False,
                    positives="diag", per_row_t=False, symmetric=False, exclude_self=False, decoupled=False,
-                   reduction="mean", d=5):
+                   reduction="mean", d=5, debias=None):
     import fastcl
     rows = _shards(world, 3)
     keys = [r + key_extra for r in rows]
@@ -95,6 +98,8 @@ def _info_nce_case(world, g, *, key_extra=0, n_neg=0, neg_grad=False, labels=0, 
         tensors["temperature"] = (0.2 + torch.rand(n, generator=g, dtype=torch.float64) * 0.3, rows, True)
     local, glob = [dict() for _ in range(world)], {"reduction": reduction, "symmetric": symmetric,
                                                      "exclude_self": exclude_self, "decoupled": decoupled}
+    if debias is not None:
+        glob["debias"] = debias
     if not per_row_t:
         glob["temperature"] = 0.3
     if labels:
@@ -182,6 +187,11 @@ CASES = {
     "info_nce_symmetric_exclude_self_decoupled": lambda w, g: _info_nce_case(w, g, positives="shifted", symmetric=True,
                                                                              exclude_self=True, decoupled=True),
     "info_nce_symmetric_queue_sum": lambda w, g: _info_nce_case(w, g, n_neg=3, symmetric=True, reduction="sum"),
+    "info_nce_debias_queue": lambda w, g: _info_nce_case(w, g, n_neg=4, neg_grad=True, debias=0.2),
+    "info_nce_debias_per_row_temperature": lambda w, g: _info_nce_case(w, g, key_extra=1, positives="random",
+                                                                       per_row_t=True, debias=0.1),
+    "info_nce_debias_symmetric_exclude_self": lambda w, g: _info_nce_case(w, g, positives="shifted", symmetric=True,
+                                                                          exclude_self=True, debias=0.3),
     "nt_xent": case_nt_xent,
     "supcon": case_supcon,
     "supcon_one_no_labels": lambda w, g: case_supcon(w, g, contrast_mode="one", labels=False),
@@ -204,7 +214,15 @@ def _rel_err(got, want, floor):
     return float((got - want).abs().max()) / scale if want.numel() else 0.0
 
 
-def _run_case(name, mode, local_loss, world, rank, upstream=False):
+# the ring and all_gather through the kernels of the other backends (Triton's interpreter, the
+# CUDA kernels emulated on CPU threads): a subset that covers every pass and carry
+BACKEND_CASES = ("clip_loss", "siglip_loss", "info_nce_labels_exclude_self_decoupled",
+                 "info_nce_queue_with_grad_positive_in_queue", "info_nce_symmetric_per_row_temperature",
+                 "info_nce_debias_symmetric_exclude_self")
+KERNEL_BACKENDS = ("triton", "cuda")
+
+
+def _run_case(name, mode, local_loss, world, rank, upstream=False, backend=None):
     import torch.distributed as dist
 
     g = torch.Generator().manual_seed(1000 + 17 * world + sum(map(ord, name)))
@@ -221,7 +239,8 @@ def _run_case(name, mode, local_loss, world, rank, upstream=False):
             v = v[start: start + sizes[rank]]
         v = v.clone()
         local_in[k] = v.requires_grad_(grad) if v.dtype.is_floating_point else v
-    loss = fn(**local_in, **local_extra(rank), group=dist.group.WORLD, gather=mode, local_loss=local_loss)
+    extra = {} if backend is None else {"backend": backend}
+    loss = fn(**local_in, **local_extra(rank), **extra, group=dist.group.WORLD, gather=mode, local_loss=local_loss)
 
     # ranks may weight their losses differently; the sum of their gradients is then the
     # gradient of the weighted sum: sum_r c_r * L in global mode
@@ -305,8 +324,9 @@ def _peak_bytes(op, mode, world, rank):
 
     Measured on rank 0 only (every rank holds the same shard size): entering a dispatch mode
     imports torch._dynamo, seconds of CPU per process."""
-    import fastcl
     import torch.distributed as dist
+
+    import fastcl
 
     os.environ.pop("FASTCL_TORCH_BLOCK", None)  # the default tile shape, as in use
     g = torch.Generator().manual_seed(rank)
@@ -331,8 +351,9 @@ def _peak_bytes(op, mode, world, rank):
 
 def _bad_setups(world, rank):
     """Mismatched calls must raise the same error on every rank, not hang."""
-    import fastcl
     import torch.distributed as dist
+
+    import fastcl
 
     group = dist.group.WORLD
     x = torch.randn(4, 6, dtype=torch.float64)
@@ -357,6 +378,27 @@ def _bad_setups(world, rank):
     return out
 
 
+def _kernel_backends():
+    """The kernel backends this rank can run on CPU tensors; the CUDA one through the emulated
+    extension that the pytest process built (its path in FASTCL_TEST_CUDA_EMULATED)."""
+    from fastcl._dispatch import unavailable_reason
+
+    names = [b for b in KERNEL_BACKENDS if b in os.environ.get("FASTCL_TEST_RANK_BACKENDS", "").split(",")]
+    if "triton" in names and unavailable_reason("triton", torch.device("cpu")) is not None:
+        names.remove("triton")
+    if "cuda" in names:
+        import importlib.util
+
+        import fastcl.backends.cuda as cuda_backend
+
+        spec = importlib.util.spec_from_file_location("fastcl_emulated_C", os.environ["FASTCL_TEST_CUDA_EMULATED"])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        cuda_backend._ext = lambda: module
+        cuda_backend.available = lambda device: None
+    return names
+
+
 def _worker(rank, world, port, outdir):
     import torch.distributed as dist
 
@@ -371,6 +413,11 @@ def _worker(rank, world, port, outdir):
                 key = f"{name}|{mode}|{'local' if local_loss else 'global'}"
                 report["checks"][key] = _run_case(name, mode, local_loss, world, rank)
     report["checks"]["all_gather_helper"] = _check_all_gather_helper(world, rank)
+    for backend in _kernel_backends():
+        for name in BACKEND_CASES:
+            for mode in MODES:
+                report["checks"][f"{name}|{mode}|{backend}"] = _run_case(name, mode, False, world, rank,
+                                                                         backend=backend)
     for mode in MODES:
         report["checks"][f"clip_loss|{mode}|global_weighted_ranks"] = _run_case("clip_loss", mode, False, world, rank,
                                                                               upstream=True)
@@ -413,7 +460,10 @@ def _free_port() -> int:
 def _launch(world: int, outdir: str) -> dict:
     path = os.path.join(outdir, f"report_{world}.json")
     # tiny tiles: every tile boundary inside the blocks is exercised
-    run_ranks(__file__, world, [_free_port(), outdir], {"FASTCL_TORCH_BLOCK": "3,4"}, LAUNCH_TIMEOUT_S, [path])
+    env = {"FASTCL_TORCH_BLOCK": "3,4", "TRITON_INTERPRET": "1", "FASTCL_TEST_RANK_BACKENDS": ",".join(RANK_BACKENDS)}
+    if "cuda" in RANK_BACKENDS:
+        env["FASTCL_TEST_CUDA_EMULATED"] = emulated_extension().__file__
+    run_ranks(__file__, world, [_free_port(), outdir], env, LAUNCH_TIMEOUT_S, [path])
     with open(path) as f:
         return json.load(f)
 
@@ -424,8 +474,17 @@ def reports():
         return {world: _launch(world, outdir) for world in WORLD_SIZES}
 
 
+def _rank_backends():
+    """Kernel backends the ranks run too, on CPU tensors (skipped, with the reason, where not)."""
+    from conftest import backend_skip_reason
+
+    return [b for b in KERNEL_BACKENDS if backend_skip_reason(b) is None]
+
+
+RANK_BACKENDS = _rank_backends() if __name__ != "__main__" else []
 CHECK_IDS = [f"{name}|{mode}|{scope}" for name in CASES for mode in MODES for scope in ("global", "local")]
 CHECK_IDS += [f"clip_loss|{mode}|global_weighted_ranks" for mode in MODES] + ["all_gather_helper"]
+BACKEND_CHECK_IDS = [f"{name}|{mode}|{b}" for b in KERNEL_BACKENDS for name in BACKEND_CASES for mode in MODES]
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
@@ -433,6 +492,19 @@ CHECK_IDS += [f"clip_loss|{mode}|global_weighted_ranks" for mode in MODES] + ["a
 def test_matches_single_process(reports, world, check):
     errs = reports[world]["checks"][check]
     bad = {k: v for k, v in errs.items() if not v <= RTOL}
+    assert not bad, f"W={world} {check}: relative errors {bad}"
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("check", BACKEND_CHECK_IDS)
+def test_kernel_backends_match_single_process(reports, world, check):
+    backend = check.rsplit("|", 1)[1]
+    if backend not in RANK_BACKENDS:
+        from conftest import backend_skip_reason
+
+        pytest.skip(f"backend {backend}: {backend_skip_reason(backend)}")
+    errs = reports[world]["checks"][check]
+    bad = {k: v for k, v in errs.items() if not v <= BACKEND_RTOL}
     assert not bad, f"W={world} {check}: relative errors {bad}"
 
 
@@ -463,8 +535,9 @@ def test_bad_setups_raise_on_every_rank(reports, world, setup, expected):
 
 
 def test_group_without_init_process_group_raises():
-    import fastcl
     import torch.distributed as dist
+
+    import fastcl
 
     if dist.is_initialized():
         pytest.skip("a process group is initialised in this process")

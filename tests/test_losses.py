@@ -4,13 +4,13 @@ gradients). The backend axis is the ``backend`` fixture of ``tests/conftest.py``
 
 import os
 
+import oracle
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import check_against_oracle
 
 import fastcl
-import oracle
-from helpers import check_against_oracle
 
 DEVICE = os.environ.get("FASTCL_TEST_DEVICE", "cpu")
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]

@@ -12,16 +12,16 @@ import os
 import subprocess
 import sys
 
+import oracle
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import check_against_oracle
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fastcl
-import oracle
 from fastcl._dispatch import unavailable_reason
-from helpers import check_against_oracle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

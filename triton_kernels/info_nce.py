@@ -255,7 +255,8 @@ def grad_kernel(
             if SYMMETRIC:
                 in_col = cols < C
                 w_col = tl.load(w_col_ptr + cols, mask=in_col, other=0.0)
-                g += tl.where(w_col != 0.0, w_col * tl.exp(t - tl.load(lse_col_ptr + cols, mask=in_col, other=0.0)), 0.0)
+                lse_col = tl.load(lse_col_ptr + cols, mask=in_col, other=0.0)
+                g += tl.where(w_col != 0.0, w_col * tl.exp(t - lse_col), 0.0)
             g -= tl.where(match, tl.load(coef_ptr + rows, mask=in_row, other=0.0), 0.0)
         if WRITE_GSUM:
             gsum += tl.sum(g, axis=1)

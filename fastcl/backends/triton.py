@@ -236,7 +236,8 @@ def available(device: torch.device) -> Optional[str]:
     interpreted = _kernels_interpreted(module) if module is not None else _interpreting()
     if device.type == "cpu" and not interpreted:
         if module is not None:
-            return "the Triton kernels were loaded compiled (for a GPU); CPU tensors need them loaded under TRITON_INTERPRET=1"
+            return ("the Triton kernels were loaded compiled (for a GPU); CPU tensors need them loaded under "
+                    "TRITON_INTERPRET=1")
         return "Triton runs CPU tensors only in its interpreter (set TRITON_INTERPRET=1)"
     if device.type == "cuda" and not interpreted and not torch.cuda.is_available():
         return "no CUDA device is available"

@@ -38,9 +38,8 @@ the same values).
 from typing import Optional
 
 import torch
-from torch import nn
-
 import torch.distributed as dist
+from torch import nn
 
 from .. import functional as F
 from . import _import_host, _process_group, _scale_grad

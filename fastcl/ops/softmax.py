@@ -139,7 +139,8 @@ def _losses(spec: SoftmaxSpec, t: _Terms, s_rows, bias):
     if t.lse_col is None:
         empty = row_loss[:0]
         return row_loss, empty, row_valid, row_valid[:0]
-    cols = Anchors(t.lse_col, t.pos, t.col_den, _column_log_floor(s_rows, spec, t.col_den, t.per_row) if debias else None)
+    col_floor = _column_log_floor(s_rows, spec, t.col_den, t.per_row) if debias else None
+    cols = Anchors(t.lse_col, t.pos, t.col_den, col_floor)
     col_valid = epilogues.valid(spec, cols)
     col_loss = _masked(epilogues.anchor_loss(spec, _safe(cols, col_valid), bias), col_valid)
     return row_loss, col_loss, row_valid, col_valid
