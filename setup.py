@@ -87,7 +87,7 @@ setup(
     long_description=_readme(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fastcl", "fastcl.backends", "fastcl.compat", "fastcl.triton_kernels"],
+    packages=["fastcl", "fastcl.backends", "fastcl.compat", "fastcl.ops", "fastcl.triton_kernels"],
     package_dir={"fastcl.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.4"],
     extras_require={

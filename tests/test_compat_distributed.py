@@ -25,7 +25,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from spawn import run_ranks
+from spawn import leave, run_ranks
 
 RTOL = 1e-10
 LAUNCH_TIMEOUT_S = 240
@@ -195,7 +195,7 @@ def _worker(rank: int, world: int, outdir: str) -> None:
         torch.distributed.barrier()
     with open(os.path.join(outdir, f"report_{world}_{rank}.json"), "w") as f:
         json.dump(report, f)
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 def _launch(world: int, outdir: str) -> list:

@@ -25,7 +25,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn.functional as F
-from spawn import run_ranks
+from spawn import leave, run_ranks
 
 if __name__ != "__main__":
     from conftest import emulated_extension
@@ -444,7 +444,7 @@ def _worker(rank, world, port, outdir):
     if rank == 0:
         with open(os.path.join(outdir, f"report_{world}.json"), "w") as f:
             json.dump(report, f, indent=1)
-    dist.destroy_process_group()
+    leave()
 
 
 # ----------------------------------------------------------------------------------------------

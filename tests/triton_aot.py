@@ -1,0 +1,91 @@
+"""Compile, ahead of time for sm_90 (Triton's bundled ptxas; no GPU needed), every Triton kernel
+launch that ``fastcl.backends.triton`` makes for a spread of variants and dtypes, with the
+launcher's own arguments and flags. Run by ``tests/test_triton.py`` in a process without
+``TRITON_INTERPRET``; exit 0 when all compiled, 3 when this Triton has no ahead-of-time API."""
+
+import sys
+
+import torch
+
+import fastcl
+from fastcl.backends import triton as tb
+
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
+                torch.int64: "i64", torch.int32: "i32"}
+
+
+def record_launches():
+    """Run the losses with the launcher recording ``(kernel name, args, flags)`` instead of launching."""
+    launches = []
+
+    def record(self, name, n_programs, split_d, args, flags):
+        if name == "grad_kernel":
+            flags = dict(flags, BLOCK_X=self.block_x)
+        launches.append((name, args, flags))
+
+    tb._Launcher._run = record
+    tb.available = lambda device: None  # CPU tensors; the kernels never run
+    tb._fixed_blocks = lambda: None  # the GPU's block choice
+
+    def leaves(dtype, *shapes):
+        return [torch.randn(*s, dtype=dtype).requires_grad_() for s in shapes]
+
+    q, k = leaves(torch.bfloat16, (8, 64), (8, 64))
+    fastcl.clip_loss(q, k, torch.tensor(10.0, requires_grad=True), torch.tensor(-1.0, requires_grad=True),
+                     backend="triton").backward()
+    q, k = leaves(torch.float16, (8, 48), (8, 48))
+    fastcl.siglip_loss(q, k, 10.0, -10.0, backend="triton").backward()
+    q, k, neg = leaves(torch.float64, (8, 32), (8, 32), (5, 32))
+    fastcl.info_nce(q, k, negatives=neg.detach(), labels=torch.arange(8) % 3, backend="triton").backward()
+    q, k = leaves(torch.float32, (8, 20), (12, 20))
+    fastcl.info_nce(q, k, positive_index=torch.arange(8) + 2, exclude_self=True, decoupled=True,
+                    temperature=torch.full((8,), 0.2, requires_grad=True), backend="triton").backward()
+    q, k = leaves(torch.bfloat16, (8, 40), (8, 40))
+    fastcl.info_nce(q, k, symmetric=True, debias=0.1, backend="triton").backward()
+    return launches
+
+
+def main() -> int:
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        print(f"this Triton has no ahead-of-time compile API ({exc})")
+        return 3
+    module = tb._kernels()
+    if tb._kernels_interpreted(module):
+        print("TRITON_INTERPRET is set: the kernels were loaded for the interpreter")
+        return 1
+    target = GPUTarget("cuda", 90, 32)
+    compiled = set()
+    for name, args, flags in record_launches():
+        kernel = getattr(module, name)
+        configs = module.STATS_CONFIGS if name == "softmax_stats_kernel" else module.GRAD_CONFIGS
+        named = dict(zip(kernel.arg_names, args))
+        config = module.fit_to_width(configs, named, **flags)[0]
+        constexprs = dict(flags, **config.kwargs)
+        signature, attrs = {}, {}
+        for i, arg_name in enumerate(kernel.arg_names):
+            if arg_name in constexprs:
+                signature[arg_name] = "constexpr"
+            elif isinstance(named[arg_name], torch.Tensor):
+                signature[arg_name] = "*" + TRITON_TYPES[named[arg_name].dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[arg_name] = "i32"
+        key = (name, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())))
+        if key in compiled:
+            continue
+        compiled.add(key)
+        src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+        triton.compile(src, target=target, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    if len(compiled) < 8:
+        print(f"only {len(compiled)} distinct launches recorded: {sorted(k[0] for k in compiled)}")
+        return 1
+    print(f"compiled {len(compiled)} distinct launches for sm_90")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
