@@ -103,8 +103,9 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--mem-cap-gb", type=float, default=8.0,
                    help="CPU: a row whose peak RSS growth would pass this fails (RLIMIT_AS guard); default 8")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls on CUDA (every implementation)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run each comparison group's implementations round-robin this many times; report medians")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="run each comparison group's implementations round-robin this many times; report medians "
+                        "(default 3 for quick, 1 otherwise)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per op (torch.set_num_threads) for every implementation; default torch's")
 
@@ -201,6 +202,7 @@ def _run(args, argv, blocks):
     run = Run(args.suite, meta, args.out, results.stem(meta, slug, args.tag))
     print(f"fastcl bench {args.suite} on {info['name']} ({device}); results -> {os.path.join(args.out, run.stem)}.json",
           flush=True)
+    print(_build_line(), flush=True)
     warning = busy_warning(device.type)
     if warning:
         print(warning, flush=True)
@@ -210,7 +212,8 @@ def _run(args, argv, blocks):
     # the matmul ceilings before and after the losses: a load change in between shows, and the
     # faster of the two is kept
     ceilings = matmul_specs(dtypes, ds, max_n, device.type, str(device), timing)
-    specs = ceilings + plan(blocks, str(device), timing, args.rounds) + ceilings
+    rounds = args.rounds or (3 if args.suite == "quick" else 1)
+    specs = ceilings + plan(blocks, str(device), timing, rounds) + ceilings
     driver = Driver(run, time_budget=args.time_budget, row_timeout=args.row_timeout, fresh=args.fresh,
                     env=args.worker_env)
     try:
@@ -218,12 +221,25 @@ def _run(args, argv, blocks):
     finally:
         driver.close()
     js, cs = run.save()
-    _report(run.merged())
+    busy = bool(warning or busy_warning(device.type))
+    _report(run.merged(), busy)
     print(f"\nresults: {js}\n         {cs}")
     return run
 
 
-def _report(rows):
+def _build_line() -> str:
+    """What this install can run, and loudly whether the CUDA extension is missing."""
+    import fastcl
+
+    info = fastcl.build_info()
+    if info["cuda_extension"]:
+        ext = f"CUDA extension built for sm_{', sm_'.join(info['cuda_archs'])}"
+    else:
+        ext = f"CUDA extension NOT BUILT ({info['cuda_extension_reason']})"
+    return f"fastcl {info['version']} (torch {info['torch']}): backends here {', '.join(info['backends'])}; {ext}"
+
+
+def _report(rows, busy: bool = False):
     print()
     print(results.matmul_lines(rows))
     print()
@@ -234,7 +250,7 @@ def _report(rows):
             skipped.setdefault(results.impl_name(r), set()).add(r["reason"])
     for impl, reasons in skipped.items():
         print(f"  {impl} skipped: {'; '.join(sorted(reasons))}")
-    for line in results.headlines(rows):
+    for line in results.headlines(rows, busy):
         print(line)
 
 

@@ -160,6 +160,11 @@ def derive(rows: List[dict]) -> None:
             other = best.get(ref)
             ok = _ok(r) and other is not None
             r[f"vs_{ref}"] = r["median_ms"] / other["median_ms"] if ok else None
+            mine_rounds, theirs_rounds = r.get("round_ms"), (other or {}).get("round_ms")
+            if ok and mine_rounds and theirs_rounds and len(mine_rounds) == len(theirs_rounds) > 1:
+                # round i of each ran back to back: the spread of these ratios is the load's doing
+                per_round = [a / b for a, b in zip(mine_rounds, theirs_rounds)]
+                r[f"vs_{ref}_range"] = [min(per_round), max(per_round)]
             mine, theirs = r.get("extra_mb"), (other or {}).get("extra_mb")
             r[f"mem_vs_{ref}"] = mine / theirs if ok and mine is not None and theirs and theirs > 0 else None
         naive = best.get("naive")
@@ -254,8 +259,15 @@ def matmul_lines(rows: List[dict]) -> str:
     return "\n".join(out)
 
 
-def headlines(rows: List[dict]) -> List[str]:
-    """One line per (loss, mode, D, dtype): fastcl against each peer at the largest N both ran."""
+# rounds whose time ratios differ by more than this factor say the machine was busy
+UNSTEADY_SPREAD = 1.3
+
+
+def headlines(rows: List[dict], busy: bool = False) -> List[str]:
+    """One line per (loss, mode, D, dtype): fastcl against each peer at the largest N both ran.
+
+    When the machine was ``busy`` or the interleaved rounds disagree by more than
+    ``UNSTEADY_SPREAD``, a ratio is given as the range over rounds, not as one number."""
     best: Dict[tuple, dict] = {}
     for r in rows:
         if r["impl"] != "fastcl" or not _ok(r):
@@ -271,10 +283,14 @@ def headlines(rows: List[dict]) -> List[str]:
     for (loss, mode, d, dtype), r in sorted(best.items()):
         parts = []
         for p in ("open_clip", "naive", "inf_cl"):
-            t, m = r.get(f"vs_{p}"), r.get(f"mem_vs_{p}")
+            t, m, span = r.get(f"vs_{p}"), r.get(f"mem_vs_{p}"), r.get(f"vs_{p}_range")
             if t is not None:
                 mem = "" if not m else (f", {1 / m:.1f}x less memory" if m < 1 else f", {m:.2f}x the memory")
-                parts.append(f"{t:.2f}x {p}'s time{mem}")
+                if span and (busy or span[1] > UNSTEADY_SPREAD * span[0]):
+                    parts.append(f"{span[0]:.2f}x to {span[1]:.2f}x {p}'s time over {len(r['round_ms'])} rounds "
+                                 f"(unsteady: the machine is busy){mem}")
+                else:
+                    parts.append(f"{t:.2f}x {p}'s time{mem}")
         lines.append(f"  {loss} {mode} N={r['n']} D={d} {dtype}: {impl_name(r)} takes " + "; ".join(parts))
     return lines
 

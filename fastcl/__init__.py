@@ -16,7 +16,8 @@ def build_info() -> dict:
 
     Returns a dict with ``version``; ``torch`` and ``triton`` versions (``triton`` is None when
     Triton is not installed); ``cuda_extension`` (True when the compiled ``fastcl._C`` extension
-    was built with CUDA kernels); ``cuda_archs`` (the architectures it was built for);
+    was built with CUDA kernels); ``cuda_extension_reason`` (why not, else None); ``cuda_archs``
+    (the architectures it was built for);
     ``backends`` (the backends usable for tensors on this machine: CUDA tensors if a GPU is
     visible, else CPU tensors).
     """
@@ -30,19 +31,28 @@ def build_info() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    reason = None
     try:
         from . import _C
 
         cuda_extension = bool(_C.built_with_cuda())
         cuda_archs = list(_C.cuda_archs())
-    except ImportError:
+        if not cuda_extension:
+            reason = "fastcl._C was built without CUDA kernels"
+    except ImportError as exc:
         cuda_extension, cuda_archs = False, []
+        try:
+            from ._build import CUDA_EXTENSION_SKIPPED
+        except ImportError:  # a source tree no setup.py has built
+            CUDA_EXTENSION_SKIPPED = None
+        reason = CUDA_EXTENSION_SKIPPED or f"fastcl._C does not import ({exc})"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {
         "version": __version__,
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda_extension": cuda_extension,
+        "cuda_extension_reason": reason,
         "cuda_archs": cuda_archs,
         "device": str(device),
         "backends": usable_backends(device),

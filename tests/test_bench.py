@@ -147,6 +147,31 @@ def test_inf_cl_adapter_composes_the_same_loss(monkeypatch, name):
     torch.testing.assert_close(got, peers.NAIVE[name](inputs))
 
 
+def _round_rows(fastcl_ms, peer_ms):
+    base = dict(loss="clip_loss", n=64, d=8, dtype="float32", mode="fwd+bwd", device="cpu", status="ok",
+                extra_mb=1.0)
+    rows = [dict(base, impl="fastcl", backend="torch", median_ms=sorted(fastcl_ms)[1], round_ms=fastcl_ms),
+            dict(base, impl="open_clip", backend=None, median_ms=sorted(peer_ms)[1], round_ms=peer_ms)]
+    results.derive(rows)
+    return rows
+
+
+def test_headline_is_a_range_when_rounds_disagree():
+    """Interleaved rounds that disagree (a busy machine) give a range, steady ones one ratio."""
+    steady = results.headlines(_round_rows([10.0, 10.2, 9.9], [20.0, 20.1, 19.8]))
+    assert len(steady) == 1 and "0.50x open_clip's time" in steady[0] and "rounds" not in steady[0]
+    unsteady = results.headlines(_round_rows([10.0, 30.0, 10.0], [20.0, 20.0, 40.0]))
+    assert "0.25x to 1.50x open_clip's time over 3 rounds (unsteady" in unsteady[0], unsteady
+    busy = results.headlines(_round_rows([10.0, 10.2, 9.9], [20.0, 20.1, 19.8]), busy=True)
+    assert "to" in busy[0] and "over 3 rounds" in busy[0], busy
+
+
+def test_quick_interleaves_three_rounds_by_default(quick_run):
+    data, _ = quick_run
+    fastcl_rows = [r for r in data["rows"] if r["impl"] == "fastcl"]
+    assert fastcl_rows and all(r.get("rounds") == 3 for r in fastcl_rows), fastcl_rows[:1]
+
+
 def test_flop_count_is_design_section_7():
     assert Shape(5, 5, 5).flops(3, backward=True) == 8 * 5 * 5 * 3
     assert Shape(5, 5, 5).flops(3, backward=False) == 2 * 5 * 5 * 3
