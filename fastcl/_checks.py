@@ -59,8 +59,25 @@ def integer_vector(name: str, t, length: int, device: torch.device) -> torch.Ten
     return t.to(torch.long, copy=True)
 
 
+def flag(name: str, value) -> bool:
+    """A bool option (a string such as "False" would otherwise act as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r} ({type(value).__name__})")
+    return value
+
+
+def scalar(name: str, value, device: torch.device, positive: bool) -> Union[float, torch.Tensor]:
+    """A Python number, or a tensor of shape () or (1,) (returned as ())."""
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar (a float, or a tensor of shape () or (1,)); "
+                         f"got shape {tuple(value.shape)}")
+    value = scalar_or_rows(name, value, 1, device, positive)
+    return value.reshape(()) if isinstance(value, torch.Tensor) else value
+
+
 def scalar_or_rows(name: str, value, n: int, device: torch.device, positive: bool) -> Union[float, torch.Tensor]:
-    """A Python number, or a tensor of shape (), (1,) or (n,) (returned as () or (n,))."""
+    """A Python number, or a tensor of shape (), (1,) or (n,), returned as () or (n,). A (1,)
+    tensor for a single row is per-row: a one-row shard of per-row values stays per-row."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor; got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
@@ -68,7 +85,9 @@ def scalar_or_rows(name: str, value, n: int, device: torch.device, positive: boo
             raise TypeError(f"{name} must be a floating tensor; got {value.dtype}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-        if value.numel() == 1 and value.dim() <= 1:
+        if value.dim() == 1 and value.shape[0] == n:
+            pass
+        elif value.numel() == 1 and value.dim() <= 1:
             value = value.reshape(())
         elif value.dim() != 1 or value.shape[0] != n:
             raise ValueError(f"{name} must be a scalar, shape (1,) or shape ({n},) (one per row); "
@@ -88,8 +107,4 @@ def choice(name: str, value, allowed) -> None:
 
 
 def optional_bias(name: str, value, device: torch.device) -> Optional[Union[float, torch.Tensor]]:
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor) and value.numel() != 1:
-        raise ValueError(f"{name} must be a scalar (shape () or (1,)); got {tuple(value.shape)}")
-    return scalar_or_rows(name, value, 1, device, positive=False)
+    return None if value is None else scalar(name, value, device, positive=False)

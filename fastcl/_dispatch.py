@@ -6,10 +6,11 @@ then ``auto``.
 """
 
 import importlib
-import os
 from typing import Optional
 
 import torch
+
+from . import _config
 
 BACKENDS = ("torch", "triton", "cuda")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch")}
@@ -31,7 +32,7 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
 def resolve(backend: Optional[str], device: torch.device):
     """Return the backend module to use for tensors on ``device``."""
     if backend is None:
-        backend = os.environ.get("FASTCL_BACKEND") or "auto"
+        backend = _config.backend() or "auto"
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     if backend == "auto":

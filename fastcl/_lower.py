@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from . import _checks
-from ._spec import SoftmaxSpec
+from ._spec import SigmoidSpec, SoftmaxSpec
 from .backends.common import compute_dtype
 
 Number = Union[float, torch.Tensor]
@@ -19,6 +19,7 @@ class DefaultFloat(float):
 
 
 DEFAULT_TEMPERATURE = DefaultFloat(0.1)
+NT_XENT_TEMPERATURE = DefaultFloat(0.5)
 
 
 class Lowered(NamedTuple):
@@ -33,9 +34,12 @@ class Lowered(NamedTuple):
 
 
 def as_scale(value: Number, reciprocal: bool, like: torch.Tensor) -> torch.Tensor:
-    """A 0-dim or [N] scale tensor from a validated float/tensor scale or temperature."""
+    """A 0-dim or [N] scale tensor from a validated float/tensor scale or temperature. A
+    temperature is inverted in float32 at least (a half-precision 1/t is off by 1e-3)."""
     if isinstance(value, torch.Tensor):
-        return 1.0 / value if reciprocal else value
+        if not reciprocal:
+            return value
+        return 1.0 / value.to(torch.promote_types(value.dtype, torch.float32))
     value = 1.0 / value if reciprocal else value
     return torch.tensor(value, dtype=compute_dtype(like.dtype), device=like.device)
 
@@ -53,6 +57,85 @@ def scale_of(temperature, scale, n: int, like: torch.Tensor) -> torch.Tensor:
     if scale is not None:
         return as_scale(_checks.scalar_or_rows("scale", scale, n, like.device, positive=False), False, like)
     return as_scale(_checks.scalar_or_rows("temperature", temperature, n, like.device, positive=True), True, like)
+
+
+def scalar_temperature(temperature, device):
+    return _checks.scalar("temperature", temperature, device, positive=True)
+
+
+def pair_positions(n: int, device: torch.device) -> torch.Tensor:
+    """Positive of row i in ``cat([view1, view2])``: i + n for the first view, i - n for the second."""
+    first = torch.arange(n, 2 * n, device=device)
+    return torch.cat([first, first - n])
+
+
+def two_towers(names, a, b):
+    a = _checks.features(names[0], a)
+    b = _checks.features(names[1], b)
+    _checks.same_width(names[1], b, names[0], a)
+    _checks.same_kind(names[1], b, names[0], a)
+    _checks.same_rows(names[1], b, names[0], a)
+    return a, b
+
+
+def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: bool) -> Lowered:
+    """CLIP (symmetric softmax, diagonal positives) or SigLIP (sigmoid, diagonal positives)."""
+    image, text = two_towers(("image_features", "text_features"), image_features, text_features)
+    n, device = image.shape[0], image.device
+    if sigmoid and logit_bias is None:
+        raise ValueError("siglip_loss needs logit_bias (a float or a scalar tensor); SigLIP initialises it to -10")
+    s = as_scale(_checks.scalar("logit_scale", logit_scale, device, positive=False), False, image)
+    bias = as_bias(_checks.optional_bias("logit_bias", logit_bias, device), image)
+    pos = torch.arange(n, device=device)
+    spec = SigmoidSpec(positive_index=pos, n_rows_norm=n) if sigmoid else SoftmaxSpec(positive_index=pos,
+                                                                                      symmetric=True)
+    return Lowered(image, text, None, s, bias, spec)
+
+
+def scalar_scale_of(temperature, scale, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim scale: ``scale`` (any sign) if given, else ``1 / temperature`` (> 0)."""
+    if scale is not None and not isinstance(temperature, DefaultFloat):
+        raise ValueError("set either temperature or scale, not both")
+    if scale is not None:
+        return as_scale(_checks.scalar("scale", scale, like.device, positive=False), False, like)
+    return as_scale(scalar_temperature(temperature, like.device), True, like)
+
+
+def views(z1, z2, temperature, normalize, *, scale=None, decoupled: bool = False, weighted: bool = False) -> Lowered:
+    """NT-Xent / DCL: the 2N views ``[z1; z2]`` against themselves, self excluded, positive the
+    other view. ``weighted`` marks DCLW's positive weights, filled in once the call's context
+    (single process or every rank) is known."""
+    z1, z2 = two_towers(("z1", "z2"), z1, z2)
+    _checks.flag("normalize", normalize)
+    x = torch.cat([z1, z2])
+    if normalize:
+        # norms in fp32 at least; the kernels then get features in the input dtype again
+        x = torch.nn.functional.normalize(x.to(compute_dtype(x.dtype)), dim=1).to(x.dtype)
+    s = scalar_scale_of(temperature, scale, x)
+    spec = SoftmaxSpec(positive_index=pair_positions(x.shape[0] // 2, x.device), exclude_self=True,
+                       decoupled=decoupled, pos_weight=x.new_empty(0) if weighted else None)
+    return Lowered(x, x, None, s, None, spec)
+
+
+def supcon(features, labels, temperature, base_temperature, contrast_mode, rank_world=None):
+    """``(Lowered, t, base_t)`` of Khosla et al.'s loss; ``labels=None`` makes every sample its own
+    class, unique across ranks when ``rank_world = (rank, world)`` is given."""
+    features = _checks.features("features", features, rank=3)
+    _checks.choice("contrast_mode", contrast_mode, ("all", "one"))
+    b, v, _ = features.shape
+    device = features.device
+    if labels is None:
+        labels = torch.arange(b, device=device)
+        if rank_world is not None:
+            labels = labels * rank_world[1] + rank_world[0]
+    labels = _checks.integer_vector("labels", labels, b, device)
+    t = scalar_temperature(temperature, device)
+    base_t = t if base_temperature is None else _checks.scalar("base_temperature", base_temperature, device, True)
+    contrast = features.transpose(0, 1).reshape(b * v, -1)
+    contrast_labels = labels.repeat(v)
+    anchors, anchor_labels = (contrast, contrast_labels) if contrast_mode == "all" else (features[:, 0], labels)
+    spec = SoftmaxSpec(row_labels=anchor_labels, col_labels=contrast_labels, exclude_self=True)
+    return Lowered(anchors, contrast, None, as_scale(t, True, features), None, spec), t, base_t
 
 
 def _debias(value, labels, decoupled: bool) -> Optional[float]:
@@ -113,10 +196,18 @@ def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labe
     key = _checks.features("key", key)
     _checks.same_width("key", key, "query", query)
     _checks.same_kind("key", key, "query", query)
+    for name, value in (("exclude_self", exclude_self), ("decoupled", decoupled), ("symmetric", symmetric)):
+        _checks.flag(name, value)
     n, m, device = query.shape[0], key.shape[0], query.device
     s = scale_of(temperature, scale, n, query)
 
     n_neg, n_grad_cols = 0, None
+    if isinstance(negatives, torch.Tensor) and negatives.dim() == 2 and negatives.shape[0] == 0:
+        # an empty queue (MoCo's warm-up) is no queue
+        _checks.same_width("negatives", negatives, "query", query)
+        if negative_labels is not None and negative_labels.numel() != 0:
+            raise ValueError(f"negative_labels has {negative_labels.numel()} entries for an empty negatives")
+        negatives = negative_labels = None
     if negatives is not None:
         negatives = _checks.features("negatives", negatives)
         _checks.same_width("negatives", negatives, "query", query)

@@ -102,10 +102,37 @@ def check_options(gather, local_loss) -> None:
         raise TypeError(f"local_loss must be a bool; got {type(local_loss).__name__}")
 
 
-def unique_labels(group, n: int, device) -> torch.Tensor:
-    """``n`` labels for this rank's samples that no other rank's samples share (no communication)."""
+def rank_and_world(group):
+    """``(rank, world size)`` in ``group`` (checked; no communication)."""
+    return _check_group(group)
+
+
+def _group_device(group) -> torch.device:
+    """Where a collective's tensors must live: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _exchange_failures(group, op: str, error: Optional[BaseException]) -> None:
+    """Every rank says whether its local checks failed; if any did, every rank learns which and
+    why, and the healthy ones raise too (the failing one re-raises its own error after this)."""
     rank, world = _check_group(group)
-    return torch.arange(n, device=device) * world + rank
+    device = _group_device(group)
+    flags = torch.empty(world, dtype=torch.float32, device=device)
+    _all_gather_single(flags, torch.tensor([float(error is not None)], device=device), group=group)
+    if not bool(flags.any()):
+        return
+    messages = [None] * world
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    if error is None:
+        first = next(i for i, m in enumerate(messages) if m)
+        raise ValueError(f"{op}: rank {first} rejected its inputs ({messages[first]}); every rank stops")
+
+
+def share_failure(group, op: str, error: BaseException) -> None:
+    """A rank's local checks failed: tell the other ranks (they are in :func:`prepare`)."""
+    _exchange_failures(group, op, error)
 
 
 def _scalar_value(x) -> float:
@@ -154,6 +181,7 @@ def prepare(group, gather: str, local_loss: bool, *, op: str, query, key, negati
     if group is None:
         return None
     rank, world = _check_group(group)
+    _exchange_failures(group, op, None)
     opts = {"gather": GATHER_MODES.index(gather), "local_loss": local_loss,
             **_call_fields(query, key, negatives, scale, bias, spec, reduction)}
     values = {"scale": scale, "bias": bias, **(scalars or {})}

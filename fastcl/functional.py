@@ -17,13 +17,11 @@ from dataclasses import replace
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from . import _checks, _lower, ops
 from . import distributed as _dist
 from ._dispatch import resolve
-from ._lower import DEFAULT_TEMPERATURE, Lowered, as_bias, as_scale
-from ._spec import SigmoidSpec, SoftmaxSpec
+from ._lower import DEFAULT_TEMPERATURE, NT_XENT_TEMPERATURE, Lowered
 from .backends.common import compute_dtype
 
 __all__ = ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "dcl"]
@@ -32,17 +30,33 @@ _REDUCTIONS = ("mean", "sum", "none")
 Number = Union[float, torch.Tensor]
 
 
+def _checked(op: str, group, gather, local_loss, backend, lower):
+    """The local half of a call: ``lower()`` (validation and lowering) and the backend choice.
+
+    Under a process group, a rank whose own inputs fail tells the others before raising (the
+    first collective of :func:`fastcl.distributed.prepare` listens), so every rank raises at
+    once instead of the healthy ones waiting for the group's timeout."""
+    try:
+        _dist.check_options(gather, local_loss)
+        call = lower()  # a Lowered, or (Lowered, extras...)
+        module = resolve(backend, (call if isinstance(call, Lowered) else call[0]).query.device)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        if group is not None:
+            _dist.share_failure(group, op, exc)
+        raise
+    return call, module
+
+
 def _prepare(call: Lowered, group, gather, local_loss, op: str, reduction: str = "mean", scalars=None):
     """The distributed context of a call (``None`` without ``group``), agreed on by every rank."""
     return _dist.prepare(group, gather, local_loss, op=op, query=call.query, key=call.key, negatives=call.negatives,
                          scale=call.scale, bias=call.bias, spec=call.spec, reduction=reduction, scalars=scalars)
 
 
-def _softmax(call: Lowered, reduction: str, backend, dist, op: str):
+def _softmax(call: Lowered, module, reduction: str, dist, op: str):
     """Per-anchor losses of ``call`` on the chosen backend, reduced; with a distributed context,
     over every rank's keys (followed by this rank's negatives)."""
     query, key, negatives, scale, bias, spec = call
-    module = resolve(backend, query.device)
     if dist is None:
         n_cols = key.shape[0] + (0 if negatives is None else negatives.shape[0])
         columns = ops.LocalColumns(module, query.shape[0], n_cols)
@@ -73,21 +87,6 @@ def _reduce(row_loss, col_loss, row_valid, col_valid, symmetric: bool, reduction
         if symmetric:
             share = (share + col_loss.sum() / counts[1].clamp(min=1)) / 2
     return share if dist is None else _dist.finish(dist, share)
-
-
-def _sigmoid(query, key, scale, bias, spec: SigmoidSpec, backend, group, gather, local_loss, op: str):
-    module = resolve(backend, query.device)
-    dist = _dist.prepare(group, gather, local_loss, op=op, query=query, key=key, scale=scale, bias=bias, spec=spec)
-    if dist is None:
-        columns = ops.LocalColumns(module, query.shape[0], key.shape[0])
-        return ops.sigmoid.sigmoid_loss(columns, query, key, scale, bias, spec)
-    return _dist.finish(dist, _dist.sigmoid_loss(dist, module, query, key, scale, bias, spec))
-
-
-def _pair_positions(n: int, device: torch.device) -> torch.Tensor:
-    """Positive of row i in ``cat([view1, view2])``: i + n for the first view, i - n for the second."""
-    first = torch.arange(n, 2 * n, device=device)
-    return torch.cat([first, first - n])
 
 
 def info_nce(
@@ -185,40 +184,16 @@ def info_nce(
         The loss, float32 (float64 for float64 inputs). If no anchor has a positive the mean is
         0 with zero gradients.
     """
-    _checks.choice("reduction", reduction, _REDUCTIONS)
-    call = _lower.info_nce(query, key, temperature=temperature, scale=scale, positive_index=positive_index,
-                           labels=labels, key_labels=key_labels, negatives=negatives,
-                           negative_labels=negative_labels, exclude_self=exclude_self, decoupled=decoupled,
-                           symmetric=symmetric, debias=debias)
-    dist = _prepare(call, group, gather, local_loss, "info_nce", reduction)
-    return _softmax(call, reduction, backend, dist, "info_nce")
+    def lower():
+        _checks.choice("reduction", reduction, _REDUCTIONS)
+        return _lower.info_nce(query, key, temperature=temperature, scale=scale, positive_index=positive_index,
+                               labels=labels, key_labels=key_labels, negatives=negatives,
+                               negative_labels=negative_labels, exclude_self=exclude_self, decoupled=decoupled,
+                               symmetric=symmetric, debias=debias)
 
-
-def _two_towers(names, a, b):
-    a = _checks.features(names[0], a)
-    b = _checks.features(names[1], b)
-    _checks.same_width(names[1], b, names[0], a)
-    _checks.same_kind(names[1], b, names[0], a)
-    _checks.same_rows(names[1], b, names[0], a)
-    return a, b
-
-
-def _towers(image_features, text_features, logit_scale, logit_bias):
-    """Validated CLIP-style inputs: the two towers, the scale tensor and the bias (or None)."""
-    image_features, text_features = _two_towers(("image_features", "text_features"), image_features, text_features)
-    n, device = image_features.shape[0], image_features.device
-    if isinstance(logit_scale, torch.Tensor) and logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar (shape () or (1,)); got {tuple(logit_scale.shape)}")
-    s = as_scale(_checks.scalar_or_rows("logit_scale", logit_scale, n, device, positive=False), False, image_features)
-    bias = as_bias(_checks.optional_bias("logit_bias", logit_bias, device), image_features)
-    return image_features, text_features, s, bias
-
-
-def _scalar_temperature(temperature, device):
-    t = _checks.scalar_or_rows("temperature", temperature, 1, device, positive=True)
-    if isinstance(t, torch.Tensor) and t.dim():
-        raise ValueError(f"temperature must be a scalar; got {tuple(t.shape)}")
-    return t
+    call, module = _checked("info_nce", group, gather, local_loss, backend, lower)
+    return _softmax(call, module, reduction, _prepare(call, group, gather, local_loss, "info_nce", reduction),
+                    "info_nce")
 
 
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, backend=None, group=None,
@@ -241,11 +216,9 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, ba
             the gradients of the features, ``logit_scale`` and ``logit_bias`` are the
             single-process ones (not W times too large).
     """
-    image_features, text_features, s, bias = _towers(image_features, text_features, logit_scale, logit_bias)
-    n = image_features.shape[0]
-    spec = SoftmaxSpec(positive_index=torch.arange(n, device=image_features.device), symmetric=True)
-    call = Lowered(image_features, text_features, None, s, bias, spec)
-    return _softmax(call, "mean", backend, _prepare(call, group, gather, local_loss, "clip_loss"), "clip_loss")
+    call, module = _checked("clip_loss", group, gather, local_loss, backend, lambda: _lower.towers(
+        image_features, text_features, logit_scale, logit_bias, sigmoid=False))
+    return _softmax(call, module, "mean", _prepare(call, group, gather, local_loss, "clip_loss"), "clip_loss")
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend=None, group=None,
@@ -266,24 +239,18 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
             neighbour exchange): a rank's images meet their own texts with the positives and
             every other rank's texts as negatives only; the sum is divided by the global N.
     """
-    if logit_bias is None:
-        raise ValueError("siglip_loss needs logit_bias (a float or a scalar tensor); SigLIP initialises it to -10")
-    image_features, text_features, s, bias = _towers(image_features, text_features, logit_scale, logit_bias)
-    n = image_features.shape[0]
-    spec = SigmoidSpec(positive_index=torch.arange(n, device=image_features.device), n_rows_norm=n)
-    return _sigmoid(image_features, text_features, s, bias, spec, backend, group, gather, local_loss, "siglip_loss")
+    call, module = _checked("siglip_loss", group, gather, local_loss, backend, lambda: _lower.towers(
+        image_features, text_features, logit_scale, logit_bias, sigmoid=True))
+    query, key, _, scale, bias, spec = call
+    dist = _prepare(call, group, gather, local_loss, "siglip_loss")
+    if dist is None:
+        return ops.sigmoid.sigmoid_loss(ops.LocalColumns(module, query.shape[0], key.shape[0]), query, key, scale,
+                                        bias, spec)
+    return _dist.finish(dist, _dist.sigmoid_loss(dist, module, query, key, scale, bias, spec))
 
 
-def _views(names, z1, z2, normalize: bool):
-    z1, z2 = _two_towers(names, z1, z2)
-    x = torch.cat([z1, z2])
-    if normalize:
-        # norms in fp32 at least; the kernels then get features in the input dtype again
-        x = F.normalize(x.to(compute_dtype(x.dtype)), dim=1).to(x.dtype)
-    return x
-
-
-def nt_xent(z1, z2, temperature: Number = 0.5, *, normalize: bool = True, backend=None, group=None,
+def nt_xent(z1, z2, temperature: Number = NT_XENT_TEMPERATURE, *, scale: Optional[Number] = None,
+            normalize: bool = True, backend=None, group=None,
             gather="all_gather", local_loss=False):
     r"""SimCLR's NT-Xent over the 2N views (lightly ``NTXentLoss``'s value).
 
@@ -294,17 +261,16 @@ def nt_xent(z1, z2, temperature: Number = 0.5, *, normalize: bool = True, backen
     Args:
         z1, z2: ``[N, D]`` the two views.
         temperature: float > 0 or a tensor ``()`` / ``(1,)``.
+        scale: ``1 / temperature`` given directly (any sign; e.g. a drop-in for a library that
+            accepts negative temperatures); set at most one of the two.
         normalize: L2-normalise the views inside the op (its backward included).
         backend: see :func:`info_nce`.
         group, gather, local_loss: cross-rank negatives, see :func:`info_nce`. With ``group``,
             each rank passes its ``N_r`` pairs and the loss is over all ``2 * sum N_r`` views.
     """
-    x = _views(("z1", "z2"), z1, z2, normalize)
-    t = _scalar_temperature(temperature, x.device)
-    spec = SoftmaxSpec(positive_index=_pair_positions(x.shape[0] // 2, x.device), exclude_self=True)
-    call = Lowered(x, x, None, as_scale(t, True, x), None, spec)
-    dist = _prepare(call, group, gather, local_loss, "nt_xent", scalars={"temperature": t})
-    return _softmax(call, "mean", backend, dist, "nt_xent")
+    call, module = _checked("nt_xent", group, gather, local_loss, backend,
+                            lambda: _lower.views(z1, z2, temperature, normalize, scale=scale))
+    return _softmax(call, module, "mean", _prepare(call, group, gather, local_loss, "nt_xent"), "nt_xent")
 
 
 def supcon(features, labels=None, *, temperature: Number = 0.1, base_temperature: Optional[float] = None,
@@ -331,25 +297,13 @@ def supcon(features, labels=None, *, temperature: Number = 0.1, base_temperature
             contrast set is every rank's views and the mean is over every rank's anchors that
             have a positive. ``labels=None`` means each sample is its own class across ranks.
     """
-    features = _checks.features("features", features, rank=3)
-    _checks.choice("contrast_mode", contrast_mode, ("all", "one"))
-    b, v, _ = features.shape
-    device = features.device
-    if labels is None:
-        labels = torch.arange(b, device=device)
-        if group is not None:
-            labels = _dist.unique_labels(group, b, device)
-    labels = _checks.integer_vector("labels", labels, b, device)
-    t = _scalar_temperature(temperature, device)
-    base_t = t if base_temperature is None else _checks.scalar_or_rows("base_temperature", base_temperature, 1,
-                                                                         device, positive=True)
-    contrast = features.transpose(0, 1).reshape(b * v, -1)
-    contrast_labels = labels.repeat(v)
-    anchors, anchor_labels = (contrast, contrast_labels) if contrast_mode == "all" else (features[:, 0], labels)
-    spec = SoftmaxSpec(row_labels=anchor_labels, col_labels=contrast_labels, exclude_self=True)
-    call = Lowered(anchors, contrast, None, as_scale(t, True, features), None, spec)
-    dist = _prepare(call, group, gather, local_loss, "supcon", scalars={"temperature": t, "base_temperature": base_t})
-    return _softmax(call, "mean", backend, dist, "supcon") * (t / base_t)
+    def lower():
+        rank_world = _dist.rank_and_world(group) if group is not None else None
+        return _lower.supcon(features, labels, temperature, base_temperature, contrast_mode, rank_world)
+
+    (call, t, base_t), module = _checked("supcon", group, gather, local_loss, backend, lower)
+    dist = _prepare(call, group, gather, local_loss, "supcon", scalars={"base_temperature": base_t})
+    return _softmax(call, module, "mean", dist, "supcon") * (t / base_t)
 
 
 def _von_mises_fisher_weights(x1: torch.Tensor, x2: torch.Tensor, sigma: float, dist=None) -> torch.Tensor:
@@ -361,7 +315,8 @@ def _von_mises_fisher_weights(x1: torch.Tensor, x2: torch.Tensor, sigma: float, 
     return 2 - x1.shape[0] * torch.softmax(sim, dim=0)
 
 
-def dcl(z1, z2, temperature: Number = 0.1, *, weight_sigma: Optional[float] = None, normalize: bool = True,
+def dcl(z1, z2, temperature: Number = DEFAULT_TEMPERATURE, *, scale: Optional[Number] = None,
+        weight_sigma: Optional[float] = None, normalize: bool = True,
         backend=None, group=None, gather="all_gather", local_loss=False):
     r"""Decoupled contrastive loss (Yeh et al. 2022), lightly ``DCLLoss`` / ``DCLWLoss``'s value.
 
@@ -377,6 +332,7 @@ def dcl(z1, z2, temperature: Number = 0.1, *, weight_sigma: Optional[float] = No
     Args:
         z1, z2: ``[N, D]`` the two views.
         temperature: float > 0 or a tensor ``()`` / ``(1,)``.
+        scale: ``1 / temperature`` given directly (any sign); set at most one of the two.
         weight_sigma: ``None`` (DCL) or sigma > 0 (DCLW).
         normalize: L2-normalise inside the op.
         backend: see :func:`info_nce`.
@@ -384,16 +340,15 @@ def dcl(z1, z2, temperature: Number = 0.1, *, weight_sigma: Optional[float] = No
             the loss is over every rank's ``2 * N_r`` views, and the DCLW weights' softmax and
             ``N`` run over every rank's pairs.
     """
-    x = _views(("z1", "z2"), z1, z2, normalize)
-    n = x.shape[0] // 2
-    t = _scalar_temperature(temperature, x.device)
-    weighted = weight_sigma is not None
-    spec = SoftmaxSpec(positive_index=_pair_positions(n, x.device), exclude_self=True, decoupled=True,
-                       pos_weight=x.new_empty(0) if weighted else None)  # the weights need the context first
-    call = Lowered(x, x, None, as_scale(t, True, x), None, spec)
-    dist = _prepare(call, group, gather, local_loss, "dcl", scalars={"temperature": t, "weight_sigma": weight_sigma})
-    if weighted:
-        sigma = _checks.scalar_or_rows("weight_sigma", weight_sigma, 1, x.device, positive=True)
+    def lower():
+        sigma = None if weight_sigma is None else _checks.scalar("weight_sigma", weight_sigma, z1.device, True)
+        return _lower.views(z1, z2, temperature, normalize, scale=scale, decoupled=True,
+                            weighted=sigma is not None), sigma
+
+    (call, sigma), module = _checked("dcl", group, gather, local_loss, backend, lower)
+    dist = _prepare(call, group, gather, local_loss, "dcl", scalars={"weight_sigma": sigma})
+    if sigma is not None:
+        x, n = call.query, call.query.shape[0] // 2
         w = _von_mises_fisher_weights(x[:n], x[n:], sigma, dist)
-        call = call._replace(spec=replace(spec, pos_weight=torch.cat([w, w])))
-    return _softmax(call, "mean", backend, dist, "dcl")
+        call = call._replace(spec=replace(call.spec, pos_weight=torch.cat([w, w])))
+    return _softmax(call, module, "mean", dist, "dcl")

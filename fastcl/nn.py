@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from . import functional as F
+from ._lower import DEFAULT_TEMPERATURE
 
 
 class InfoNCELoss(torch.nn.Module):
@@ -20,14 +21,16 @@ class InfoNCELoss(torch.nn.Module):
     ``local_loss`` are options like the others.
     """
 
-    def __init__(self, temperature: float = 0.1, **options):
+    def __init__(self, temperature: float = DEFAULT_TEMPERATURE, **options):
         super().__init__()
+        if options.get("scale") is not None and temperature is not DEFAULT_TEMPERATURE:
+            raise ValueError("InfoNCELoss: set either temperature or scale, not both")
         self.temperature = temperature
         self.options = options
 
     def forward(self, query, key, **overrides):
         options = {**self.options, **overrides}
-        if "scale" not in options:
+        if options.get("scale") is None:
             options.setdefault("temperature", self.temperature)
         return F.info_nce(query, key, **options)
 

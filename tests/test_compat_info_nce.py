@@ -71,3 +71,12 @@ def test_errors_match_host(args, message):
     for fn in (host.info_nce, compat.info_nce):
         with pytest.raises(ValueError, match=message):
             fn(*args)
+
+
+@pytest.mark.parametrize("negatives", [False, True])
+def test_negative_temperature_is_accepted_as_the_host_does(negatives):
+    q, k, n = torch.randn(9, 6, dtype=torch.float64), torch.randn(9, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    tensors = [q, k, n] if negatives else [q, k]
+    compare(host.info_nce, compat.info_nce, tensors, torch.float64, temperature=-0.3)
+    compare(lambda *t: host.InfoNCE(temperature=-0.3)(*t), lambda *t: compat.InfoNCE(temperature=-0.3)(*t), tensors,
+            torch.float64)

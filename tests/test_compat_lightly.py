@@ -104,3 +104,14 @@ def test_dclw_keeps_lightly_attributes():
     loss = compat.DCLWLoss(sigma=0.7)
     assert isinstance(loss.weight_fn, partial) and loss.weight_fn.keywords == {"sigma": 0.7}
     assert not hasattr(loss, "sigma")
+
+
+@pytest.mark.parametrize("name", ["NTXentLoss", "DCLLoss", "DCLWLoss"])
+def test_negative_temperature_is_accepted_as_the_host_does(name):
+    compare(getattr(lightly_loss, name)(temperature=-0.7), getattr(compat, name)(temperature=-0.7), torch.float64)
+
+
+def test_negative_temperature_with_a_memory_bank():
+    host, mine = _bank_pair(torch.float64, 13, 9, temperature=-0.4)
+    for _ in range(3):
+        compare(host, mine, torch.float64, b=5, d=9)

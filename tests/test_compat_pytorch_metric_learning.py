@@ -202,3 +202,10 @@ def test_cross_batch_memory_delegation_shares_the_queue(option):
         compare(host, mine, torch.float64, [e], [labels], call)
         assert mine.queue_idx == host.queue_idx
         assert torch.equal(mine.embedding_memory, host.embedding_memory)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_negative_temperature_is_accepted_as_the_host_does(name):
+    e = torch.randn(15, 7, dtype=torch.float64)
+    labels = torch.randint(0, 4, (15,))
+    compare(*_pair(name, temperature=-0.5), torch.float64, [e], [labels])

@@ -84,9 +84,11 @@ def case_siglip(world, g):
 
 def _info_nce_case(world, g, *, key_extra=0, n_neg=0, neg_grad=False, labels=0, neg_labels=False,
                    positives="diag", per_row_t=False, symmetric=False, exclude_self=False, decoupled=False,
-                   reduction="mean", d=5, debias=None):
+                   reduction="mean", d=5, debias=None, first_rows=None):
     import fastcl
     rows = _shards(world, 3)
+    if first_rows is not None:  # a small shard on rank 0 (one row: a (1,) per-row temperature)
+        rows[0] = first_rows
     keys = [r + key_extra for r in rows]
     n, m = sum(rows), sum(keys)
     koff = _offsets(keys)
@@ -187,6 +189,8 @@ CASES = {
     "info_nce_symmetric_exclude_self_decoupled": lambda w, g: _info_nce_case(w, g, positives="shifted", symmetric=True,
                                                                              exclude_self=True, decoupled=True),
     "info_nce_symmetric_queue_sum": lambda w, g: _info_nce_case(w, g, n_neg=3, symmetric=True, reduction="sum"),
+    "info_nce_per_row_temperature_one_row_shard": lambda w, g: _info_nce_case(w, g, key_extra=1, positives="random",
+                                                                              per_row_t=True, first_rows=1),
     "info_nce_debias_queue": lambda w, g: _info_nce_case(w, g, n_neg=4, neg_grad=True, debias=0.2),
     "info_nce_debias_per_row_temperature": lambda w, g: _info_nce_case(w, g, key_extra=1, positives="random",
                                                                        per_row_t=True, debias=0.1),
@@ -363,6 +367,11 @@ def _bad_setups(world, rank):
         "scale": lambda: fastcl.clip_loss(x, x, 10.0 + (rank == 0), group=group),
         "gather": lambda: fastcl.info_nce(x, x, group=group, gather="ring" if rank == 0 else "all_gather"),
         "labels": lambda: fastcl.info_nce(x, x, labels=torch.zeros(4, dtype=torch.long) if rank else None, group=group),
+        # one rank's own inputs are bad: every rank must raise, not wait in the next collective
+        "empty_shard": lambda: fastcl.info_nce(x[:0] if rank == 0 else x, x, group=group),
+        "temperature": lambda: fastcl.info_nce(x, x, temperature=-1.0 if rank == 0 else 0.1, group=group),
+        "backend": lambda: fastcl.clip_loss(x, x, 10.0, backend="numpy" if rank == 0 else "torch", group=group),
+        "string_flag": lambda: fastcl.nt_xent(x, x, normalize="False" if rank == 0 else False, group=group),
         # every rank alike: all_gather's transposed pass needs this layout (ring does not)
         "layout": lambda: fastcl.info_nce(x, torch.randn(6, 6, dtype=torch.float64), symmetric=True, exclude_self=True,
                                           positive_index=torch.tensor([1, 2, 3, 5]), group=group),
@@ -372,7 +381,7 @@ def _bad_setups(world, rank):
         try:
             call()
             out[name] = "no error"
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RuntimeError) as exc:
             out[name] = f"{type(exc).__name__}: {exc}"
     dist.barrier()
     return out
@@ -532,6 +541,21 @@ def test_ring_memory_does_not_grow_with_world_size(reports, op):
 def test_bad_setups_raise_on_every_rank(reports, world, setup, expected):
     for rank, messages in enumerate(reports[world]["bad_setups"]):
         assert messages[setup].startswith(expected), f"rank {rank}: {messages[setup]}"
+
+
+@pytest.mark.parametrize("world", MULTI)
+@pytest.mark.parametrize("setup,core", [("empty_shard", "query must not be empty"),
+                                        ("temperature", "temperature must be > 0"),
+                                        ("backend", "backend must be one of"),
+                                        ("string_flag", "normalize must be True or False")])
+def test_one_rank_bad_input_raises_on_every_rank(reports, world, setup, core):
+    """Rank 0 alone fails its local checks: it raises its own error, and every other rank raises
+    one naming rank 0 and the reason, at once (the ranks use a 90 s timeout: a hang fails the launch)."""
+    messages = [m[setup] for m in reports[world]["bad_setups"]]
+    assert core in messages[0] and "rejected" not in messages[0], messages[0]
+    for rank, message in enumerate(messages[1:], start=1):
+        assert message.startswith("ValueError: ") and "rank 0 rejected its inputs" in message and core in message, \
+            f"rank {rank}: {message}"
 
 
 def test_group_without_init_process_group_raises():

@@ -57,7 +57,61 @@ CASES = [
     ("negative_labels without negatives", lambda: fastcl.info_nce(x(), x(), labels=torch.zeros(4, dtype=torch.long), negative_labels=torch.zeros(2, dtype=torch.long)), ValueError, "negative_labels was given without negatives"),
     ("key_labels without labels", lambda: fastcl.info_nce(x(), x(), key_labels=torch.zeros(4, dtype=torch.long)), ValueError, "need labels"),
     ("bool temperature", lambda: fastcl.info_nce(x(), x(), temperature=True), TypeError, "temperature must be a float or a tensor"),
+    ("string symmetric", lambda: fastcl.info_nce(x(), x(), symmetric="no"), TypeError, "symmetric must be True or False; got 'no'"),
+    ("string exclude_self", lambda: fastcl.info_nce(x(), x(), exclude_self="False"), TypeError, "exclude_self must be True or False"),
+    ("int decoupled", lambda: fastcl.info_nce(x(), x(), decoupled=1), TypeError, "decoupled must be True or False"),
+    ("string normalize", lambda: fastcl.nt_xent(x(), x(), normalize="False"), TypeError, "normalize must be True or False"),
+    ("string normalize dcl", lambda: fastcl.dcl(x(), x(), normalize="False"), TypeError, "normalize must be True or False"),
+    ("module temperature and scale", lambda: fastcl.nn.InfoNCELoss(temperature=0.2, scale=10.0), ValueError, "either temperature or scale"),
+    ("supcon temperature shape", lambda: fastcl.supcon(torch.randn(4, 2, 3), temperature=torch.ones(2)), ValueError, "temperature must be a scalar (a float, or a tensor of shape () or (1,)); got shape (2,)"),
 ]
+
+
+@pytest.mark.parametrize("name,call", [
+    ("clip_loss logit_scale", lambda: fastcl.clip_loss(x(), x(), torch.ones(4))),
+    ("supcon temperature", lambda: fastcl.supcon(torch.randn(4, 2, 3), temperature=torch.ones(2))),
+    ("nt_xent temperature", lambda: fastcl.nt_xent(x(), x(), temperature=torch.ones(4))),
+])
+def test_scalar_only_messages_offer_only_scalar_shapes(name, call):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert "one per row" not in str(info.value) and "or shape (1,) or shape" not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("var,value", [("FASTCL_TORCH_BLOCK", "abc"), ("FASTCL_TORCH_BLOCK", "4"),
+                                       ("FASTCL_TRITON_BLOCK", "16,16"), ("FASTCL_CUDA_SPLIT", "-2")])
+def test_bad_environment_variables_are_named(var, value, monkeypatch):
+    from fastcl import _config
+
+    monkeypatch.setenv(var, value)
+    parse = {"FASTCL_TORCH_BLOCK": _config.torch_block, "FASTCL_TRITON_BLOCK": _config.triton_block,
+             "FASTCL_CUDA_SPLIT": _config.cuda_split}[var]
+    with pytest.raises(ValueError, match=f"{var}={value!r}"):
+        parse()
+    if var == "FASTCL_TORCH_BLOCK":
+        with pytest.raises(ValueError, match=var):
+            fastcl.info_nce(x(), x(), backend="torch")
+
+
+def test_empty_queue_is_no_queue():
+    q, k = x(), x()
+    empty = torch.empty(0, 3)
+    assert torch.equal(fastcl.info_nce(q, k, negatives=empty), fastcl.info_nce(q, k))
+    labels = torch.tensor([0, 1, 0, 1])
+    assert torch.equal(fastcl.info_nce(q, k, labels=labels, negatives=empty, negative_labels=torch.empty(0, dtype=torch.long)),
+                       fastcl.info_nce(q, k, labels=labels))
+    with pytest.raises(ValueError, match="feature width"):
+        fastcl.info_nce(q, k, negatives=torch.empty(0, 5))
+
+
+def test_half_temperature_is_inverted_in_float32():
+    """A float16 temperature tensor: 1/t computed in float32, not rounded to half (off by ~1e-3)."""
+    q = torch.nn.functional.normalize(torch.randn(16, 8, dtype=torch.float64), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(16, 8, dtype=torch.float64), dim=1)
+    t_half = torch.tensor(0.07, dtype=torch.float16)
+    got = fastcl.info_nce(q.float(), k.float(), temperature=t_half)
+    want = fastcl.info_nce(q, k, temperature=float(t_half))
+    assert abs(float(got) - float(want)) <= 2e-5 * abs(float(want)), (float(got), float(want))
 
 
 @pytest.mark.parametrize("name,call,exc,message", CASES, ids=[c[0] for c in CASES])

@@ -21,11 +21,11 @@ Importing this module never touches the GPU or requires the extension; :func:`av
 why the backend cannot run.
 """
 
-import os
 from typing import Optional
 
 import torch
 
+from .. import _config
 from .._spec import SoftmaxSpec
 from .common import SigmoidSums, SoftmaxStats, finite_or_zero
 
@@ -37,7 +37,7 @@ def _ext():
 
 
 def _launch_options(dtype: torch.dtype) -> dict:
-    split = int(os.environ.get("FASTCL_CUDA_SPLIT", "0") or 0)
+    split = _config.cuda_split()
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return {"allow_tf32": bool(tf32), "n_split": split}
 

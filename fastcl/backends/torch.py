@@ -25,11 +25,11 @@ a fallback there, not the fast path).
 """
 
 import math
-import os
 from typing import Optional
 
 import torch
 
+from .. import _config
 from .._spec import SoftmaxSpec
 from .common import NEG_INF, SigmoidSums, SoftmaxStats, finite_or_zero
 
@@ -47,9 +47,9 @@ _SAFE_LOG = {torch.float32: 50.0, torch.float64: 500.0}
 
 
 def _tile_shape(n_rows: int, n_cols: int):
-    override = os.environ.get("FASTCL_TORCH_BLOCK")
+    override = _config.torch_block()
     if override:
-        rows, cols = (int(v) for v in override.split(","))
+        rows, cols = override
         return max(1, min(n_rows, rows)), max(1, min(n_cols, cols))
     block_cols = min(n_cols, _MAX_BLOCK_COLS)
     block_rows = max(1, min(n_rows, _TILE_ELEMENTS // block_cols))

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from .. import _config
 from .._spec import SoftmaxSpec
 from .common import SigmoidSums, SoftmaxStats, finite_or_zero, no_positives
 
@@ -56,9 +57,9 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _fixed_blocks():
-    override = os.environ.get("FASTCL_TRITON_BLOCK")
+    override = _config.triton_block()
     if override:
-        return tuple(int(v) for v in override.split(","))
+        return override
     return _INTERPRETER_BLOCKS if _kernels_interpreted(_kernels()) else None
 
 

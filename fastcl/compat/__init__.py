@@ -156,7 +156,7 @@ def _own_positive_shared_negatives(query, positive, negatives, temperature, redu
     if negatives.shape[0] == 0:
         return _reduce(l_pos * 0, reduction)
     first = torch.zeros(n, dtype=torch.long, device=query.device)
-    to_first = F.info_nce(query, negatives, temperature=temperature, positive_index=first, reduction="none",
+    to_first = F.info_nce(query, negatives, scale=1.0 / temperature, positive_index=first, reduction="none",
                           backend=backend)
     lse_neg = to_first + _row_dots(query, negatives[:1].expand_as(query)) / temperature
     return _reduce(_softplus(lse_neg - l_pos), reduction)

@@ -81,6 +81,6 @@ def info_nce(query, positive_key, negative_keys=None, temperature=0.1, reduction
     query = TF.normalize(query, dim=-1)
     positive_key = TF.normalize(positive_key, dim=-1)
     if negative_keys is None:
-        return F.info_nce(query, positive_key, temperature=temperature, reduction=reduction)
+        return F.info_nce(query, positive_key, scale=1.0 / temperature, reduction=reduction)
     negative_keys = TF.normalize(negative_keys, dim=-1)
     return _own_positive_shared_negatives(query, positive_key, negative_keys, temperature, reduction)

@@ -161,7 +161,9 @@ class NTXentLoss(nn.Module):
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if self.memory_bank.size[0] == 0:
-            return F.nt_xent(out0, out1, self.temperature, **_gathered("NTXentLoss", self.gather_distributed))
+            # scale=1/t: lightly takes any temperature with |t| >= 1e-8, negative ones included
+            return F.nt_xent(out0, out1, scale=1.0 / self.temperature,
+                             **_gathered("NTXentLoss", self.gather_distributed))
         out0 = nn.functional.normalize(out0, dim=1)
         out1 = nn.functional.normalize(out1, dim=1)
         out1, bank = self.memory_bank(out1, update=out0.requires_grad)
@@ -214,13 +216,13 @@ class DCLLoss(nn.Module):
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         gathered = _gathered(type(self).__name__, self.gather_distributed)
         if not self.weight_fn:
-            return F.dcl(out0, out1, self.temperature, **gathered)
+            return F.dcl(out0, out1, scale=1.0 / self.temperature, **gathered)
         sigma = _vmf_sigma(self.weight_fn)
         if sigma is not None and not gathered:
-            return F.dcl(out0, out1, self.temperature, weight_sigma=sigma)
+            return F.dcl(out0, out1, scale=1.0 / self.temperature, weight_sigma=sigma)
         out0 = nn.functional.normalize(out0, dim=1)
         out1 = nn.functional.normalize(out1, dim=1)
-        loss = F.dcl(out0, out1, self.temperature, normalize=False, **gathered)
+        loss = F.dcl(out0, out1, scale=1.0 / self.temperature, normalize=False, **gathered)
         positive = _row_dots(out0, out1) / self.temperature
         w0 = self.weight_fn(out0, out1)
         w1 = self.weight_fn(out1, out0)

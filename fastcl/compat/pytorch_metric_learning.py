@@ -226,7 +226,8 @@ class NTXentLoss(_FusedPairLoss):
         n_pos, n_neg = self._pair_counts(n, m, count, exclude_self)
         if self._trivial(n_pos, n_neg):
             return self._zero(embeddings)
-        per_row = F.info_nce(q, k, temperature=t, labels=ids, key_labels=ref_ids, exclude_self=exclude_self,
+        # scale=1/t: the host takes any non-zero temperature, negative ones included
+        per_row = F.info_nce(q, k, scale=1.0 / t, labels=ids, key_labels=ref_ids, exclude_self=exclude_self,
                              decoupled=True, reduction="none")
         pair_logit = _pair_dots(q, k, rows, cols) / t
         pos_sum = torch.zeros(n, dtype=pair_logit.dtype, device=q.device).index_add(0, rows, pair_logit)
@@ -261,7 +262,7 @@ class SupConLoss(_FusedPairLoss):
         n_pos, n_neg = self._pair_counts(n, m, count, exclude_self)
         if self._trivial(n_pos, n_neg):
             return self._zero(embeddings)
-        per_row = F.info_nce(q, k, temperature=self.temperature, labels=ids, key_labels=ref_ids,
+        per_row = F.info_nce(q, k, scale=1.0 / self.temperature, labels=ids, key_labels=ref_ids,
                              exclude_self=exclude_self, reduction="none")
         kept = per_row[per_row > 0]
         return kept.mean() if kept.numel() else self._zero(embeddings)

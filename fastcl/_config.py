@@ -1,0 +1,45 @@
+"""Every ``FASTCL_*`` environment variable, parsed in one place; a bad value raises naming the
+variable. Read at each call (tests and users change them between calls).
+
+| variable | meaning |
+| --- | --- |
+| ``FASTCL_BACKEND`` | backend when ``backend=None``: ``auto``, ``torch``, ``triton``, ``cuda`` |
+| ``FASTCL_TORCH_BLOCK`` | ``"rows,cols"``: the torch backend's tile shape |
+| ``FASTCL_TRITON_BLOCK`` | ``"A,B,D,X"``: fixed Triton block sizes (no autotuning) |
+| ``FASTCL_CUDA_SPLIT`` | ``k >= 0``: pieces the CUDA kernels cut the other side into (0: chosen) |
+
+(``FASTCL_BUILD_CUDA`` and ``FASTCL_CUDA_ARCH`` are read by ``setup.py`` at build time.)
+"""
+
+import os
+from typing import Optional, Tuple
+
+
+def _ints(name: str, count: int, minimum: int) -> Optional[Tuple[int, ...]]:
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        values = tuple(int(v) for v in raw.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count or any(v < minimum for v in values):
+        raise ValueError(f"{name}={raw!r}: expected {count} comma-separated integers >= {minimum}")
+    return values
+
+
+def backend() -> Optional[str]:
+    return os.environ.get("FASTCL_BACKEND") or None
+
+
+def torch_block() -> Optional[Tuple[int, int]]:
+    return _ints("FASTCL_TORCH_BLOCK", 2, 1)
+
+
+def triton_block() -> Optional[Tuple[int, int, int, int]]:
+    return _ints("FASTCL_TRITON_BLOCK", 4, 1)
+
+
+def cuda_split() -> int:
+    value = _ints("FASTCL_CUDA_SPLIT", 1, 0)
+    return 0 if value is None else value[0]
