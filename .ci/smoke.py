@@ -2,11 +2,11 @@
 site-packages, ships its Triton kernels and CUDA extension, and one loss and its gradients match
 a materialised cross-entropy."""
 
-import fastcl.triton_kernels.info_nce  # noqa: F401  (the kernels ship as fastcl.triton_kernels)
 import torch
 import torch.nn.functional as F
 
 import fastcl
+import fastcl.triton_kernels.info_nce  # noqa: F401  (the kernels ship as fastcl.triton_kernels)
 
 assert "site-packages" in fastcl.__file__, f"fastcl imported from {fastcl.__file__}, not the installed wheel"
 info = fastcl.build_info()
