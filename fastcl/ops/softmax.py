@@ -190,7 +190,6 @@ class SoftmaxLoss(torch.autograd.Function):
         row_loss, col_loss, row_valid, col_valid = _losses(spec, terms, s_rows, b)
 
         ctx.columns, ctx.spec, ctx.terms = columns, spec, terms
-        ctx.has_negatives, ctx.has_bias = negatives is not None, bias is not None
         ctx.save_for_backward(query, key, negatives, scale, bias, st.lse_col)
         ctx.mark_non_differentiable(row_valid, col_valid)
         return row_loss, col_loss, row_valid, col_valid
