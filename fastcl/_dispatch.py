@@ -23,10 +23,9 @@ def _module(name: str):
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """``None`` if backend ``name`` can run on ``device``, else a sentence saying why not."""
     try:
-        module = _module(name)
+        return _module(name).available(device)
     except ImportError as exc:
-        return f"fastcl.backends.{name} could not be imported ({exc})"
-    return module.available(device)
+        return f"fastcl.backends.{name} cannot run here: an import failed ({exc})"
 
 
 def resolve(backend: Optional[str], device: torch.device):

@@ -49,6 +49,23 @@ direct = pytest.mark.skipif(_triton_reason() is not None, reason=str(_triton_rea
 
 # --- import -----------------------------------------------------------------------------------
 
+def test_subprocess_import_without_numpy():
+    """Triton's interpreter needs numpy, a minimal install may lack it: fastcl still imports,
+    reports its backends (with the kernels loaded) and runs."""
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "import torch, fastcl, fastcl.triton_kernels.info_nce\n"
+        "info = fastcl.build_info()\n"
+        "assert 'torch' in info['backends'], info\n"
+        "q = torch.randn(4, 3)\n"
+        "fastcl.info_nce(q, q)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_subprocess_import_without_triton():
     """fastcl imports, reports the reason and falls back when Triton cannot be imported."""
     code = (

@@ -47,7 +47,10 @@ def _kernels():
 
 
 def _kernels_interpreted(module) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # the interpreter needs numpy: without it nothing was loaded interpreted
+        return False
 
     return isinstance(module.grad_kernel, InterpretedFunction)
 
