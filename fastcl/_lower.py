@@ -50,13 +50,19 @@ def as_bias(value: Optional[Number], like: torch.Tensor) -> Optional[torch.Tenso
     return torch.tensor(value, dtype=compute_dtype(like.dtype), device=like.device)
 
 
-def scale_of(temperature, scale, n: int, like: torch.Tensor) -> torch.Tensor:
-    """``scale`` if given, else ``1 / temperature``; at most one of them set explicitly."""
-    if scale is not None and temperature is not DEFAULT_TEMPERATURE:
+def scale_of(temperature, scale, like: torch.Tensor, n: Optional[int] = None) -> torch.Tensor:
+    """``scale`` (any sign) if given, else ``1 / temperature`` (> 0); at most one of them set
+    explicitly (a default temperature is a :class:`DefaultFloat`). ``n``: per-row values of
+    ``n`` rows allowed; ``None``: a scalar only."""
+    if scale is not None and not isinstance(temperature, DefaultFloat):
         raise ValueError("set either temperature or scale, not both")
-    if scale is not None:
-        return as_scale(_checks.scalar_or_rows("scale", scale, n, like.device, positive=False), False, like)
-    return as_scale(_checks.scalar_or_rows("temperature", temperature, n, like.device, positive=True), True, like)
+    name, value = ("scale", scale) if scale is not None else ("temperature", temperature)
+    positive = scale is None
+    if n is None:
+        checked = _checks.scalar(name, value, like.device, positive=positive)
+    else:
+        checked = _checks.scalar_or_rows(name, value, n, like.device, positive=positive)
+    return as_scale(checked, positive, like)
 
 
 def scalar_temperature(temperature, device):
@@ -92,15 +98,6 @@ def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: b
     return Lowered(image, text, None, s, bias, spec)
 
 
-def scalar_scale_of(temperature, scale, like: torch.Tensor) -> torch.Tensor:
-    """A 0-dim scale: ``scale`` (any sign) if given, else ``1 / temperature`` (> 0)."""
-    if scale is not None and not isinstance(temperature, DefaultFloat):
-        raise ValueError("set either temperature or scale, not both")
-    if scale is not None:
-        return as_scale(_checks.scalar("scale", scale, like.device, positive=False), False, like)
-    return as_scale(scalar_temperature(temperature, like.device), True, like)
-
-
 def views(z1, z2, temperature, normalize, *, scale=None, decoupled: bool = False, weighted: bool = False) -> Lowered:
     """NT-Xent / DCL: the 2N views ``[z1; z2]`` against themselves, self excluded, positive the
     other view. ``weighted`` marks DCLW's positive weights, filled in once the call's context
@@ -111,7 +108,7 @@ def views(z1, z2, temperature, normalize, *, scale=None, decoupled: bool = False
     if normalize:
         # norms in fp32 at least; the kernels then get features in the input dtype again
         x = torch.nn.functional.normalize(x.to(compute_dtype(x.dtype)), dim=1).to(x.dtype)
-    s = scalar_scale_of(temperature, scale, x)
+    s = scale_of(temperature, scale, x)
     spec = SoftmaxSpec(positive_index=pair_positions(x.shape[0] // 2, x.device), exclude_self=True,
                        decoupled=decoupled, pos_weight=x.new_empty(0) if weighted else None)
     return Lowered(x, x, None, s, None, spec)
@@ -190,7 +187,7 @@ def _one_hot_positives(positive_index, n, m, n_neg, exclude_self, symmetric, dev
 
 
 def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labels, negatives, negative_labels,
-             exclude_self, decoupled, symmetric, debias, bias=None) -> Lowered:
+             exclude_self, decoupled, symmetric, debias) -> Lowered:
     """Validate :func:`fastcl.info_nce`'s arguments and lower them to a spec."""
     query = _checks.features("query", query)
     key = _checks.features("key", key)
@@ -199,7 +196,7 @@ def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labe
     for name, value in (("exclude_self", exclude_self), ("decoupled", decoupled), ("symmetric", symmetric)):
         _checks.flag(name, value)
     n, m, device = query.shape[0], key.shape[0], query.device
-    s = scale_of(temperature, scale, n, query)
+    s = scale_of(temperature, scale, query, n)
 
     n_neg, n_grad_cols = 0, None
     if isinstance(negatives, torch.Tensor) and negatives.dim() == 2 and negatives.shape[0] == 0:
@@ -237,4 +234,4 @@ def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labe
     spec = SoftmaxSpec(positive_index=pos, row_labels=row_labels, col_labels=col_labels, col_has_label=col_has_label,
                        exclude_self=exclude_self, decoupled=decoupled or tau_plus is not None, symmetric=symmetric,
                        n_grad_cols=n_grad_cols, debias=tau_plus)
-    return Lowered(query, key, negatives, s, bias, spec)
+    return Lowered(query, key, negatives, s, None, spec)
