@@ -13,6 +13,7 @@ Usage (from the repository root)::
     python -m bench check                       # GPU: large-N / bf16 agreement between backends
     python -m bench summary FILE.json ...       # short table: fastcl against each peer
     python -m bench profile --loss clip_loss --n 4096 --d 256 [--backend torch]
+    python -m bench contention [--loss clip_loss] [--n 4096] [--d 256] [--rounds 6] [--busy 1]
 
 Suites:
   quick     The README's main job; runs on whatever device exists. clip_loss and siglip_loss,
@@ -32,6 +33,8 @@ Suites:
             N = 65573 (= 2**16 + 37: large, and no multiple of any block), bf16, logit scale 100.
   summary   fastcl's fastest backend per comparison against each peer (the visit's last table).
   profile   torch.profiler table of one fastcl call (where the time goes).
+  contention  CPU: fastcl (torch backend) against open_clip with --busy cores kept busy by
+            spinning processes and with none, alternating within each round (bench/contention.py).
 
 Losses: clip_loss, siglip_loss, info_nce_labels, info_nce_queue, info_nce_hardneg, nt_xent,
 supcon, dcl (see bench/cases.py; N is the batch size as passed, so the two-view losses have a
@@ -152,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="write the check results as JSON here")
     sm = sub.add_parser("summary", help="short table of result files (fastcl vs each peer)")
     sm.add_argument("files", nargs="+")
+    ct = sub.add_parser("contention", help="CPU: fastcl vs peers with cores kept busy, and quiet, interleaved")
+    ct.add_argument("--loss", default="clip_loss", choices=("clip_loss", "siglip_loss"))
+    ct.add_argument("--n", type=int, default=4096)
+    ct.add_argument("--d", type=int, default=256)
+    ct.add_argument("--rounds", type=int, default=6)
+    ct.add_argument("--busy", type=int, default=1, help="spinning processes in the busy half of each round")
+    ct.add_argument("--peers", nargs="+", default=["open_clip"], help="of: naive, open_clip")
+    ct.add_argument("--target-s", type=float, default=1.0, help="time spent timing each implementation per half")
+    ct.add_argument("--out", default=results.RESULTS_DIR)
+    ct.add_argument("--tag", default="")
+    ct.add_argument("--note", default="")
     pr = sub.add_parser("profile", help="torch.profiler table of one fastcl call")
     pr.add_argument("--loss", default="clip_loss", choices=ALL_LOSSES)
     pr.add_argument("--n", type=int, default=4096)
@@ -338,6 +352,12 @@ def cmd_summary(args, argv):
         print()
 
 
+def cmd_contention(args, argv):
+    from . import contention
+
+    contention.run(args, argv)
+
+
 def cmd_profile(args, argv):
     from . import profile
 
@@ -351,7 +371,7 @@ def main(argv=None):
         argv = ["quick"] + argv
     args = parser.parse_args(argv)
     commands = dict(quick=cmd_quick, full=cmd_full, maxbatch=cmd_maxbatch, plot=cmd_plot, check=cmd_check,
-                    summary=cmd_summary, profile=cmd_profile)
+                    summary=cmd_summary, contention=cmd_contention, profile=cmd_profile)
     return commands[args.suite](args, argv)
 
 

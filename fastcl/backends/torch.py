@@ -3,7 +3,10 @@ specification of the contract and the CPU path.
 
 The similarity ``S = s * Q K^T`` is visited one (row block x column block) tile at a time; no
 tensor larger than one tile is created, so the extra memory is O((N + C) * D + tile) whatever
-N and C are. The statistics pass keeps online (reference, sum-exp) pairs per row, and per column
+N and C are. On a CPU the row blocks are cut into up to ``_GROUPS`` pieces that run on worker
+threads (:mod:`._cpu_threads`: robust when other processes hold cores); each piece keeps its own
+key-gradient and column-statistic sums, at most ``_PARTIAL_BYTES`` for all pieces together, and
+the pieces are combined in a fixed order (the same bits for any thread count). The statistics pass keeps online (reference, sum-exp) pairs per row, and per column
 for symmetric specs; the gradient pass recomputes each tile from the final statistics
 (FlashAttention's trade).
 
@@ -31,6 +34,7 @@ import torch
 
 from .. import _config
 from .._spec import SoftmaxSpec
+from ._cpu_threads import map_in_order, workers_for
 from .common import NEG_INF, SigmoidSums, SoftmaxStats, finite_or_zero
 
 # Largest tile, in elements: 2**19 fp32 values (2 MiB) keep a tile and its temporaries in a
@@ -38,6 +42,11 @@ from .common import NEG_INF, SigmoidSums, SoftmaxStats, finite_or_zero
 # blocks to exercise every boundary).
 _TILE_ELEMENTS = 1 << 19
 _MAX_BLOCK_COLS = 1024
+
+# A tile loop runs as up to _GROUPS pieces (groups of row blocks) on the CPU worker threads; the
+# pieces' own partial sums (key gradients, column statistics) may take _PARTIAL_BYTES together.
+_GROUPS = 8
+_PARTIAL_BYTES = 256 << 20
 
 
 # A shared-exponent sum keeps full precision while every line's share of the tile is at least
@@ -56,12 +65,36 @@ def _tile_shape(n_rows: int, n_cols: int):
     return block_rows, block_cols
 
 
-def _tiles(n_rows: int, n_cols: int):
-    """(r0, r1, c0, c1) of every tile, row blocks outermost."""
+def _tiles(n_rows: int, n_cols: int, rows=None):
+    """(r0, r1, c0, c1) of every tile, row blocks outermost; ``rows=(lo, hi)`` keeps the tiles of
+    those rows (a group from :func:`_row_groups`)."""
     br, bc = _tile_shape(n_rows, n_cols)
-    for r0 in range(0, n_rows, br):
+    lo, hi = rows if rows is not None else (0, n_rows)
+    for r0 in range(lo, hi, br):
         for c0 in range(0, n_cols, bc):
             yield r0, min(r0 + br, n_rows), c0, min(c0 + bc, n_cols)
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``out += a @ b``, or ``out = a @ b`` for a piece's first row block (no zero fill)."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
+def _row_groups(n_rows: int, n_cols: int, partial_bytes: int = 0):
+    """``(lo, hi)`` row ranges, each a run of whole row blocks: the pieces a tile loop is cut
+    into for :mod:`._cpu_threads`. ``partial_bytes`` is what each piece keeps for its own until
+    the pieces are combined (column statistics, key gradients); fewer pieces when they would
+    hold more than ``_PARTIAL_BYTES`` together."""
+    br, _ = _tile_shape(n_rows, n_cols)
+    blocks = -(-n_rows // br)
+    groups = min(blocks, _GROUPS)
+    if partial_bytes:
+        groups = max(1, min(groups, _PARTIAL_BYTES // partial_bytes))
+    cuts = [i * blocks // groups * br for i in range(groups)] + [n_rows]
+    return [(cuts[i], min(cuts[i + 1], n_rows)) for i in range(groups)]
 
 
 class _Buffer:
@@ -225,21 +258,32 @@ def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
     q, k = query.to(cd), key.to(cd)
     n, c, dev = q.shape[0], k.shape[0], q.device
     qs = q * scale_rows[:, None]
-    tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
 
     row_ref = torch.full((n,), NEG_INF, dtype=cd, device=dev)
     row_acc = torch.zeros(n, dtype=cd, device=dev)
-    if spec.symmetric:
-        col_ref = torch.full((c,), NEG_INF, dtype=cd, device=dev)
-        col_acc = torch.zeros(c, dtype=cd, device=dev)
-    for r0, r1, c0, c1 in _tiles(n, c):
-        tile = _masked_tile(qs, k, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
-        work = work_buf.view(r1 - r0, c1 - c0)
+
+    def piece(rows):
+        """Row statistics of these rows (written in place) and their own column statistics."""
+        tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
         if spec.symmetric:
-            _merge_rows_and_cols(tile, row_ref[r0:r1], row_acc[r0:r1], col_ref[c0:c1], col_acc[c0:c1],
-                                 work, _SAFE_LOG[cd])
-        else:
-            _merge_exact(row_ref[r0:r1], row_acc[r0:r1], tile, 1, work)
+            col_ref = torch.full((c,), NEG_INF, dtype=cd, device=dev)
+            col_acc = torch.zeros(c, dtype=cd, device=dev)
+        for r0, r1, c0, c1 in _tiles(n, c, rows):
+            tile = _masked_tile(qs, k, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
+            work = work_buf.view(r1 - r0, c1 - c0)
+            if spec.symmetric:
+                _merge_rows_and_cols(tile, row_ref[r0:r1], row_acc[r0:r1], col_ref[c0:c1], col_acc[c0:c1],
+                                     work, _SAFE_LOG[cd])
+            else:
+                _merge_exact(row_ref[r0:r1], row_acc[r0:r1], tile, 1, work)
+        return (col_ref, col_acc) if spec.symmetric else None
+
+    groups = _row_groups(n, c, 2 * c * q.element_size() if spec.symmetric else 0)
+    pieces = list(map_in_order(piece, groups, workers_for(dev)))
+    if spec.symmetric:
+        col_ref, col_acc = pieces[0]
+        for part_ref, part_acc in pieces[1:]:
+            _merge_partial(col_ref, col_acc, part_ref, part_acc)
 
     lse_col = col_ref + torch.log(col_acc) if spec.symmetric else None
     pos_sum = pos_cnt = None
@@ -268,26 +312,36 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
         # +inf on columns that carry no weight keeps exp(S - LSE'_j) at 0 there
         lse_col = torch.where(is_anchor, lse_col, float("inf"))
     acc_q = torch.zeros_like(q) if rows else None
-    acc_k = torch.zeros_like(k) if cols else None
     safe_log = _SAFE_LOG[cd]
 
-    tile_buf, grad_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
-    for r0, r1, c0, c1 in _tiles(n, c):
-        key_part = cols and c0 < n_grad_cols
-        if not (rows or key_part):
-            continue
-        tile = _masked_tile(qs_aug, k_aug, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
-        g = grad_buf.view(r1 - r0, c1 - c0)
-        if spec.symmetric:
-            _symmetric_grad(g, tile, w_row[r0:r1], lse_safe[r0:r1], w_col[c0:c1], lse_col[c0:c1],
-                            is_anchor[c0:c1], safe_log)
-        else:
-            torch.mul(tile.exp_(), w_row[r0:r1, None], out=g)  # w_i * exp(S_ij - LSE_i)
-        if rows:
-            acc_q[r0:r1].addmm_(g, k_view[c0:c1])
-        if key_part:
-            hi = min(c1, n_grad_cols)
-            acc_k[c0:hi].addmm_(g[:, : hi - c0].T, qs[r0:r1])
+    def piece(group):
+        """``acc_q`` of these rows (in place) and their own share of ``acc_k``."""
+        part_k = torch.empty(n_grad_cols, d, dtype=cd, device=dev) if cols else None
+        tile_buf, grad_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
+        for r0, r1, c0, c1 in _tiles(n, c, group):
+            key_part = cols and c0 < n_grad_cols
+            if not (rows or key_part):
+                continue
+            tile = _masked_tile(qs_aug, k_aug, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
+            g = grad_buf.view(r1 - r0, c1 - c0)
+            if spec.symmetric:
+                _symmetric_grad(g, tile, w_row[r0:r1], lse_safe[r0:r1], w_col[c0:c1], lse_col[c0:c1],
+                                is_anchor[c0:c1], safe_log)
+            else:
+                torch.mul(tile.exp_(), w_row[r0:r1, None], out=g)  # w_i * exp(S_ij - LSE_i)
+            if rows:
+                acc_q[r0:r1].addmm_(g, k_view[c0:c1])
+            if key_part:
+                hi = min(c1, n_grad_cols)
+                _add_product(part_k[c0:hi], g[:, : hi - c0].T, qs[r0:r1], first=r0 == group[0])
+        return part_k
+
+    groups = _row_groups(n, c, n_grad_cols * d * q.element_size() if cols else 0)
+    acc_k = None
+    for part_k in map_in_order(piece, groups, workers_for(dev)):  # combined in a fixed order
+        acc_k = part_k if acc_k is None else acc_k.add_(part_k)
+    if cols and n_grad_cols < c:  # the detached columns' rows
+        acc_k = torch.cat([acc_k, acc_k.new_zeros(c - n_grad_cols, d)])
 
     # the target terms -coef_i on each positive, outside the tiles
     if spec.uses_labels:
@@ -341,25 +395,39 @@ def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = T
     n, c, dev = q.shape[0], k.shape[0], q.device
     b = 0.0 if bias is None else float(bias.detach())
     qs = q * scale_rows[:, None]
-    total = torch.zeros((), dtype=cd, device=dev)
-    g_sum = torch.zeros((), dtype=cd, device=dev) if gsum else None
     acc_q = torch.zeros_like(q) if rows else None
-    acc_k = torch.zeros_like(k) if cols else None
-    tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
-    for r0, r1, c0, c1 in _tiles(n, c):
-        tile = torch.matmul(qs[r0:r1], k[c0:c1].T, out=tile_buf.view(r1 - r0, c1 - c0))
-        if b:
-            tile.add_(b)
-        work = work_buf.view(r1 - r0, c1 - c0)
-        total += torch.ops.aten.softplus.out(tile, 1.0, 50.0, out=work).sum()
-        if rows or cols or gsum:
-            g = torch.sigmoid(tile, out=work)
-            if rows:
-                acc_q[r0:r1].addmm_(g, k[c0:c1])
-            if cols:
-                acc_k[c0:c1].addmm_(g.T, qs[r0:r1])
-            if gsum:
-                g_sum += g.sum()
+
+    def piece(group):
+        """``acc_q`` of these rows (in place) and their own loss, G and ``acc_k`` sums."""
+        total = torch.zeros((), dtype=cd, device=dev)
+        g_sum = torch.zeros((), dtype=cd, device=dev) if gsum else None
+        part_k = torch.empty_like(k) if cols else None
+        tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
+        for r0, r1, c0, c1 in _tiles(n, c, group):
+            tile = torch.matmul(qs[r0:r1], k[c0:c1].T, out=tile_buf.view(r1 - r0, c1 - c0))
+            if b:
+                tile.add_(b)
+            work = work_buf.view(r1 - r0, c1 - c0)
+            total += torch.ops.aten.softplus.out(tile, 1.0, 50.0, out=work).sum()
+            if rows or cols or gsum:
+                g = torch.sigmoid(tile, out=work)
+                if rows:
+                    acc_q[r0:r1].addmm_(g, k[c0:c1])
+                if cols:
+                    _add_product(part_k[c0:c1], g.T, qs[r0:r1], first=r0 == group[0])
+                if gsum:
+                    g_sum += g.sum()
+        return total, g_sum, part_k
+
+    groups = _row_groups(n, c, k.numel() * k.element_size() if cols else 0)
+    pieces = map_in_order(piece, groups, workers_for(dev))
+    total, g_sum, acc_k = next(pieces)  # combined in a fixed order
+    for part_total, part_g, part_k in pieces:
+        total += part_total
+        if gsum:
+            g_sum += part_g
+        if cols:
+            acc_k += part_k
 
     if positive_index is not None:
         rows_with = torch.nonzero(positive_index >= 0).flatten()
