@@ -1,7 +1,10 @@
 """The torch backend's tile loop on CPU worker threads (fastcl/backends/_cpu_threads.py): the same
 bits for any thread count, no change to the caller's or later threads' thread settings."""
 
+import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -62,3 +65,27 @@ def test_worker_error_reaches_the_caller():
 
     with pytest.raises(RuntimeError, match="piece 2 failed"):
         list(_cpu_threads.map_in_order(job, range(4), workers=2))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_computes(monkeypatch):
+    """A forked child (a DataLoader worker) has none of the parent's worker threads."""
+    monkeypatch.setenv("FASTCL_TORCH_BLOCK", "5,7")
+    _grads("clip", 2)  # the parent now has a pool
+    pid = os.fork()
+    if pid == 0:  # child: compute, then leave without running the parent's pytest teardown
+        ok = False
+        try:
+            ok = all(torch.isfinite(t).all() for t in _grads("clip", 2))
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung computing a loss")

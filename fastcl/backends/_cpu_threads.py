@@ -14,6 +14,7 @@ which worker ran what, so results are bitwise identical from run to run and for 
 count (one thread runs the same pieces in the calling thread).
 """
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, Iterator, TypeVar
@@ -25,6 +26,18 @@ R = TypeVar("R")
 
 _pools: Dict[int, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
+
+
+def _forget_pools() -> None:
+    """In a forked child (a DataLoader worker): the parent's worker threads do not exist there,
+    so its pools would never run a job; start afresh."""
+    global _lock
+    _pools.clear()
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:

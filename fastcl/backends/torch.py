@@ -6,8 +6,10 @@ tensor larger than one tile is created, so the extra memory is O((N + C) * D + t
 N and C are. On a CPU the row blocks are cut into up to ``_GROUPS`` pieces that run on worker
 threads (:mod:`._cpu_threads`: robust when other processes hold cores); each piece keeps its own
 key-gradient and column-statistic sums, at most ``_PARTIAL_BYTES`` for all pieces together, and
-the pieces are combined in a fixed order (the same bits for any thread count). The statistics pass keeps online (reference, sum-exp) pairs per row, and per column
-for symmetric specs; the gradient pass recomputes each tile from the final statistics
+the pieces are combined in a fixed order (the same bits for any thread count).
+
+The statistics pass keeps online (reference, sum-exp) pairs per row, and per column for
+symmetric specs; the gradient pass recomputes each tile from the final statistics
 (FlashAttention's trade).
 
 On a CPU the matmuls run near peak and the elementwise passes over each tile are what cost, so
