@@ -60,7 +60,14 @@ class Worker:
                     line, self._buf = self._buf.split(b"\n", 1)
                     text = line.decode(errors="replace")
                     if text.startswith(MARK):
-                        return json.loads(text[len(MARK):])
+                        result = json.loads(text[len(MARK):])
+                        if result.get("fatal"):  # the worker exits after a CUDA error: let it
+                            try:
+                                self.proc.wait(timeout=60)
+                            except subprocess.TimeoutExpired:
+                                pass
+                            self.close()
+                        return result
                     if text.strip():
                         print(f"    (worker) {text}", file=sys.stderr)
                 left = None if deadline is None else deadline - time.monotonic()

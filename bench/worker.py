@@ -4,7 +4,8 @@
 one line ``@@bench@@ {json}`` on stdout; anything else on stdout is library chatter. Running the
 rows in a subprocess keeps the measuring process's memory apart from the driver's, lets the
 driver kill a row that runs too long, and survives a crashed or poisoned device context (the
-driver starts a fresh worker).
+driver starts a fresh worker). A CUDA error other than out-of-memory is sticky: the row reports it
+(``fatal``) and the worker exits.
 
 A row spec holds ``loss`` (a case name, or ``matmul`` for the roofline reference), ``impl``
 (``fastcl``, a peer name, or ``matmul``), ``backend`` (fastcl's), ``n``, ``d``, ``dtype``,
@@ -28,6 +29,8 @@ from . import measure, peers
 from .cases import CASES, matmul_inputs
 
 MARK = "@@bench@@ "
+# above this N a torch-backend row on a GPU only burns the visit's minutes
+TORCH_ON_GPU_MAX_N = 65536
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -35,6 +38,18 @@ def _is_oom(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _is_device_fault(exc: BaseException, device: torch.device) -> bool:
+    """A CUDA error other than out-of-memory (illegal address, launch failure, ...): it is sticky,
+    so every later call in this process would fail or measure garbage."""
+    if device.type != "cuda" or _is_oom(exc):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    if accelerator_error and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    return "CUDA error" in text or "illegal memory access" in text or "CUDA driver error" in text
 
 
 def _oom_reason(exc: BaseException, cap) -> str:
@@ -114,6 +129,9 @@ def _skip_reason(spec, device) -> str:
         from fastcl._dispatch import unavailable_reason
 
         backend = spec.get("backend") or "auto"
+        if backend == "torch" and device.type == "cuda" and int(spec["n"]) > TORCH_ON_GPU_MAX_N:
+            return (f"the torch backend is the CPU path (one host sync per tile on a GPU): not run on a GPU "
+                    f"above N={TORCH_ON_GPU_MAX_N}")
         return "" if backend == "auto" else (unavailable_reason(backend, device) or "")
     return peers.unavailable(impl, spec["loss"], device, int(spec["d"])) or ""
 
@@ -198,6 +216,9 @@ def run_row(spec: dict) -> dict:
         else:
             result["status"] = "error"
             result["reason"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+            if _is_device_fault(exc, device):
+                result["fatal"] = True
+                result["reason"] = "CUDA error, worker exits: " + result["reason"]
             traceback.print_exc(file=sys.stderr)
     finally:
         if old_limit is not None:
@@ -223,6 +244,8 @@ def main() -> None:
         out = run_row(spec)
         sys.stdout.write(MARK + json.dumps(out) + "\n")
         sys.stdout.flush()
+        if out.get("fatal"):
+            sys.exit(3)  # the device context is poisoned: the driver starts a fresh worker
 
 
 if __name__ == "__main__":

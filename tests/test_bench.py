@@ -3,6 +3,7 @@ compares against, checked against fastcl; and pytest-benchmark microbenchmarks o
 public functions (``pytest tests/test_bench.py --benchmark-only`` prints their table).
 """
 
+import io
 import os
 import subprocess
 import sys
@@ -185,6 +186,65 @@ def test_peer_skip_reasons():
     assert "CUDA" in peers.unavailable("inf_cl", "clip_loss", cpu, 64)
     assert peers.inf_cl_head_dim(768) == 256 and peers.inf_cl_head_dim(384) == 128
     assert peers.inf_cl_head_dim(100) is None
+
+
+def test_no_torch_backend_rows_at_large_n_on_a_gpu():
+    from bench import worker
+
+    def spec(n, backend):
+        return dict(impl="fastcl", loss="clip_loss", backend=backend, n=n, d=768)
+
+    gpu = torch.device("cuda")
+    assert "not run on a GPU above N=65536" in worker._skip_reason(spec(65537, "torch"), gpu)
+    assert worker._skip_reason(spec(65536, "torch"), gpu) == ""
+    assert worker._skip_reason(spec(262144, "torch"), torch.device("cpu")) == ""
+
+
+def test_worker_exits_after_a_cuda_error(monkeypatch, capsys):
+    from bench import worker
+
+    gpu = torch.device("cuda")
+    assert worker._is_device_fault(RuntimeError("CUDA error: an illegal memory access was encountered"), gpu)
+    assert not worker._is_device_fault(torch.cuda.OutOfMemoryError("CUDA out of memory"), gpu)
+    assert not worker._is_device_fault(RuntimeError("CUDA error: launch failure"), torch.device("cpu"))
+    assert not worker._is_device_fault(ValueError("bad shape"), gpu)
+
+    rows = []
+
+    def fake_row(spec):
+        rows.append(spec)
+        return {"status": "error", "reason": "CUDA error, worker exits: ...", "fatal": spec["i"] == 0}
+
+    monkeypatch.setattr(worker, "run_row", fake_row)
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"i": 0}\n{"i": 1}\n'))
+    with pytest.raises(SystemExit):
+        worker.main()
+    assert rows == [{"i": 0}]  # the second row never ran in the poisoned process
+    assert capsys.readouterr().out.count(worker.MARK) == 1  # and the first one's result was written
+
+
+def test_driver_restarts_the_worker_after_a_fatal_row():
+    """The row after a CUDA error runs in a fresh worker, not in the exiting one ("crashed")."""
+    from bench import runner, worker
+
+    fake = (f"import sys, json; sys.stdin.readline(); "
+            f"print({worker.MARK!r} + json.dumps(dict(status='error', fatal=True)), flush=True); sys.exit(3)")
+
+    class FakeWorker(runner.Worker):
+        starts = 0
+
+        def _start(self):
+            FakeWorker.starts += 1
+            self.proc = subprocess.Popen([sys.executable, "-c", fake], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         bufsize=0)
+            self._buf = b""
+
+    w = FakeWorker()
+    try:
+        assert [w.run({}, timeout=60)["status"] for _ in range(3)] == ["error"] * 3
+    finally:
+        w.close()
+    assert FakeWorker.starts == 3
 
 
 # --- microbenchmarks of the hot functions (small sizes; pytest-benchmark) -----------------
