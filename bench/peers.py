@@ -10,6 +10,14 @@
   own trainer does. It computes in fp32/TF32, so it is given fp32 copies of the inputs.
   The scale is applied as ``scale * q`` outside the call (what ``cal_inf_loss`` does inside),
   because its ``GradientGather`` all-reduces the scale gradient and fails without a process group.
+* ``siglip_kernel``: ``siglip_kernel.fused_siglip_loss(img, txt, log_temp, bias)`` (PyPI
+  ``siglip-kernel`` 0.1.2; CUDA only; sum over pairs / N, as fastcl's ``siglip_loss``), called as
+  its README shows with its own dtype routing; ``log_temp = log(scale)`` keeps the scale's
+  gradient.
+* ``memeff``: ``memeff.MemoryEfficientCLIPLoss`` (PyPI ``memeff`` 0.3.1; CUDA only) for
+  clip_loss, with ``temperature = 1 / scale`` as a float (it has no learnable scale, so it
+  computes no scale gradient), ``normalized_inputs=True`` (the inputs are unit rows) and
+  ``stable=False`` (its default rescales the gradients by sqrt(N / t) instead of 1 / t).
 """
 
 import importlib
@@ -20,7 +28,7 @@ import torch.nn.functional as F
 
 from .cases import NT_XENT_TEMPERATURE, TEMPERATURE, Inputs
 
-PEERS = ("naive", "open_clip", "inf_cl")
+PEERS = ("naive", "open_clip", "inf_cl", "siglip_kernel", "memeff")
 
 
 # --- naive materialised PyTorch ------------------------------------------------------------
@@ -167,6 +175,27 @@ def inf_cl_inputs(inputs: Inputs, leaves):
 
 # --- availability --------------------------------------------------------------------------
 
+# --- the fused Triton packages ------------------------------------------------------------
+
+def _siglip_kernel():
+    fused_siglip_loss = importlib.import_module("siglip_kernel").fused_siglip_loss
+    return lambda i: fused_siglip_loss(i["x"], i["y"], torch.log(i["scale"]), i["bias"])
+
+
+def _memeff():
+    loss_cls = importlib.import_module("memeff").MemoryEfficientCLIPLoss
+
+    def call(i):
+        fn = loss_cls(temperature=1.0 / float(i["scale"]), normalized_inputs=True, stable=False)
+        return fn(i["x"], i["y"])
+
+    return call
+
+
+# the one loss each fused package computes, and its import name
+_FUSED = {"siglip_kernel": ("siglip_loss", "siglip-kernel"), "memeff": ("clip_loss", "memeff")}
+
+
 def _import_error(module: str) -> Optional[str]:
     try:
         importlib.import_module(module)
@@ -193,6 +222,14 @@ def unavailable(peer: str, case: str, device: torch.device, d: int) -> Optional[
             return f"Inf-CL needs D divisible by 16; D={d}"
         err = _import_error("inf_cl")
         return err and f"{err}; pip install inf-cl"
+    if peer in _FUSED:
+        loss, dist = _FUSED[peer]
+        if case != loss:
+            return f"{peer} computes {loss} only (no {case})"
+        if device.type != "cuda":
+            return f"{peer} runs on CUDA only (Triton kernels)"
+        err = _import_error(peer)
+        return err and f"{err}; pip install {dist}"
     raise ValueError(f"unknown peer {peer!r}; expected one of {PEERS}")
 
 
@@ -204,4 +241,8 @@ def make(peer: str, case: str, d: int) -> Callable[[Inputs], torch.Tensor]:
         return _open_clip(case)
     if peer == "inf_cl":
         return _inf_cl(case, d)
+    if peer == "siglip_kernel":
+        return _siglip_kernel()
+    if peer == "memeff":
+        return _memeff()
     raise ValueError(f"unknown peer {peer!r}; expected one of {PEERS}")

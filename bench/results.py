@@ -92,6 +92,8 @@ def metadata(suite: str, device_info: dict, argv: List[str], note: str = "") -> 
             "triton": _version("triton"),
             "open_clip": _version("open_clip_torch"),
             "inf_cl": _version("inf-cl"),
+            "siglip_kernel": _version("siglip-kernel"),
+            "memeff": _version("memeff"),
             "python": ".".join(map(str, __import__("sys").version_info[:3])),
         },
         "fastcl_backends": fastcl.build_info()["backends"],

@@ -108,6 +108,41 @@ def test_gpu_visit_skips_cleanly_without_gpu(tmp_path):
     assert (tmp_path / "summary.txt").exists() and (tmp_path / "visit.log").exists()
 
 
+def _visit(tmp_path, budget, *stages):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, VISIT_SMOKE="1",
+               VISIT_BUDGET_S=str(budget), VISIT_RESULTS=str(tmp_path / "res"))
+    proc = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_visit.sh"), *stages], env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc, tmp_path / "out"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
+def test_gpu_visit_smoke_runs_every_stage(tmp_path):
+    """VISIT_SMOKE=1: every stage's plumbing at tiny sizes; results published, <= 8 files."""
+    proc, out = _visit(tmp_path, 540)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    assert ("deadlines (s from start): tests=194 check=248 headline=345 sweep=432 maxbatch=475 sanitize=513 "
+            "quick=529") in text
+    for stage in ("tests", "check", "headline", "sweep", "maxbatch", "sanitize", "quick"):
+        assert f"stage {stage}: rc=0" in text, text
+    files = sorted(os.listdir(out))
+    assert len(files) <= 8 and "results.tar.gz" in files, files
+    names = subprocess.run(["tar", "tzf", str(out / "results.tar.gz")], capture_output=True, text=True).stdout
+    assert "full_headline.json" in names and "full_sweep.json" in names and "maxbatch.json" in names
+    assert (out / "next_stages.txt").read_text().strip() == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
+def test_gpu_visit_deadlines_cut_and_name_the_stages_left(tmp_path):
+    proc, out = _visit(tmp_path, 10, "headline", "quick")
+    text = proc.stdout + proc.stderr
+    assert "deadlines (s from start): headline=6 quick=9" in text, text  # 64% and 98% of 10 s
+    # a stage starts only with >= 10 s left: neither deadline leaves that, however fast the start
+    assert "stage headline: not reached" in text and "stage quick: not reached" in text, text
+    assert "quick" in (out / "next_stages.txt").read_text().split()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
 def test_gpu_checks_skip_without_gpu(capsys):
     assert cli.main(["check"]) == 0
@@ -186,6 +221,36 @@ def test_peer_skip_reasons():
     assert "CUDA" in peers.unavailable("inf_cl", "clip_loss", cpu, 64)
     assert peers.inf_cl_head_dim(768) == 256 and peers.inf_cl_head_dim(384) == 128
     assert peers.inf_cl_head_dim(100) is None
+    assert "siglip_loss only" in peers.unavailable("siglip_kernel", "clip_loss", cpu, 64)
+    assert "CUDA only" in peers.unavailable("siglip_kernel", "siglip_loss", cpu, 64)
+    assert "clip_loss only" in peers.unavailable("memeff", "siglip_loss", cpu, 64)
+    assert "CUDA only" in peers.unavailable("memeff", "clip_loss", cpu, 64)
+
+
+def test_fused_peers_are_called_as_their_readmes_say(monkeypatch):
+    """The adapters pass what each package documents: siglip-kernel a log temperature that keeps
+    the scale's gradient, memeff a float temperature 1/scale with stable=False on unit rows."""
+    seen = {}
+
+    def fused_siglip_loss(img, txt, log_temp, bias):
+        seen["siglip"] = (img, txt, log_temp, bias)
+        return (log_temp + bias).sum()
+
+    class MemoryEfficientCLIPLoss:
+        def __init__(self, **kw):
+            seen["memeff"] = kw
+
+        def __call__(self, x, y):
+            return (x * y).sum()
+
+    monkeypatch.setitem(sys.modules, "siglip_kernel", types.SimpleNamespace(fused_siglip_loss=fused_siglip_loss))
+    monkeypatch.setitem(sys.modules, "memeff", types.SimpleNamespace(MemoryEfficientCLIPLoss=MemoryEfficientCLIPLoss))
+    scale = torch.tensor(10.0, requires_grad=True)
+    x, y, bias = torch.randn(4, 3), torch.randn(4, 3), torch.tensor(-10.0)
+    peers.make("siglip_kernel", "siglip_loss", 3)(dict(x=x, y=y, scale=scale, bias=bias)).backward()
+    assert torch.allclose(seen["siglip"][2], torch.log(scale)) and scale.grad is not None
+    peers.make("memeff", "clip_loss", 3)(dict(x=x, y=y, scale=torch.tensor(1 / 0.07)))
+    assert seen["memeff"] == dict(temperature=pytest.approx(0.07), normalized_inputs=True, stable=False)
 
 
 def test_no_torch_backend_rows_at_large_n_on_a_gpu():

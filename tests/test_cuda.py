@@ -27,6 +27,8 @@ from helpers import RTOL, assert_close
 import fastcl
 from fastcl._dispatch import unavailable_reason
 
+pytestmark = pytest.mark.gpu  # the visit's GPU correctness stage selects these files
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -367,17 +369,7 @@ def test_gpu_never_allocates_n_by_m():
 @needs_gpu
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer is not on PATH")
 def test_gpu_memcheck_small_cases():
-    code = (
-        "import torch, fastcl\n"
-        "for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):\n"
-        "    q = torch.randn(37, 19, device='cuda', dtype=dt, requires_grad=True)\n"
-        "    k = torch.randn(45, 19, device='cuda', dtype=dt, requires_grad=True)\n"
-        "    lab = torch.randint(0, 3, (37,), device='cuda'); klab = torch.randint(0, 3, (45,), device='cuda')\n"
-        "    fastcl.info_nce(q, k, labels=lab, key_labels=klab, exclude_self=True, decoupled=True, backend='cuda').backward()\n"
-        "    fastcl.clip_loss(q, k[:37], 10.0, backend='cuda').backward()\n"
-        "    fastcl.siglip_loss(q, k[:37], 10.0, -10.0, backend='cuda').backward()\n"
-        "torch.cuda.synchronize()\n"
-    )
-    run = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", sys.executable, "-c", code],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    """Every kernel mode of the CUDA backend once, small and odd-shaped, under memcheck."""
+    run = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", sys.executable, "-m",
+                          "bench.sanitize", "--backend", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]

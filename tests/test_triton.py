@@ -23,6 +23,8 @@ from torch.utils._pytree import tree_flatten
 import fastcl
 from fastcl._dispatch import unavailable_reason
 
+pytestmark = pytest.mark.gpu  # the visit's GPU correctness stage selects these files
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEVICE = os.environ.get("FASTCL_TEST_DEVICE", "cpu")
