@@ -7,12 +7,17 @@ variable. Read at each call (tests and users change them between calls).
 | ``FASTCL_TORCH_BLOCK`` | ``"rows,cols"``: the torch backend's tile shape |
 | ``FASTCL_TRITON_BLOCK`` | ``"A,B,D,X"``: fixed Triton block sizes (no autotuning) |
 | ``FASTCL_CUDA_SPLIT`` | ``k >= 0``: pieces the CUDA kernels cut the other side into (0: chosen) |
+| ``FASTCL_BACKWARD`` | gradient pass: ``auto`` (a cost model), ``fused`` or ``chunked`` (docs/design.md §7) |
+| ``FASTCL_MEMORY_BUDGET_MB`` | ``m > 0``: the chunked pass's workspace limit in MiB (default 512) |
 
 (``FASTCL_BUILD_CUDA`` and ``FASTCL_CUDA_ARCH`` are read by ``setup.py`` at build time.)
 """
 
 import os
 from typing import Optional, Tuple
+
+BACKWARD_PASSES = ("auto", "fused", "chunked")
+DEFAULT_MEMORY_BUDGET_MB = 512
 
 
 def _ints(name: str, count: int, minimum: int) -> Optional[Tuple[int, ...]]:
@@ -43,3 +48,24 @@ def triton_block() -> Optional[Tuple[int, int, int, int]]:
 def cuda_split() -> int:
     value = _ints("FASTCL_CUDA_SPLIT", 1, 0)
     return 0 if value is None else value[0]
+
+
+def backward() -> str:
+    raw = os.environ.get("FASTCL_BACKWARD") or "auto"
+    if raw not in BACKWARD_PASSES:
+        raise ValueError(f"FASTCL_BACKWARD={raw!r}: expected one of {', '.join(BACKWARD_PASSES)}")
+    return raw
+
+
+def memory_budget_bytes() -> int:
+    """The budget in bytes; fractions of a MiB are allowed (tests force many small chunks)."""
+    raw = os.environ.get("FASTCL_MEMORY_BUDGET_MB")
+    if not raw:
+        return DEFAULT_MEMORY_BUDGET_MB << 20
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"FASTCL_MEMORY_BUDGET_MB={raw!r}: expected a number of MiB > 0")
+    return max(1, int(value * (1 << 20)))

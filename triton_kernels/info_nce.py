@@ -150,6 +150,38 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _sigmoid_row_loss(t, keep, match):
+    """Per row of the tile: ``sum_j softplus(-z_ij L_ij)``, each entry as a negative
+    (``softplus(L)``) and each positive corrected to ``softplus(L) - L``."""
+    return tl.sum(tl.where(keep, _softplus(t), 0.0) - tl.where(match, t, 0.0), axis=1)
+
+
+@triton.jit
+def _logit_grad(t, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
+                SIGMOID: tl.constexpr, DECOUPLED: tl.constexpr, SYMMETRIC: tl.constexpr, ACC: tl.constexpr):
+    """``G = d loss / d S`` on one tile of logits ``t``: sigmoid ``sigmoid(L_ij) - [j in P_i]``;
+    softmax ``w_i p_ij (+ w'_j p'_ij) - [j in P_i] coef_i`` from final LSEs."""
+    if SIGMOID:
+        g = tl.where(keep, _sigmoid(t) - match.to(ACC), 0.0)
+    else:
+        if DECOUPLED:
+            t = tl.where(keep & ~match, t, NEG_INF)
+        else:
+            t = tl.where(keep, t, NEG_INF)
+        in_row = rows < N
+        w_row = tl.load(w_row_ptr + rows, mask=in_row, other=0.0)
+        # where(w != 0): an anchor left out of the loss must not turn exp overflow into NaN
+        g = tl.where(w_row != 0.0, w_row * tl.exp(t - tl.load(lse_row_ptr + rows, mask=in_row, other=0.0)), 0.0)
+        if SYMMETRIC:
+            in_col = cols < C
+            w_col = tl.load(w_col_ptr + cols, mask=in_col, other=0.0)
+            lse_col = tl.load(lse_col_ptr + cols, mask=in_col, other=0.0)
+            g += tl.where(w_col != 0.0, w_col * tl.exp(t - lse_col), 0.0)
+        g -= tl.where(match, tl.load(coef_ptr + rows, mask=in_row, other=0.0), 0.0)
+    return g
+
+
+@triton.jit
 def softmax_stats_kernel(
     a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
     lse_ptr, pos_sum_ptr, pos_cnt_ptr,
@@ -238,26 +270,10 @@ def grad_kernel(
                            HAS_BIAS, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
         keep, match = _tile_masks(rows, cols, N, C, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
                                   LABELS, COL_MASK, EXCLUDE_SELF)
-        if SIGMOID:
-            if WRITE_LOSS:
-                # every entry as a negative, softplus(L); a positive is softplus(L) - L
-                loss += tl.sum(tl.where(keep, _softplus(t), 0.0) - tl.where(match, t, 0.0), axis=1)
-            g = tl.where(keep, _sigmoid(t) - match.to(ACC), 0.0)
-        else:
-            if DECOUPLED:
-                t = tl.where(keep & ~match, t, NEG_INF)
-            else:
-                t = tl.where(keep, t, NEG_INF)
-            in_row = rows < N
-            w_row = tl.load(w_row_ptr + rows, mask=in_row, other=0.0)
-            # where(w != 0): an anchor left out of the loss must not turn exp overflow into NaN
-            g = tl.where(w_row != 0.0, w_row * tl.exp(t - tl.load(lse_row_ptr + rows, mask=in_row, other=0.0)), 0.0)
-            if SYMMETRIC:
-                in_col = cols < C
-                w_col = tl.load(w_col_ptr + cols, mask=in_col, other=0.0)
-                lse_col = tl.load(lse_col_ptr + cols, mask=in_col, other=0.0)
-                g += tl.where(w_col != 0.0, w_col * tl.exp(t - lse_col), 0.0)
-            g -= tl.where(match, tl.load(coef_ptr + rows, mask=in_row, other=0.0), 0.0)
+        if SIGMOID and WRITE_LOSS:
+            loss += _sigmoid_row_loss(t, keep, match)
+        g = _logit_grad(t, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
+                        SIGMOID, DECOUPLED, SYMMETRIC, ACC)
         if WRITE_GSUM:
             gsum += tl.sum(g, axis=1)
         if ACCUMULATE:
@@ -281,6 +297,45 @@ def grad_kernel(
                      mask=(offs_a < n_out)[:, None] & x_in)
 
 
+@triton.jit
+def logit_grad_kernel(
+    a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
+    lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
+    g_ptr, loss_ptr, gsum_ptr,
+    N, C, D, row0, row1, sums_stride,
+    SIGMOID: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    DECOUPLED: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_SUMS: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The chunked pass's kernel: ``G`` of rows ``[row0, row1)`` into ``g`` (``[row1 - row0, C]``,
+    its own dtype), one ``BLOCK_A x BLOCK_B`` tile per program, ``S`` built over the full D.
+
+    With ``WRITE_SUMS`` (sigmoid) each program also stores, per row, its tile's loss and sum of
+    ``G`` at ``[row - row0, column block]`` of the ``sums_stride``-wide ``loss``/``gsum``
+    buffers (summed by the launcher: no atomics, the same bits every run).
+    """
+    pid_b = tl.program_id(1)
+    offs_a = row0 + tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows, cols = _oriented(offs_a, offs_b, True)
+    t = _scaled_logits(a_ptr, b_ptr, offs_a, offs_b, row1, C, D, rows, N, scale_ptr, scalars_ptr,
+                       HAS_BIAS, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
+    keep, match = _tile_masks(rows, cols, N, C, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
+                              LABELS, COL_MASK, EXCLUDE_SELF)
+    in_chunk = rows < row1
+    keep = keep & in_chunk
+    match = match & in_chunk
+    g = _logit_grad(t, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
+                    SIGMOID, DECOUPLED, SYMMETRIC, ACC)
+    local = (offs_a - row0).to(tl.int64)
+    tl.store(g_ptr + local[:, None] * C + cols, g.to(g_ptr.dtype.element_ty), mask=in_chunk & (cols < C))
+    if WRITE_SUMS:
+        line_in = offs_a < row1
+        tl.store(loss_ptr + local * sums_stride + pid_b, _sigmoid_row_loss(t, keep, match), mask=line_in)
+        tl.store(gsum_ptr + local * sums_stride + pid_b, tl.sum(g, axis=1), mask=line_in)
+
+
 # GPU configs. Untested on hardware in this repository so far: the starting points of a search,
 # to be replaced by measured ones (module docstring). The launcher picks BLOCK_X from D (it fixes
 # how many ``ds`` partials there are); ``fit_to_width`` clips BLOCK_D to the padded width, so small
@@ -296,6 +351,17 @@ STATS_CONFIGS = [
     _config(64, 128, 64, 4, 4),
 ]
 
+# the chunked pass's kernel: one tile per program. BLOCK_B is the same in every config (and
+# halved for fp64 by fit_to_width, like every kernel's), so the per-tile loss sums of the sigmoid
+# family fill the same buffer slots whichever config the autotuner picks.
+LOGIT_BLOCK_B = 64
+LOGIT_CONFIGS = [
+    _config(128, LOGIT_BLOCK_B, 64, 4, 3),
+    _config(128, LOGIT_BLOCK_B, 32, 8, 4),
+    _config(64, LOGIT_BLOCK_B, 64, 4, 3),
+    _config(256, LOGIT_BLOCK_B, 32, 8, 3),
+]
+
 GRAD_CONFIGS = [
     _config(32, 64, 64, 4, 2),
     _config(64, 64, 64, 8, 3),
@@ -306,16 +372,22 @@ GRAD_CONFIGS = [
 
 # autotuning key: the width and the variant; the autotuner adds the tensors' dtypes itself
 STATS_KEY = ["D", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "PREC"]
+LOGIT_KEY = ["D", "SIGMOID", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "SYMMETRIC", "WRITE_SUMS", "PREC"]
 GRAD_KEY = ["D", "BLOCK_X", "SIGMOID", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "SYMMETRIC", "ACCUMULATE",
             "PREC"]
 _MAX_ACCUMULATOR = 64 * 256
 
 
+def fp64_cap(element_size: int) -> int:
+    """Largest column and depth block for operands of ``element_size`` bytes: fp64 takes twice the
+    registers, so its blocks are halved to 32."""
+    return 32 if element_size == 8 else 1 << 30
+
+
 def fit_to_width(configs, named_args, **kwargs):
     width = max(16, triton.next_power_of_2(named_args["D"]))
     block_x = kwargs.get("BLOCK_X", 0)
-    # fp64 operands take twice the registers: halve the tile's column and depth blocks
-    cap = 32 if named_args["a_ptr"].element_size() == 8 else 1 << 30
+    cap = fp64_cap(named_args["a_ptr"].element_size())
     seen, fitted = set(), []
     for cfg in sorted(configs, key=lambda c: c.kwargs["BLOCK_A"]):
         kw = dict(cfg.kwargs, BLOCK_B=min(cfg.kwargs["BLOCK_B"], cap), BLOCK_D=min(cfg.kwargs["BLOCK_D"], width, cap))

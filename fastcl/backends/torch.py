@@ -36,6 +36,7 @@ import torch
 
 from .. import _config
 from .._spec import SoftmaxSpec
+from . import chunked
 from ._cpu_threads import map_in_order, workers_for
 from .common import NEG_INF, SigmoidSums, SoftmaxStats, finite_or_zero
 
@@ -75,6 +76,14 @@ def _tiles(n_rows: int, n_cols: int, rows=None):
     for r0 in range(lo, hi, br):
         for c0 in range(0, n_cols, bc):
             yield r0, min(r0 + br, n_rows), c0, min(c0 + bc, n_cols)
+
+
+def _chunk_tiles(r0: int, r1: int, n_cols: int):
+    """(a0, a1, c0, c1) of the tiles of rows ``[r0, r1)`` (one chunk of the chunked pass)."""
+    br, bc = _tile_shape(r1 - r0, n_cols)
+    for a0 in range(r0, r1, br):
+        for c0 in range(0, n_cols, bc):
+            yield a0, min(a0 + br, r1), c0, min(c0 + bc, n_cols)
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
@@ -140,9 +149,15 @@ def _hide_positives(tile, spec: SoftmaxSpec, match, r0, r1, c0, c1) -> None:
         return
     if spec.positive_index is None:
         return
-    pos = spec.positive_index[r0:r1]
-    rows = torch.nonzero((pos >= c0) & (pos < c1)).flatten()
-    tile[rows, pos[rows] - c0] = NEG_INF
+    idx, in_tile = _positive_in_tile(spec.positive_index[r0:r1], c0, c1)
+    tile.scatter_(1, idx, torch.where(in_tile, NEG_INF, tile.gather(1, idx)))
+
+
+def _positive_in_tile(pos: torch.Tensor, c0: int, c1: int):
+    """``(index [R, 1], in_tile [R, 1])``: each row's positive as a column of the tile
+    ``[c0, c1)`` (clamped into it) and whether it lies there; no host sync (a GPU keeps going)."""
+    in_tile = (pos >= c0) & (pos < c1)
+    return (pos - c0).clamp(0, c1 - c0 - 1)[:, None], in_tile[:, None]
 
 
 def _masked_tile(a, b, spec: SoftmaxSpec, r0, r1, c0, c1, out):
@@ -223,6 +238,10 @@ def _merge_rows_and_cols(tile, row_ref, row_acc, col_ref, col_acc, work, safe_lo
     while its sum of shares is at least ``exp(-safe_log)``. Lines outside that (far below the
     rest of the tile, or fully masked) are merged again exactly.
     """
+    if tile.device.type != "cpu":  # the shared exp needs the tile max on the host: GPUs go exact
+        _merge_exact(row_ref, row_acc, tile, 1, work)
+        _merge_exact(col_ref, col_acc, tile, 0, work)
+        return
     row_max = tile.amax(dim=1)
     top = float(row_max.max())
     if not math.isfinite(top):  # fully masked, or inf/NaN to propagate: the exact path
@@ -313,8 +332,37 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
         is_anchor = w_col != 0
         # +inf on columns that carry no weight keeps exp(S - LSE'_j) at 0 there
         lse_col = torch.where(is_anchor, lse_col, float("inf"))
-    acc_q = torch.zeros_like(q) if rows else None
     safe_log = _SAFE_LOG[cd]
+
+    def tile_grad(g, r0, r1, c0, c1, buf):
+        """``g`` = the softmax terms of ``G`` on one tile (the target terms come later)."""
+        tile = _masked_tile(qs_aug, k_aug, spec, r0, r1, c0, c1, buf.view(r1 - r0, c1 - c0))
+        if spec.symmetric:
+            _symmetric_grad(g, tile, w_row[r0:r1], lse_safe[r0:r1], w_col[c0:c1], lse_col[c0:c1],
+                            is_anchor[c0:c1], safe_log)
+        else:
+            torch.mul(tile.exp_(), w_row[r0:r1, None], out=g)  # w_i * exp(S_ij - LSE_i)
+
+    directions = int(rows) + int(cols and n_grad_cols > 0)
+    if chunked.choose(dev, query.dtype, n, c, d, directions) == "chunked":
+
+        def fill(r0, r1, out):
+            """``G`` of rows ``[r0, r1)``, target terms included, into ``out``."""
+            tile_buf, grad_buf = _Buffer(r1 - r0, c, cd, dev), _Buffer(r1 - r0, c, cd, dev)
+            for a0, a1, c0, c1 in _chunk_tiles(r0, r1, c):
+                g = grad_buf.view(a1 - a0, c1 - c0)
+                tile_grad(g, a0, a1, c0, c1, tile_buf)
+                if spec.uses_labels:
+                    g.sub_(coef[a0:a1, None] * _label_match(spec, a0, a1, c0, c1))
+                elif spec.positive_index is not None:
+                    idx, in_tile = _positive_in_tile(spec.positive_index[a0:a1], c0, c1)
+                    g.scatter_add_(1, idx, torch.where(in_tile, -coef[a0:a1, None], 0.0))
+                out[a0 - r0: a1 - r0, c0:c1].copy_(g)
+
+        acc_q, acc_k, _ = chunked.run(fill, query, key, scale_rows, rows=rows, cols=cols, n_grad_cols=n_grad_cols)
+        return acc_q, acc_k
+
+    acc_q = torch.zeros_like(q) if rows else None
 
     def piece(group):
         """``acc_q`` of these rows (in place) and their own share of ``acc_k``."""
@@ -324,13 +372,8 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
             key_part = cols and c0 < n_grad_cols
             if not (rows or key_part):
                 continue
-            tile = _masked_tile(qs_aug, k_aug, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
             g = grad_buf.view(r1 - r0, c1 - c0)
-            if spec.symmetric:
-                _symmetric_grad(g, tile, w_row[r0:r1], lse_safe[r0:r1], w_col[c0:c1], lse_col[c0:c1],
-                                is_anchor[c0:c1], safe_log)
-            else:
-                torch.mul(tile.exp_(), w_row[r0:r1, None], out=g)  # w_i * exp(S_ij - LSE_i)
+            tile_grad(g, r0, r1, c0, c1, tile_buf)
             if rows:
                 acc_q[r0:r1].addmm_(g, k_view[c0:c1])
             if key_part:
@@ -369,9 +412,10 @@ def _symmetric_grad(g, tile, w_row, lse_row, w_col, lse_col, is_anchor, safe_log
     entry. When an anchor column's LSE lies more than ``safe_log`` below that, ``p_ij`` could
     underflow where ``p'_ij`` matters, and the column term gets its own exp. Consumes ``tile``.
     """
-    top = float(lse_row.max())
-    anchors_lse = lse_col[is_anchor]
-    if math.isfinite(top) and (anchors_lse.numel() == 0 or top - float(anchors_lse.min()) <= safe_log):
+    on_cpu = tile.device.type == "cpu"  # the shared exp reads LSEs on the host: GPUs take two exps
+    top = float(lse_row.max()) if on_cpu else 0.0
+    anchors_lse = lse_col[is_anchor] if on_cpu else None
+    if on_cpu and math.isfinite(top) and (anchors_lse.numel() == 0 or top - float(anchors_lse.min()) <= safe_log):
         a = torch.exp(lse_row - top)
         b = w_col * torch.exp(top - lse_col)
         torch.outer(a, b, out=g).add_(w_row[:, None]).mul_(tile.exp_())
@@ -394,31 +438,59 @@ def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = T
     """
     cd = scale_rows.dtype
     q, k = query.to(cd), key.to(cd)
-    n, c, dev = q.shape[0], k.shape[0], q.device
-    b = 0.0 if bias is None else float(bias.detach())
+    n, c, d, dev = q.shape[0], k.shape[0], q.shape[1], q.device
     qs = q * scale_rows[:, None]
+    zero = torch.zeros((), dtype=cd, device=dev)
+
+    def tile_sums(r0, r1, c0, c1, buf, work, grad: bool):
+        """``(sum of softplus(L_ij), sigmoid(L_ij) in work or None)`` over one tile of ``L``,
+        every entry taken as a negative."""
+        tile = torch.matmul(qs[r0:r1], k[c0:c1].T, out=buf.view(r1 - r0, c1 - c0))
+        if bias is not None:
+            tile.add_(bias)
+        work = work.view(r1 - r0, c1 - c0)
+        loss = torch.ops.aten.softplus.out(tile, 1.0, 50.0, out=work).sum()
+        return loss, torch.sigmoid(tile, out=work) if grad else None
+
+    directions = int(rows) + int(cols)
+    if directions and chunked.choose(dev, query.dtype, n, c, d, directions) == "chunked":
+
+        def fill(r0, r1, out):
+            """``G`` of rows ``[r0, r1)`` (positives' ``-1`` included) into ``out``; their loss
+            as negatives and their sum of ``G``."""
+            total, g_sum = zero.clone(), zero.clone()
+            buf, work = _Buffer(r1 - r0, c, cd, dev), _Buffer(r1 - r0, c, cd, dev)
+            for a0, a1, c0, c1 in _chunk_tiles(r0, r1, c):
+                loss, g = tile_sums(a0, a1, c0, c1, buf, work, True)
+                total += loss
+                if positive_index is not None:
+                    idx, in_tile = _positive_in_tile(positive_index[a0:a1], c0, c1)
+                    g.scatter_add_(1, idx, torch.where(in_tile, -1.0, 0.0).to(cd))
+                g_sum += g.sum()
+                out[a0 - r0: a1 - r0, c0:c1].copy_(g)
+            return total, g_sum
+
+        acc_q, acc_k, (total, g_sum) = chunked.run(fill, query, key, scale_rows, rows=rows, cols=cols)
+        return SigmoidSums(total - _positive_logit_sum(qs, k, bias, positive_index), g_sum if gsum else None,
+                           acc_q, acc_k)
+
     acc_q = torch.zeros_like(q) if rows else None
 
     def piece(group):
         """``acc_q`` of these rows (in place) and their own loss, G and ``acc_k`` sums."""
-        total = torch.zeros((), dtype=cd, device=dev)
-        g_sum = torch.zeros((), dtype=cd, device=dev) if gsum else None
+        total = zero.clone()
+        g_sum = zero.clone() if gsum else None
         part_k = torch.empty_like(k) if cols else None
         tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
         for r0, r1, c0, c1 in _tiles(n, c, group):
-            tile = torch.matmul(qs[r0:r1], k[c0:c1].T, out=tile_buf.view(r1 - r0, c1 - c0))
-            if b:
-                tile.add_(b)
-            work = work_buf.view(r1 - r0, c1 - c0)
-            total += torch.ops.aten.softplus.out(tile, 1.0, 50.0, out=work).sum()
-            if rows or cols or gsum:
-                g = torch.sigmoid(tile, out=work)
-                if rows:
-                    acc_q[r0:r1].addmm_(g, k[c0:c1])
-                if cols:
-                    _add_product(part_k[c0:c1], g.T, qs[r0:r1], first=r0 == group[0])
-                if gsum:
-                    g_sum += g.sum()
+            loss, g = tile_sums(r0, r1, c0, c1, tile_buf, work_buf, rows or cols or gsum)
+            total += loss
+            if rows:
+                acc_q[r0:r1].addmm_(g, k[c0:c1])
+            if cols:
+                _add_product(part_k[c0:c1], g.T, qs[r0:r1], first=r0 == group[0])
+            if gsum:
+                g_sum += g.sum()
         return total, g_sum, part_k
 
     groups = _row_groups(n, c, k.numel() * k.element_size() if cols else 0)
@@ -431,17 +503,29 @@ def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = T
         if cols:
             acc_k += part_k
 
-    if positive_index is not None:
-        rows_with = torch.nonzero(positive_index >= 0).flatten()
-        pos = positive_index[rows_with]
-        total -= (qs[rows_with] * k[pos]).sum() + b * rows_with.numel()
+    total -= _positive_logit_sum(qs, k, bias, positive_index)
+    if positive_index is not None:  # G -= 1 on each positive (rows with -1 have none): no host sync
+        has = (positive_index >= 0).to(cd)[:, None]
+        pos = positive_index.clamp(min=0)
         if rows:
-            acc_q.index_add_(0, rows_with, -k[pos])
+            acc_q.sub_(has * k[pos])
         if cols:
-            acc_k.index_add_(0, pos, -qs[rows_with])
+            acc_k.index_add_(0, pos, -has * qs)
         if gsum:
-            g_sum -= rows_with.numel()
+            g_sum -= has.sum()
     return SigmoidSums(total, g_sum, acc_q, acc_k)
+
+
+def _positive_logit_sum(qs, k, bias, positive_index) -> torch.Tensor:
+    """``sum_i L_i,pos(i)`` over the rows with a positive here: what turns their softplus(L) into
+    softplus(-L)."""
+    if positive_index is None:
+        return torch.zeros((), dtype=qs.dtype, device=qs.device)
+    has = (positive_index >= 0).to(qs.dtype)
+    logits = (qs * k[positive_index.clamp(min=0)]).sum(dim=1)
+    if bias is not None:
+        logits = logits + bias
+    return (has * logits).sum()
 
 
 def available(device: torch.device) -> Optional[str]:

@@ -28,6 +28,7 @@ import torch
 
 from .. import _config
 from .._spec import SoftmaxSpec
+from . import chunked
 from .common import SigmoidSums, SoftmaxStats, finite_or_zero, no_positives
 
 _KERNEL_MODULE = "fastcl.triton_kernels.info_nce"
@@ -116,20 +117,46 @@ class _Launcher:
         self.symmetric, self.sigmoid = symmetric, sigmoid
 
     def _run(self, name, n_programs, split_d, args, flags):
-        module = _kernels()
-        kernel = getattr(module, name)
+        """Launch over ``n_programs`` owned lines (and D chunks when ``split_d``)."""
         if name == "grad_kernel":
             flags = dict(flags, BLOCK_X=self.block_x)
         d_chunks = _cdiv(self.d, self.block_x) if split_d else 1
+        self._launch(name, lambda meta: (_cdiv(n_programs, meta["BLOCK_A"]), d_chunks), args, flags)
+
+    def _launch(self, name, grid, args, flags):
+        """``grid(meta)`` gives the launch grid from the block sizes (fixed, or the autotuner's)."""
+        module = _kernels()
+        kernel = getattr(module, name)
         if self.blocks is not None:
             a, b, d, _ = self.blocks
-            kernel[(_cdiv(n_programs, a), d_chunks)](*args, **flags, BLOCK_A=a, BLOCK_B=b, BLOCK_D=d)
+            meta = dict(BLOCK_A=a, BLOCK_B=b, BLOCK_D=d)
+            kernel[grid(meta)](*args, **flags, **meta)
             return
         if name not in _tuned_kernels:
-            stats = name == "softmax_stats_kernel"
-            configs, key = (module.STATS_CONFIGS, module.STATS_KEY) if stats else (module.GRAD_CONFIGS, module.GRAD_KEY)
+            configs, key = {"softmax_stats_kernel": (module.STATS_CONFIGS, module.STATS_KEY),
+                            "grad_kernel": (module.GRAD_CONFIGS, module.GRAD_KEY),
+                            "logit_grad_kernel": (module.LOGIT_CONFIGS, module.LOGIT_KEY)}[name]
             _tuned_kernels[name] = module.tuned(kernel, configs, key)
-        _tuned_kernels[name][lambda meta: (_cdiv(n_programs, meta["BLOCK_A"]), d_chunks)](*args, **flags)
+        _tuned_kernels[name][grid](*args, **flags)
+
+    def logit_block_b(self) -> int:
+        """Column block of ``logit_grad_kernel``: fixed per call, whichever config runs."""
+        if self.blocks is not None:
+            return self.blocks[1]
+        module = _kernels()
+        return min(module.LOGIT_BLOCK_B, module.fp64_cap(self.q.element_size()))
+
+    def logit_grad(self, r0: int, r1: int, g, loss=None, gsum=None, lse_row=None, w_row=None, coef=None,
+                   lse_col=None, w_col=None):
+        """``G`` of rows ``[r0, r1)`` into ``g``; with ``loss``/``gsum`` (sigmoid, ``[r1 - r0,
+        cdiv(C, logit_block_b())]``) the per-tile row sums of the loss and of ``G``."""
+        dummy = self.pointers[0]
+        stats = tuple(dummy if t is None else t for t in (lse_row, w_row, coef, lse_col, w_col))
+        buffers, stride = ((dummy, dummy), 0) if loss is None else ((loss, gsum), loss.shape[1])
+        args = (self.q, self.k, *self.pointers, *stats, g, *buffers, self.n, self.c, self.d, r0, r1, stride)
+        flags = dict(self.flags, SIGMOID=self.sigmoid, SYMMETRIC=self.symmetric, WRITE_SUMS=loss is not None)
+        grid = lambda meta: (_cdiv(r1 - r0, meta["BLOCK_A"]), _cdiv(self.c, meta["BLOCK_B"]))  # noqa: E731
+        self._launch("logit_grad_kernel", grid, args, flags)
 
     def stats(self, own_rows: bool, lse, pos_sum=None, pos_cnt=None):
         """Fill ``lse`` (and, owning rows, the positive-logit sums and counts) per anchor."""
@@ -191,14 +218,21 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
     weights = dict(lse_row=finite_or_zero(lse_row).contiguous(), w_row=w_row.contiguous(), coef=coef.contiguous(),
                    lse_col=None if lse_col is None else lse_col.contiguous(),
                    w_col=None if w_col is None else w_col.contiguous())
+    n_grad_cols = launcher.c if spec.n_grad_cols is None else spec.n_grad_cols
+    directions = int(rows) + int(cols and n_grad_cols > 0)
+    q = launcher.q
+    if chunked.choose(q.device, q.dtype, launcher.n, launcher.c, launcher.d, directions) == "chunked":
+        with _on_device(launcher.q):
+            acc_q, acc_k, _ = chunked.run(lambda r0, r1, g: launcher.logit_grad(r0, r1, g, **weights), launcher.q,
+                                          launcher.k, scale_rows, rows=rows, cols=cols, n_grad_cols=n_grad_cols)
+        return acc_q, acc_k
     acc_q = acc_k = None
     with _on_device(launcher.q):
         if rows:
             acc_q = torch.empty(launcher.n, launcher.d, dtype=cd, device=scale_rows.device)
             launcher.grad(True, out=acc_q, **weights)
         if cols:
-            acc_k = _column_launch(launcher, cd, launcher.c if spec.n_grad_cols is None else spec.n_grad_cols,
-                                   **weights)
+            acc_k = _column_launch(launcher, cd, n_grad_cols, **weights)
     return acc_q, acc_k
 
 
@@ -209,6 +243,21 @@ def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = T
     n, cd, dev = q.shape[0], scale_rows.dtype, q.device
     pos = no_positives(n, dev) if positive_index is None else positive_index.contiguous()
     launcher = _Launcher(q, k, scale_rows, _scalars(bias, cd, dev), bias is not None, pos, sigmoid=True)
+    n_sums = _cdiv(launcher.c, launcher.logit_block_b())
+    directions = int(rows) + int(cols)
+    if directions and chunked.choose(dev, q.dtype, n, launcher.c, launcher.d, directions,
+                                     extra_row_bytes=2 * n_sums * scale_rows.element_size()) == "chunked":
+
+        def fill(r0, r1, g):
+            loss = torch.empty(r1 - r0, n_sums, dtype=cd, device=dev)
+            g_sum = torch.empty_like(loss)
+            launcher.logit_grad(r0, r1, g, loss=loss, gsum=g_sum)
+            return loss.sum(), g_sum.sum()
+
+        with _on_device(q):
+            acc_q, acc_k, (total, g_total) = chunked.run(fill, q, k, scale_rows, rows=rows, cols=cols,
+                                                         extra_row_bytes=2 * n_sums * scale_rows.element_size())
+        return SigmoidSums(total, g_total if gsum else None, acc_q, acc_k)
     loss_rows = torch.empty(n, dtype=cd, device=dev)
     g_rows = torch.empty(n, dtype=cd, device=dev) if gsum else None
     acc_q = torch.empty(n, launcher.d, dtype=cd, device=dev) if rows else None
