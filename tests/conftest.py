@@ -2,7 +2,7 @@
 
 The ``backend`` fixture is the backend axis of every loss test: ``torch`` (with its default tile
 shape and with tiny 5 x 7 tiles, so every tile boundary appears at test sizes), ``triton`` and
-``cuda``. Where a backend cannot run, its tests are skipped and the reason is shown (``-rs``):
+``cuda``, and ``torch``/``triton`` with the chunked gradient pass forced in chunks of 3 rows. Where a backend cannot run, its tests are skipped and the reason is shown (``-rs``):
 
 * ``FASTCL_TEST_DEVICE`` (default ``cpu``) is where the tensors live. On ``cpu``:
   ``triton`` runs the real kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set here
@@ -35,7 +35,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SELECTED = [b for b in os.environ.get("FASTCL_TEST_BACKENDS", "torch,triton,cuda").split(",") if b]
 # (backend, torch tile override): tiny torch tiles cross every tile boundary at test sizes
-BACKEND_PARAMS = [("torch", None), ("torch", "5,7"), ("triton", None), ("cuda", None)]
+# "chunked": the chunked gradient pass forced (FASTCL_BACKWARD=chunked) with chunks of at most
+# CHUNK_ROWS rows, so every test size crosses chunk boundaries and has an odd tail
+BACKEND_PARAMS = [("torch", None), ("torch", "5,7"), ("torch", "chunked"), ("triton", None), ("triton", "chunked"),
+                  ("cuda", None)]
+CHUNK_ROWS = 3
 
 
 def cuda_include():
@@ -83,6 +87,16 @@ def use_emulated_cuda(monkeypatch) -> None:
     monkeypatch.setattr(cuda_backend, "available", lambda device: None)
 
 
+def force_chunked(monkeypatch, rows: int = CHUNK_ROWS) -> None:
+    """Every gradient pass of this test chunked, in chunks of at most ``rows`` rows (within the
+    memory budget too: the cap only lowers the budget's row count)."""
+    from fastcl.backends import chunked
+
+    monkeypatch.setenv("FASTCL_BACKWARD", "chunked")
+    budget_rows = chunked.chunk_rows
+    monkeypatch.setattr(chunked, "chunk_rows", lambda *args, **kwargs: min(rows, budget_rows(*args, **kwargs)))
+
+
 def backend_skip_reason(name: str, dtype=None):
     """Why ``name`` cannot run the tests here (None if it can)."""
     from fastcl._dispatch import unavailable_reason
@@ -112,6 +126,11 @@ def backend(request, monkeypatch):
     reason = backend_skip_reason(name, dtype)
     if reason is not None:
         pytest.skip(f"backend {name}: {reason}")
+    if blocks == "chunked":
+        force_chunked(monkeypatch)
+        blocks = None
+    else:
+        monkeypatch.delenv("FASTCL_BACKWARD", raising=False)
     if name == "torch":
         if blocks is None:
             monkeypatch.delenv("FASTCL_TORCH_BLOCK", raising=False)

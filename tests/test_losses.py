@@ -152,7 +152,10 @@ def test_clip_loss(shape, bias, dtype, backend):
         inputs["logit_bias"] = torch.tensor(-2.5, dtype=torch.float64, device=DEVICE)
     elif bias == "float":
         inputs["logit_bias"] = -2.5
-    check_against_oracle(lambda **kw: fastcl.clip_loss(**kw, backend=backend), oracle.clip_loss, inputs, dtype)
+    # n = 1: the exact feature gradients are 0, a difference of terms of size logit_scale * |k| = 14.3
+    # whose rounding any fp32 backward keeps (~1e-6); judge it against that size, not 1e-2
+    check_against_oracle(lambda **kw: fastcl.clip_loss(**kw, backend=backend), oracle.clip_loss, inputs, dtype,
+                         grad_floor=14.3 if n == 1 else 1e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -17,6 +17,8 @@ and the partial results of split tiles are summed in a fixed order.
 ``FASTCL_CUDA_SPLIT=k`` fixes how many pieces the other side's tiles are cut into (default:
 chosen from the GPU's multiprocessor count); tests use it to exercise the merge of partials.
 
+Gradient pass: the fused one only; ``FASTCL_BACKWARD=chunked`` raises here (docs/design.md §7).
+
 Importing this module never touches the GPU or requires the extension; :func:`available` says
 why the backend cannot run.
 """
@@ -61,6 +63,13 @@ def _masks(spec: SoftmaxSpec) -> dict:
 # Passes
 
 
+def _fused_only() -> None:
+    """This backend has the fused gradient pass only (its kernels do not write ``G`` yet)."""
+    if _config.backward() == "chunked":
+        raise RuntimeError("FASTCL_BACKWARD=chunked: the CUDA backend has only the fused gradient pass; use "
+                           "backend='triton' or backend='torch' for the chunked one, or FASTCL_BACKWARD=auto")
+
+
 def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
     """Row (and, for symmetric specs, column) LSE of the block, and label-positive sums."""
     C = _ext()
@@ -78,6 +87,7 @@ def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
 def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef, lse_col=None, w_col=None, *,
                  rows: bool = True, cols: bool = True):
     """``(sum_j G_ij k_j, sum_i G_ij s_i q_i)`` of the block from final statistics."""
+    _fused_only()
     C = _ext()
     q, k = query.contiguous(), key.contiguous()
     n, c, d = q.shape[0], k.shape[0], q.shape[1]
@@ -97,6 +107,7 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
 def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = True, cols: bool = True,
                  gsum: bool = True) -> SigmoidSums:
     """Sigmoid loss and gradient sums of the block (the row kernel also sums the loss)."""
+    _fused_only()
     C = _ext()
     q, k = query.contiguous(), key.contiguous()
     launch = _launch_options(q.dtype)
