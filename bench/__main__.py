@@ -5,7 +5,7 @@ Usage (from the repository root)::
     python -m bench                     # = quick: fastcl vs naive vs open_clip, prints a table
     python -m bench quick  [--n 1024 2048 4096] [--d 256] [--dtype float32]
     python -m bench full   [--preset cpu-lite|gpu|gpu-targets] [--losses ...] [--n ...] [--d ...]
-                           [--dtypes ...] [--modes fwd fwd+bwd] [--backends torch triton cuda]
+                           [--dtypes ...] [--modes fwd fwd+bwd] [--backends torch triton:chunked ...]
                            [--peers naive open_clip inf_cl]
     python -m bench maxbatch [--losses clip_loss] [--d 256] [--dtype float32] [--mem-cap-gb 8]
                            [--start-n 1024] [--max-n 32768] [--backends auto] [--peers ...]
@@ -74,6 +74,11 @@ PRESETS = {
         # targets 1-2: clip/siglip at N=65536, D=768, bf16 against the matmul roofline
         Block(("clip_loss", "siglip_loss"), (65536,), (768,), ("bfloat16",), ("fwd+bwd",), FASTCL_BACKENDS,
               ("naive", "open_clip")),
+        # the fused/chunked gradient pass crossover (docs/design.md §7): each pass forced
+        Block(("clip_loss", "siglip_loss"), (65536, 262144), (256, 512, 768, 1024), ("bfloat16",), ("fwd+bwd",),
+              ("triton:fused", "triton:chunked", "cuda"), ()),
+        Block(("clip_loss", "siglip_loss"), (65536,), (256, 512, 768, 1024), ("float32",), ("fwd+bwd",),
+              ("triton:fused", "triton:chunked"), ()),
         # targets 3-4: against Inf-CL (fp32 inputs) and open_clip at N=32768 and 65536, D=768
         Block(("clip_loss",), (32768, 65536), (768,), ("bfloat16", "float32"), ("fwd+bwd",), FASTCL_BACKENDS,
               ("inf_cl", "open_clip")),
@@ -122,7 +127,8 @@ def _axes(p: argparse.ArgumentParser, quick: bool):
     if not quick:
         p.add_argument("--preset", choices=sorted(PRESETS), default=None)
         p.add_argument("--modes", nargs="+", default=None, help="fwd, fwd+bwd")
-        p.add_argument("--backends", nargs="+", default=None, help="fastcl backends: auto, torch, triton, cuda")
+        p.add_argument("--backends", nargs="+", default=None, help="fastcl backends: auto, torch, triton, cuda; "
+                       "name:fused or name:chunked forces the gradient pass")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,8 +10,9 @@
 #             on CUDA tensors
 #   check     large-N bf16 agreement of each compiled backend with the torch backend
 #   headline  clip_loss and siglip_loss fwd+bwd, bf16, N=65536, D=768, every backend and peer,
-#             with the dense bf16 matmul ceiling of the same run
-#   sweep     the same losses over N in {4096, 16384, 65536, 262144} x D in {256, 768, 1024}
+#             each Triton gradient pass forced too, with the dense bf16 matmul ceiling of the run
+#   sweep     the fused/chunked crossover: the same losses over N in {65536, 262144} x D in
+#             {256, 512, 768, 1024}, Triton with each pass forced and CUDA
 #   maxbatch  the largest N each implementation fits
 #   sanitize  compute-sanitizer memcheck over one small call of every kernel mode, per GPU backend
 #             (bench/sanitize.py); skipped where the tool is missing or refuses the device
@@ -153,14 +154,15 @@ bench_cmd() {
     local tiny="--target-s 0.05 --min-reps 2 --threads 1" args
     case "$1:$SMOKE" in
         headline:0) args="full --tag headline --losses clip_loss siglip_loss --n 65536 --d 768 --dtypes bfloat16
-                          --modes fwd+bwd --backends triton cuda --row-timeout 90" ;;
-        sweep:0) args="full --tag sweep --losses clip_loss siglip_loss --n 4096 16384 65536 262144 --d 256 768 1024
-                       --dtypes bfloat16 --modes fwd+bwd --backends triton cuda torch --peers naive open_clip
+                          --modes fwd+bwd --backends triton cuda triton:fused triton:chunked --row-timeout 90" ;;
+        sweep:0) args="full --tag sweep --losses clip_loss siglip_loss --n 65536 262144 --d 256 512 768 1024
+                       --dtypes bfloat16 --modes fwd+bwd --backends triton:fused triton:chunked cuda --peers ''
                        --row-timeout 60" ;;
         maxbatch:0) args="maxbatch --backends auto --peers naive open_clip inf_cl --row-timeout 120" ;;
         quick:0) args="quick" ;;
         headline:1) args="full --tag headline --losses clip_loss siglip_loss --n 64 --d 16 --peers naive $tiny" ;;
-        sweep:1) args="full --tag sweep --losses clip_loss --n 32 64 --d 8 16 --peers naive $tiny" ;;
+        sweep:1) args="full --tag sweep --losses clip_loss --n 32 64 --d 8 16 --backends torch:fused torch:chunked
+                       --peers naive $tiny" ;;
         maxbatch:1) args="maxbatch --start-n 256 --max-n 512 --d 16 --peers naive --threads 1" ;;
         quick:1) args="quick --n 64 --d 16 --peers naive $tiny" ;;
     esac

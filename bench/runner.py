@@ -24,6 +24,8 @@ from .worker import MARK
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASTCL_BACKENDS = ("torch", "triton", "cuda")
+# a backend may name its gradient pass, "triton:chunked": the row runs with FASTCL_BACKWARD set
+PASSES = ("fused", "chunked")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -381,6 +383,8 @@ def check_names(losses=(), backends=(), peers=(), modes=()):
     """Reject unknown names early, with the list of known ones."""
     for kind, given, known in (("loss", losses, tuple(CASES)), ("backend", backends, ("auto",) + FASTCL_BACKENDS),
                                ("peer", peers, PEERS), ("mode", modes, MODES)):
+        if kind == "backend":  # "name:pass" is known when both parts are
+            given = [g.partition(":")[0] if g.partition(":")[2] in PASSES else g for g in given]
         bad = [g for g in given if g not in known]
         if bad:
             raise SystemExit(f"unknown {kind} {', '.join(bad)}; known: {', '.join(known)}")

@@ -33,6 +33,22 @@ MARK = "@@bench@@ "
 TORCH_ON_GPU_MAX_N = 65536
 
 
+_BACKWARD_AS_GIVEN = os.environ.get("FASTCL_BACKWARD")
+
+
+def _force_pass(backend: str) -> str:
+    """``"triton:chunked"`` -> ``"triton"`` with ``FASTCL_BACKWARD=chunked`` for this row (the
+    worker runs one row at a time); a plain name restores the variable as the worker got it."""
+    name, _, forced = backend.partition(":")
+    if forced:
+        os.environ["FASTCL_BACKWARD"] = forced
+    elif _BACKWARD_AS_GIVEN is None:
+        os.environ.pop("FASTCL_BACKWARD", None)
+    else:
+        os.environ["FASTCL_BACKWARD"] = _BACKWARD_AS_GIVEN
+    return name
+
+
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
@@ -89,7 +105,7 @@ class _Row:
         if impl == "fastcl":
             from fastcl._dispatch import resolve
 
-            backend = spec.get("backend") or "auto"
+            backend = _force_pass(spec.get("backend") or "auto")
             self.extra["backend_used"] = resolve(backend, device).__name__.rsplit(".", 1)[-1]
             self.loss_fn = lambda: case.fastcl(inputs, backend)
         else:
@@ -128,7 +144,7 @@ def _skip_reason(spec, device) -> str:
     if impl == "fastcl":
         from fastcl._dispatch import unavailable_reason
 
-        backend = spec.get("backend") or "auto"
+        backend = (spec.get("backend") or "auto").partition(":")[0]
         if backend == "torch" and device.type == "cuda" and int(spec["n"]) > TORCH_ON_GPU_MAX_N:
             return (f"the torch backend is the CPU path (one host sync per tile on a GPU): not run on a GPU "
                     f"above N={TORCH_ON_GPU_MAX_N}")

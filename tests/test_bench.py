@@ -265,6 +265,22 @@ def test_no_torch_backend_rows_at_large_n_on_a_gpu():
     assert worker._skip_reason(spec(262144, "torch"), torch.device("cpu")) == ""
 
 
+def test_backend_names_can_force_the_gradient_pass(monkeypatch):
+    """``triton:chunked`` is a known backend name; a row with it runs under FASTCL_BACKWARD=chunked,
+    and the next plain row under the variable as the worker got it."""
+    from bench import runner, worker
+
+    runner.check_names(backends=["triton:chunked", "torch:fused", "cuda", "auto"])
+    with pytest.raises(SystemExit, match="triton:bogus"):
+        runner.check_names(backends=["triton:bogus"])
+    monkeypatch.delenv("FASTCL_BACKWARD", raising=False)
+    monkeypatch.setattr(worker, "_BACKWARD_AS_GIVEN", None)
+    assert worker._force_pass("torch:chunked") == "torch" and os.environ["FASTCL_BACKWARD"] == "chunked"
+    assert worker._force_pass("torch") == "torch" and "FASTCL_BACKWARD" not in os.environ
+    assert "not run on a GPU" in worker._skip_reason(dict(impl="fastcl", loss="clip_loss", backend="torch:fused",
+                                                          n=262144, d=768), torch.device("cuda"))
+
+
 def test_worker_exits_after_a_cuda_error(monkeypatch, capsys):
     from bench import worker
 
