@@ -146,7 +146,7 @@ def _skip_reason(spec, device) -> str:
 
         backend = (spec.get("backend") or "auto").partition(":")[0]
         if backend == "torch" and device.type == "cuda" and int(spec["n"]) > TORCH_ON_GPU_MAX_N:
-            return (f"the torch backend is the CPU path (one host sync per tile on a GPU): not run on a GPU "
+            return (f"the torch backend is the CPU path (a slow fallback on a GPU): not run on a GPU "
                     f"above N={TORCH_ON_GPU_MAX_N}")
         return "" if backend == "auto" else (unavailable_reason(backend, device) or "")
     return peers.unavailable(impl, spec["loss"], device, int(spec["d"])) or ""

@@ -226,3 +226,29 @@ def test_bf16_gradients_no_worse_than_plain_bf16(monkeypatch, name, loss, mode):
     for which, r, p, o in zip(("query", "key"), ref, plain, ours):
         plain_err, our_err = (p - r).abs().max().item(), (o - r).abs().max().item()
         assert our_err <= plain_err, f"d{which}: fastcl {our_err:.3e} > plain bf16 {plain_err:.3e}"
+
+
+@pytest.mark.parametrize("mode", ["fused", "chunked"])
+def test_torch_backend_passes_never_sync_off_the_cpu(monkeypatch, mode):
+    """On a device that is not the CPU the torch backend's passes read nothing on the host (no
+    ``.item()``, ``nonzero``, data-dependent branch): on meta tensors, which hold no data, any
+    such read raises. Labels are left out (their classes come from ``torch.unique``)."""
+    from fastcl._spec import SoftmaxSpec
+    from fastcl.backends import torch as torch_backend
+
+    meta = torch.device("meta")
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        float(torch.empty((), device=meta))  # what a host read would do
+    monkeypatch.setenv("FASTCL_BACKWARD", mode)
+    n, c, d = 37, 41, 8
+    q, k = torch.empty(n, d, device=meta), torch.empty(c, d, device=meta)
+    s, w = torch.empty(n, device=meta), torch.empty(n, device=meta)
+    pos = torch.empty(n, dtype=torch.long, device=meta)
+    for spec in (SoftmaxSpec(positive_index=pos), SoftmaxSpec(positive_index=pos, decoupled=True, n_grad_cols=30),
+                 SoftmaxSpec(positive_index=pos, symmetric=True, exclude_self=True)):
+        st = torch_backend.softmax_stats(q, k, s, spec)
+        w_col = torch.empty(c, device=meta) if spec.symmetric else None
+        acc_q, acc_k = torch_backend.softmax_grad(q, k, s, spec, st.lse_row, w, w, st.lse_col, w_col)
+        assert acc_q.shape == (n, d) and acc_k.shape == (c, d)
+    sums = torch_backend.sigmoid_pass(q, k, s, torch.empty((), device=meta), pos)
+    assert sums.acc_q.shape == (n, d) and sums.acc_k.shape == (c, d)

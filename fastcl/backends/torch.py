@@ -25,8 +25,13 @@ the code counts passes:
   ``exp`` of the matmul output is already the row softmax, and applies the one-hot target
   terms outside the tiles.
 
-Runs on any device PyTorch runs on (on a GPU it syncs once per tile to read the tile maximum:
-a fallback there, not the fast path).
+With ``FASTCL_BACKWARD=chunked`` the gradient pass writes ``G`` for chunks of rows into a
+budgeted workspace instead and leaves the products to :mod:`.chunked` (on a CPU only when asked:
+``auto`` keeps the tile loop there).
+
+Runs on any device PyTorch runs on. Off a CPU the shared-``exp`` tricks, which read a maximum on
+the host, give way to their exact two-``exp`` forms, so only labelled losses sync (``torch.unique``
+of the labels); still a fallback on a GPU, not the fast path.
 """
 
 import math
