@@ -1,8 +1,10 @@
 """Compile, ahead of time for sm_90 (Triton's bundled ptxas; no GPU needed), every Triton kernel
 launch that ``fastcl.backends.triton`` makes for a spread of variants and dtypes, with the
 launcher's own arguments and flags. Run by ``tests/test_triton.py`` in a process without
-``TRITON_INTERPRET``; exit 0 when all compiled, 3 when this Triton has no ahead-of-time API."""
+``TRITON_INTERPRET``; exit 0 when all compiled, 3 when this Triton has no ahead-of-time API.
+``--report`` prints each launch's registers, stack (spill) bytes and HGMMA count."""
 
+import os
 import sys
 
 import torch
@@ -18,12 +20,10 @@ def record_launches():
     """Run the losses with the launcher recording ``(kernel name, args, flags)`` instead of launching."""
     launches = []
 
-    def record(self, name, n_programs, split_d, args, flags):
-        if name == "grad_kernel":
-            flags = dict(flags, BLOCK_X=self.block_x)
+    def record(self, name, grid, args, flags):
         launches.append((name, args, flags))
 
-    tb._Launcher._run = record
+    tb._Launcher._launch = record
     tb.available = lambda device: None  # CPU tensors; the kernels never run
     tb._fixed_blocks = lambda: None  # the GPU's block choice
 
@@ -45,7 +45,52 @@ def record_launches():
     return launches
 
 
+def record_all_launches():
+    """The launches of both gradient passes (the chunked one writes ``G`` with its own kernel)."""
+    launches = record_launches()
+    os.environ["FASTCL_BACKWARD"] = "chunked"
+    try:
+        return launches + [launch for launch in record_launches() if launch[0] == "logit_grad_kernel"]
+    finally:
+        del os.environ["FASTCL_BACKWARD"]
+
+
+def _variant(flags: dict) -> str:
+    on = [k.lower() for k, v in flags.items() if v is True and k not in ("ACCUMULATE", "STORE_OUT")]
+    return ",".join(on) + (f" x{flags['BLOCK_X']}" if "BLOCK_X" in flags else "")
+
+
+def _config_name(config) -> str:
+    kw = config.kwargs
+    return f"{kw['BLOCK_A']}x{kw['BLOCK_B']}x{kw['BLOCK_D']} w{config.num_warps} s{config.num_stages}"
+
+
+def _resources(cubin: bytes) -> str:
+    """Registers, spill bytes and HGMMA (wgmma) instructions of one sm_90 cubin, read with the
+    cuobjdump Triton ships."""
+    import glob
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    if not tool:
+        return "(no cuobjdump in this Triton)"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool[0], "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool[0], "-sass", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    return (f"regs {regs.group(1) if regs else '?'}  stack {stack.group(1) if stack else '?'} B  "
+            f"HGMMA {sass.count('HGMMA')}")
+
+
 def main() -> int:
+    report = "--report" in sys.argv[1:]
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -59,9 +104,10 @@ def main() -> int:
         return 1
     target = GPUTarget("cuda", 90, 32)
     compiled = set()
-    for name, args, flags in record_launches():
+    for name, args, flags in record_all_launches():
         kernel = getattr(module, name)
-        configs = module.STATS_CONFIGS if name == "softmax_stats_kernel" else module.GRAD_CONFIGS
+        configs = {"softmax_stats_kernel": module.STATS_CONFIGS, "grad_kernel": module.GRAD_CONFIGS,
+                   "logit_grad_kernel": module.LOGIT_CONFIGS}[name]
         named = dict(zip(kernel.arg_names, args))
         config = module.fit_to_width(configs, named, **flags)[0]
         constexprs = dict(flags, **config.kwargs)
@@ -79,7 +125,14 @@ def main() -> int:
             continue
         compiled.add(key)
         src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-        triton.compile(src, target=target, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        binary = triton.compile(src, target=target, options={"num_warps": config.num_warps,
+                                                              "num_stages": config.num_stages})
+        if report:
+            print(f"{name:<20} {named['a_ptr'].dtype!s:<15} {_variant(flags):<44} "
+                  f"{_config_name(config):<18} {_resources(binary.asm['cubin'])}")
+    if not any(k[0] == "logit_grad_kernel" for k in compiled):
+        print("the chunked pass's logit_grad_kernel was not recorded")
+        return 1
     if len(compiled) < 8:
         print(f"only {len(compiled)} distinct launches recorded: {sorted(k[0] for k in compiled)}")
         return 1
