@@ -138,6 +138,31 @@ def test_widths_and_block_shapes(d, blocks):
 
 
 @direct
+@pytest.mark.parametrize("resident", [True, False])
+def test_owned_tile_resident_or_streamed(resident, monkeypatch):
+    """Both ways of building S: the owned tile kept on chip for the whole loop (one dot at the
+    padded width, the looped tile reused for G @ X when one chunk spans D) and both sides
+    streamed through D in BLOCK_D chunks (the wide-D path, here forced at a small D)."""
+    from fastcl.backends import triton as tb
+
+    if not resident:
+        monkeypatch.setattr(tb, "RESIDENT_ROW_BYTES", 0)
+    monkeypatch.setenv("FASTCL_TRITON_BLOCK", "16,16,16,32")  # D = 19: one 32-wide accumulator chunk
+    n, m, d = 21, 30, 19
+    assert (tb.resident_width(d, 4) > 0) == resident
+    check_against_oracle(
+        lambda **kw: fastcl.info_nce(**kw, symmetric=True, positive_index=torch.arange(n, device=DEVICE) + 2,
+                                     backend="triton"),
+        lambda **kw: oracle.info_nce(**kw, symmetric=True, positive_index=torch.arange(n, device=DEVICE) + 2),
+        {"query": unit(n, d), "key": unit(m, d), "temperature": 0.1}, torch.float32)
+    check_against_oracle(
+        lambda **kw: fastcl.siglip_loss(**kw, backend="triton"), oracle.siglip_loss,
+        {"image_features": unit(n, d), "text_features": unit(n, d),
+         "logit_scale": torch.tensor(10.0, dtype=torch.float64, device=DEVICE),
+         "logit_bias": torch.tensor(-5.0, dtype=torch.float64, device=DEVICE)}, torch.float32)
+
+
+@direct
 @pytest.mark.parametrize("which", ["scale", "bias", "scale_and_bias"])
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_scalar_gradients_without_feature_gradients(loss, which):

@@ -2,7 +2,9 @@
 launch that ``fastcl.backends.triton`` makes for a spread of variants and dtypes, with the
 launcher's own arguments and flags. Run by ``tests/test_triton.py`` in a process without
 ``TRITON_INTERPRET``; exit 0 when all compiled, 3 when this Triton has no ahead-of-time API.
-``--report`` prints each launch's registers, stack (spill) bytes and HGMMA count."""
+Every half-precision config must compile without spills (stack 0) and, with 64 rows or more, to
+wgmma (HGMMA); exit 4 lists those that do not. ``--report`` prints each compiled launch's
+registers, stack bytes and HGMMA count."""
 
 import os
 import sys
@@ -42,6 +44,11 @@ def record_launches():
                     temperature=torch.full((8,), 0.2, requires_grad=True), backend="triton").backward()
     q, k = leaves(torch.bfloat16, (8, 40), (8, 40))
     fastcl.info_nce(q, k, symmetric=True, debias=0.1, backend="triton").backward()
+    # the widths that matter on a GPU: a whole 256-wide accumulator, and D split into 256-wide chunks
+    q, k = leaves(torch.bfloat16, (8, 256), (8, 256))
+    fastcl.siglip_loss(q, k, 10.0, -10.0, backend="triton").backward()
+    q, k = leaves(torch.bfloat16, (8, 768), (8, 768))
+    fastcl.clip_loss(q, k, torch.tensor(10.0, requires_grad=True), backend="triton").backward()
     return launches
 
 
@@ -65,9 +72,9 @@ def _config_name(config) -> str:
     return f"{kw['BLOCK_A']}x{kw['BLOCK_B']}x{kw['BLOCK_D']} w{config.num_warps} s{config.num_stages}"
 
 
-def _resources(cubin: bytes) -> str:
-    """Registers, spill bytes and HGMMA (wgmma) instructions of one sm_90 cubin, read with the
-    cuobjdump Triton ships."""
+def _resources(cubin: bytes) -> dict:
+    """``regs``, ``stack`` (bytes of local memory: spills) and ``hgmma`` (wgmma instructions) of
+    one sm_90 cubin, read with the cuobjdump Triton ships (``{}`` if it has none)."""
     import glob
     import re
     import subprocess
@@ -77,16 +84,19 @@ def _resources(cubin: bytes) -> str:
 
     tool = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
     if not tool:
-        return "(no cuobjdump in this Triton)"
+        return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([tool[0], "-res-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([tool[0], "-sass", f.name], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
-    stack = re.search(r"STACK:(\d+)", usage)
-    return (f"regs {regs.group(1) if regs else '?'}  stack {stack.group(1) if stack else '?'} B  "
-            f"HGMMA {sass.count('HGMMA')}")
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    if not (regs and stack):
+        return {}
+    return dict(regs=int(regs.group(1)), stack=int(stack.group(1)), hgmma=sass.count("HGMMA"))
+
+
+HALF = (torch.bfloat16, torch.float16)
 
 
 def main() -> int:
@@ -103,33 +113,42 @@ def main() -> int:
         print("TRITON_INTERPRET is set: the kernels were loaded for the interpreter")
         return 1
     target = GPUTarget("cuda", 90, 32)
-    compiled = set()
+    compiled, problems = set(), []
     for name, args, flags in record_all_launches():
         kernel = getattr(module, name)
         configs = {"softmax_stats_kernel": module.STATS_CONFIGS, "grad_kernel": module.GRAD_CONFIGS,
                    "logit_grad_kernel": module.LOGIT_CONFIGS}[name]
         named = dict(zip(kernel.arg_names, args))
-        config = module.fit_to_width(configs, named, **flags)[0]
-        constexprs = dict(flags, **config.kwargs)
-        signature, attrs = {}, {}
-        for i, arg_name in enumerate(kernel.arg_names):
-            if arg_name in constexprs:
-                signature[arg_name] = "constexpr"
-            elif isinstance(named[arg_name], torch.Tensor):
-                signature[arg_name] = "*" + TRITON_TYPES[named[arg_name].dtype]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            else:
-                signature[arg_name] = "i32"
-        key = (name, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())))
-        if key in compiled:
-            continue
-        compiled.add(key)
-        src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-        binary = triton.compile(src, target=target, options={"num_warps": config.num_warps,
-                                                              "num_stages": config.num_stages})
-        if report:
-            print(f"{name:<20} {named['a_ptr'].dtype!s:<15} {_variant(flags):<44} "
-                  f"{_config_name(config):<18} {_resources(binary.asm['cubin'])}")
+        dtype = named["a_ptr"].dtype
+        fitted = module.fit_to_width(configs, named, **flags)
+        # half precision is the GPU's main path: every config the autotuner may pick; else the first
+        for config in fitted if dtype in HALF else fitted[:1]:
+            constexprs = dict(flags, **config.kwargs)
+            signature, attrs = {}, {}
+            for i, arg_name in enumerate(kernel.arg_names):
+                if arg_name in constexprs:
+                    signature[arg_name] = "constexpr"
+                elif isinstance(named[arg_name], torch.Tensor):
+                    signature[arg_name] = "*" + TRITON_TYPES[named[arg_name].dtype]
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+                else:
+                    signature[arg_name] = "i32"
+            key = (name, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+                   config.num_warps, config.num_stages)
+            if key in compiled:
+                continue
+            compiled.add(key)
+            src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+            binary = triton.compile(src, target=target, options={"num_warps": config.num_warps,
+                                                                  "num_stages": config.num_stages})
+            use = _resources(binary.asm["cubin"])
+            line = (f"{name:<20} {str(dtype).replace('torch.', ''):<9} D={named['D']:<4} {_variant(flags):<40} "
+                    f"{_config_name(config):<18} regs {use.get('regs', '?')} stack {use.get('stack', '?')} B "
+                    f"HGMMA {use.get('hgmma', '?')}")
+            if report:
+                print(line)
+            if use and dtype in HALF and (use["stack"] > 0 or (config.kwargs["BLOCK_A"] >= 64 and not use["hgmma"])):
+                problems.append(line)
     if not any(k[0] == "logit_grad_kernel" for k in compiled):
         print("the chunked pass's logit_grad_kernel was not recorded")
         return 1
@@ -137,6 +156,10 @@ def main() -> int:
         print(f"only {len(compiled)} distinct launches recorded: {sorted(k[0] for k in compiled)}")
         return 1
     print(f"compiled {len(compiled)} distinct launches for sm_90")
+    if problems:
+        print("half-precision configs that spill, or have >= 64 rows and no wgmma (HGMMA):")
+        print("\n".join(problems))
+        return 4
     return 0
 
 

@@ -23,6 +23,8 @@ Kernels:
   columns as anchors: a second pass costs ``2NMD`` more FLOPs, whereas merging per-row-tile
   column partials needs an ``(N / BLOCK_A) x C`` buffer, which grows like ``N * C``; atomics
   would make the merge order (and the bits) vary run to run.
+* ``logit_grad_kernel``: the chunked pass's kernel, one tile of ``G`` per program written to a
+  workspace (``S`` over the full D, the same ``G`` as ``grad_kernel``); the products run in cuBLAS.
 * ``grad_kernel``: recomputes tiles and forms the gradient tile ``G = d loss / d S`` (softmax:
   ``w_i p_ij + w'_j p'_ij - [j in P_i] coef_i``; sigmoid: ``sigmoid(L_ij) - z_ij``), then
   ``acc += G @ B_tile[:, D-chunk]``. Owning rows gives ``sum_j G_ij k_j``; owning columns (``G``
@@ -35,20 +37,20 @@ Kernels:
   row come from the same row-owning pass; the sigmoid family needs no statistics, so its
   gradient kernels run inside the forward.
 
-Large D (docs/design.md §7). ``S`` is always built by walking D in ``BLOCK_D`` chunks. The
+Large D (docs/design.md §7). With ``BLOCK_R > 0`` (the padded D, when a line takes at most
+512 bytes: D <= 256 in bf16/fp16) a statistics or gradient program loads its owned tile once and
+keeps it on chip for the whole loop, each looped tile is loaded once at full width, and ``S`` is
+one dot. Otherwise (``BLOCK_R = 0``) both sides stream through D in ``BLOCK_D`` chunks. The
 gradient accumulator is ``BLOCK_A x BLOCK_X``: the grid's second axis splits D into ``BLOCK_X``
 chunks and each program rebuilds ``S`` over the full D. The launcher takes ``BLOCK_X`` = the
-padded width up to 256, so for D <= 256 this is the fully fused backward (a ``BLOCK_A x D``
-accumulator, 8NMD FLOPs for dQ + dK), and beyond it the split-D scheme, whose ``S`` recompute
-grows like ``D / 256`` (D = 768: 3 chunks, dQ + dK cost 16NMD instead of 8NMD). Block shapes
-(``BLOCK_A`` 32..128, ``num_warps`` 4/8) are autotuned; configs whose accumulator exceeds
-64 x 256 fp32 are dropped. Compiled ahead of time for sm_90 without a GPU (bf16, D % 16 == 0,
-64 x 64 x 64 tiles, 8 warps) the kernels use 60-230 registers and do not spill; with 4 warps the
-gradient kernel reaches 255 registers and spills at ``BLOCK_X = 256``, hence the 8-warp configs.
-Still to measure on a GPU: TFLOP/s of both kernels against a dense bf16 matmul at D in
-{256, 768, 1024, 4096}; ``BLOCK_X`` 128 vs 256 vs 512 with fewer rows; whether the bounded
-chunk-materialisation path (cuBLAS) should take over above some D; whether keeping the A tile
-in shared memory for small D beats re-reading it from L2.
+padded width while the owned tile is resident (one chunk: the fully fused backward, 8NMD FLOPs
+for dQ + dK, and the looped tile serves both ``S`` and ``G @ X``) and 128 when streaming (D = 768:
+6 chunks, dQ + dK cost 28NMD), where the chunked pass (``logit_grad_kernel`` + cuBLAS,
+``fastcl/backends/chunked.py``) is the cheaper one by the cost model. Block shapes are autotuned
+over the configs below, pruned by ``fit_to_width`` to those that compile for sm_90 without
+spills (checked ahead of time without a GPU: ``tests/triton_aot.py --report`` prints registers,
+stack bytes and wgmma counts). Still to measure on a GPU: TFLOP/s of every kernel against a
+dense bf16 matmul at D in {256, 768, 1024}, and the fused/chunked crossover.
 
 Cost in FLOPs (forward + backward): ``10NMD`` for a one-directional softmax loss, ``12NMD`` for a
 symmetric one (column statistics pass; both gradient passes recompute S), ``8NMD`` for the
@@ -83,10 +85,27 @@ def _oriented(offs_a, offs_b, OWN_ROWS: tl.constexpr):
 
 
 @triton.jit
+def _lines(ptr, offs, n_lines, D, BLOCK_R: tl.constexpr):
+    """``[len(offs), BLOCK_R]`` features of these lines, zero beyond D and beyond ``n_lines``."""
+    offs_d = tl.arange(0, BLOCK_R)
+    return tl.load(ptr + offs.to(tl.int64)[:, None] * D + offs_d[None, :],
+                   mask=(offs[:, None] < n_lines) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _scale_and_bias(acc, rows, N, scale_ptr, scalars_ptr, HAS_BIAS: tl.constexpr):
+    acc = acc * tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
+    if HAS_BIAS:
+        acc = acc + tl.load(scalars_ptr)
+    return acc
+
+
+@triton.jit
 def _scaled_logits(a_ptr, b_ptr, offs_a, offs_b, n_a, n_b, D, rows, N, scale_ptr, scalars_ptr,
                    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``s_row * <a, b> (+ bias)`` for one tile; the D tail and out-of-range lines read as 0."""
+    """``s_row * <a, b> (+ bias)`` for one tile, both sides streamed through D in ``BLOCK_D``
+    chunks; the D tail and out-of-range lines read as 0."""
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=ACC)
     a_rows = a_ptr + offs_a.to(tl.int64)[:, None] * D
     b_rows = b_ptr + offs_b.to(tl.int64)[:, None] * D
@@ -98,10 +117,16 @@ def _scaled_logits(a_ptr, b_ptr, offs_a, offs_b, n_a, n_b, D, rows, N, scale_ptr
         a = tl.load(a_rows + offs_d[None, :], mask=a_in & d_in, other=0.0)
         b = tl.load(b_rows + offs_d[None, :], mask=b_in & d_in, other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC, out_dtype=ACC)
-    acc = acc * tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
-    if HAS_BIAS:
-        acc = acc + tl.load(scalars_ptr)
-    return acc
+    return _scale_and_bias(acc, rows, N, scale_ptr, scalars_ptr, HAS_BIAS)
+
+
+@triton.jit
+def _resident_logits(a_tile, b_tile, rows, N, scale_ptr, scalars_ptr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                     PREC: tl.constexpr):
+    """The same from an owned tile kept on chip (``_lines``) and one looped tile: one dot over
+    the padded width."""
+    acc = tl.dot(a_tile, tl.trans(b_tile), input_precision=PREC, out_dtype=ACC)
+    return _scale_and_bias(acc, rows, N, scale_ptr, scalars_ptr, HAS_BIAS)
 
 
 @triton.jit
@@ -188,10 +213,11 @@ def softmax_stats_kernel(
     N, C, D,
     OWN_ROWS: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     DECOUPLED: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Per anchor of the owned axis: ``lse = LSE_{j in D} S``; with ``OWN_ROWS`` and ``LABELS``
-    also the sum of the label-positive logits and their count (``[N]`` each, ``ACC``)."""
+    also the sum of the label-positive logits and their count (``[N]`` each, ``ACC``).
+    ``BLOCK_R > 0`` (the padded D, at most 256): the owned tile stays on chip for the whole loop."""
     if OWN_ROWS:
         n_a = N
         n_b = C
@@ -204,11 +230,17 @@ def softmax_stats_kernel(
     l = tl.zeros((BLOCK_A,), dtype=ACC)
     pos_sum = tl.zeros((BLOCK_A,), dtype=ACC)
     pos_cnt = tl.zeros((BLOCK_A,), dtype=ACC)
+    if BLOCK_R > 0:
+        a_tile = _lines(a_ptr, offs_a, n_a, D, BLOCK_R)
     for b0 in range(0, n_b, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         rows, cols = _oriented(offs_a, offs_b, OWN_ROWS)
-        t = _scaled_logits(a_ptr, b_ptr, offs_a, offs_b, n_a, n_b, D, rows, N, scale_ptr, scalars_ptr,
-                           HAS_BIAS, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
+        if BLOCK_R > 0:
+            t = _resident_logits(a_tile, _lines(b_ptr, offs_b, n_b, D, BLOCK_R), rows, N, scale_ptr, scalars_ptr,
+                                 HAS_BIAS, ACC, PREC)
+        else:
+            t = _scaled_logits(a_ptr, b_ptr, offs_a, offs_b, n_a, n_b, D, rows, N, scale_ptr, scalars_ptr,
+                               HAS_BIAS, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
         keep, match = _tile_masks(rows, cols, N, C, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
                                   LABELS, COL_MASK, EXCLUDE_SELF)
         if OWN_ROWS and LABELS:
@@ -241,6 +273,7 @@ def grad_kernel(
     ACCUMULATE: tl.constexpr, STORE_OUT: tl.constexpr, WRITE_GSUM: tl.constexpr,
     WRITE_LOSS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """Gradient of the owned block, for features ``[pid_x * BLOCK_X, +BLOCK_X)``.
 
@@ -248,7 +281,9 @@ def grad_kernel(
     (sigmoid) ``loss[i] = sum_j softplus(-z_ij L_ij)``. Otherwise ``out = sum_i G_ij s_i q_i`` for
     the first ``n_out`` columns. Softmax inputs: per row ``lse_row`` (finite), ``w_row`` (0 on
     anchors without gradient) and ``coef`` (the target weight on each positive entry); per column
-    ``lse_col``/``w_col`` for symmetric.
+    ``lse_col``/``w_col`` for symmetric. ``BLOCK_R > 0``: the owned tile stays on chip, and when
+    one accumulator chunk spans the whole width (``BLOCK_X == BLOCK_R``) the looped tile loaded
+    for ``S`` is also the ``X`` of ``G @ X``.
     """
     if OWN_ROWS:
         n_a = N
@@ -263,11 +298,17 @@ def grad_kernel(
     acc = tl.zeros((BLOCK_A, BLOCK_X), dtype=ACC)
     gsum = tl.zeros((BLOCK_A,), dtype=ACC)
     loss = tl.zeros((BLOCK_A,), dtype=ACC)
+    if BLOCK_R > 0:
+        a_tile = _lines(a_ptr, offs_a, n_a, D, BLOCK_R)
     for b0 in range(0, n_b, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         rows, cols = _oriented(offs_a, offs_b, OWN_ROWS)
-        t = _scaled_logits(a_ptr, b_ptr, offs_a, offs_b, n_a, n_b, D, rows, N, scale_ptr, scalars_ptr,
-                           HAS_BIAS, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
+        if BLOCK_R > 0:
+            b_tile = _lines(b_ptr, offs_b, n_b, D, BLOCK_R)
+            t = _resident_logits(a_tile, b_tile, rows, N, scale_ptr, scalars_ptr, HAS_BIAS, ACC, PREC)
+        else:
+            t = _scaled_logits(a_ptr, b_ptr, offs_a, offs_b, n_a, n_b, D, rows, N, scale_ptr, scalars_ptr,
+                               HAS_BIAS, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
         keep, match = _tile_masks(rows, cols, N, C, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
                                   LABELS, COL_MASK, EXCLUDE_SELF)
         if SIGMOID and WRITE_LOSS:
@@ -280,8 +321,11 @@ def grad_kernel(
             if not OWN_ROWS:
                 # dK_j = sum_i G_ij s_i q_i: the row scale rides on G
                 g = g * tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
-            x = tl.load(b_ptr + offs_b.to(tl.int64)[:, None] * D + offs_x[None, :],
-                        mask=(offs_b[:, None] < n_b) & x_in, other=0.0)
+            if BLOCK_R == BLOCK_X:
+                x = b_tile
+            else:
+                x = tl.load(b_ptr + offs_b.to(tl.int64)[:, None] * D + offs_x[None, :],
+                            mask=(offs_b[:, None] < n_b) & x_in, other=0.0)
             acc = tl.dot(g.to(x.dtype), x, acc, input_precision=PREC, out_dtype=ACC)
 
     a_in = offs_a < n_a
@@ -348,7 +392,7 @@ STATS_CONFIGS = [
     _config(64, 64, 64, 4, 3),
     _config(128, 64, 64, 8, 3),
     _config(128, 128, 32, 8, 3),
-    _config(64, 128, 64, 4, 4),
+    _config(64, 128, 64, 8, 3),
 ]
 
 # the chunked pass's kernel: one tile per program. BLOCK_B is the same in every config (and
@@ -356,10 +400,10 @@ STATS_CONFIGS = [
 # family fill the same buffer slots whichever config the autotuner picks.
 LOGIT_BLOCK_B = 64
 LOGIT_CONFIGS = [
-    _config(128, LOGIT_BLOCK_B, 64, 4, 3),
     _config(128, LOGIT_BLOCK_B, 32, 8, 4),
-    _config(64, LOGIT_BLOCK_B, 64, 4, 3),
-    _config(256, LOGIT_BLOCK_B, 32, 8, 3),
+    _config(128, LOGIT_BLOCK_B, 64, 8, 3),
+    _config(64, LOGIT_BLOCK_B, 64, 8, 3),
+    _config(64, LOGIT_BLOCK_B, 32, 4, 3),
 ]
 
 GRAD_CONFIGS = [
@@ -385,19 +429,27 @@ def fp64_cap(element_size: int) -> int:
 
 
 def fit_to_width(configs, named_args, **kwargs):
+    """The configs worth timing for this launch: blocks clipped to the padded width (and halved
+    for fp64), accumulators of at most 64 x 256 fp32, and none of those the sm_90 ahead-of-time
+    compile shows spilling (``tests/triton_aot.py --report``): 4-warp programs when D is streamed
+    (``BLOCK_R == 0``) or the gradient accumulator is wider than 128, and streamed gradient
+    programs with more than 64 x 64 x 32 tile elements beside their accumulator. Never empty."""
     width = max(16, triton.next_power_of_2(named_args["D"]))
     block_x = kwargs.get("BLOCK_X", 0)
+    streamed = kwargs.get("BLOCK_R", 1) == 0
     cap = fp64_cap(named_args["a_ptr"].element_size())
-    seen, fitted = set(), []
+    seen, fitted, dropped = set(), [], []
     for cfg in sorted(configs, key=lambda c: c.kwargs["BLOCK_A"]):
         kw = dict(cfg.kwargs, BLOCK_B=min(cfg.kwargs["BLOCK_B"], cap), BLOCK_D=min(cfg.kwargs["BLOCK_D"], width, cap))
-        if fitted and kw["BLOCK_A"] * block_x > _MAX_ACCUMULATOR:
-            continue
         sig = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
-        if sig not in seen:
-            seen.add(sig)
-            fitted.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return fitted
+        if sig in seen:
+            continue
+        seen.add(sig)
+        config = triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        spills = (cfg.num_warps < 8 and (streamed or block_x > 128)) or (
+            streamed and block_x and kw["BLOCK_A"] * kw["BLOCK_B"] * kw["BLOCK_D"] > 64 * 64 * 32)
+        (dropped if spills or kw["BLOCK_A"] * block_x > _MAX_ACCUMULATOR else fitted).append(config)
+    return fitted or dropped[:1]
 
 
 def tuned(kernel, configs, key):

@@ -2,7 +2,8 @@
 rest (docs/design.md §7).
 
 The fused gradient pass rebuilds each tile of ``S`` and accumulates ``G @ K_tile`` on chip; its
-accumulator is ``BLOCK_A x D``, so beyond D = 256 it splits D and rebuilds ``S`` once per split.
+accumulator is ``BLOCK_A x D``, so beyond D = 256 (bf16) it splits D into 128-wide chunks and
+rebuilds ``S`` once per chunk.
 This pass instead lets a backend write ``G`` for rows ``[r0, r1)`` and every column into a
 workspace (``fill``: ``S`` over the full D, the same ``G`` formula as the fused pass, fp32 math),
 then takes the two products from the matmul library (cuBLAS on a GPU):
@@ -40,7 +41,6 @@ _FUSED_EFFICIENCY = 0.55  # the fused tile kernels: S recompute, G, G @ X_tile w
 _LOGIT_EFFICIENCY = 0.55  # the kernel writing G: S over the full D and an elementwise epilogue
 _MATMUL_EFFICIENCY = 0.80  # cuBLAS products [R, C] x [C, D] with R >= _MIN_ROWS
 _LAUNCH_S = 5e-6  # per kernel launch
-FUSED_SPLIT = 256  # the fused kernels' widest D chunk (Triton's BLOCK_X cap): wider D rebuilds S per chunk
 _MIN_ROWS = 128  # auto takes the chunked pass only when a chunk holds this many rows (or every row)
 
 
@@ -63,15 +63,18 @@ def modelled_seconds(kind: str, dtype: torch.dtype, n: int, c: int, d: int, dire
                      chunks: int = 1, tf32: bool = False) -> float:
     """The model's time for one gradient pass (forward statistics excluded).
 
-    ``fused``: each of the ``directions`` launches (rows, columns) rebuilds ``S`` once per D chunk
-    of at most ``FUSED_SPLIT`` (``2NCD`` each) and accumulates ``G @ X`` (``2NCD``).
+    ``fused`` (Triton's kernels): each of the ``directions`` launches (rows, columns) rebuilds
+    ``S`` once per accumulator chunk of D (``2NCD`` each; one chunk while the owned tile stays on
+    chip, D <= 256 in bf16, else chunks of 128) and accumulates ``G @ X`` (``2NCD``).
     ``chunked``: ``S`` once (``2NCD``), one ``2NCD`` product per direction, ``G`` written once and
     read once per direction, three launches per chunk.
     """
     peak = _PEAK_FLOPS["tf32" if tf32 and dtype == torch.float32 else dtype]
     ncd = float(n) * c * d
     if kind == "fused":
-        splits = math.ceil(d / FUSED_SPLIT)
+        from .triton import STREAMED_BLOCK_X, resident_width
+
+        splits = 1 if resident_width(d, dtype.itemsize) else math.ceil(d / STREAMED_BLOCK_X)
         return directions * (2 * ncd * splits + 2 * ncd) / (peak * _FUSED_EFFICIENCY) + directions * _LAUNCH_S
     g_bytes = logit_dtype(dtype).itemsize * (1 + directions) * float(n) * c
     return (2 * ncd / (peak * _LOGIT_EFFICIENCY) + directions * 2 * ncd / (peak * _MATMUL_EFFICIENCY)

@@ -34,6 +34,8 @@ from .common import SigmoidSums, SoftmaxStats, finite_or_zero, no_positives
 _KERNEL_MODULE = "fastcl.triton_kernels.info_nce"
 _INTERPRETER_BLOCKS = (16, 16, 16, 16)
 _MAX_BLOCK_X = 256
+STREAMED_BLOCK_X = 128
+RESIDENT_ROW_BYTES = 512  # 256 bf16/fp16 features, 128 fp32, 64 fp64
 _tuned_kernels = {}
 
 
@@ -67,11 +69,21 @@ def _fixed_blocks():
     return _INTERPRETER_BLOCKS if _kernels_interpreted(_kernels()) else None
 
 
-def _gpu_block_x(d: int) -> int:
-    """Width of the gradient accumulator's D-chunk on a GPU: the whole (padded) width up to 256,
-    beyond that chunks of 256 with S rebuilt per chunk (module docstring of the kernels)."""
-    return min(max(16, 1 << (d - 1).bit_length()), _MAX_BLOCK_X)
+def _gpu_block_x(d: int, element_size: int) -> int:
+    """Width of the gradient accumulator's D-chunk on a GPU: the whole padded width while the
+    owned tile stays on chip (:func:`_resident_width`), else chunks of ``STREAMED_BLOCK_X`` with
+    S rebuilt per chunk (wider accumulators spill when D is streamed: tests/triton_aot.py)."""
+    resident = resident_width(d, element_size)
+    return min(resident, _MAX_BLOCK_X) if resident else STREAMED_BLOCK_X
 
+
+
+def resident_width(d: int, element_size: int) -> int:
+    """``BLOCK_R``: the padded width at which a statistics or gradient program keeps its owned
+    tile on chip across the loop (at most ``RESIDENT_ROW_BYTES`` per line), else 0 (streamed
+    through D in ``BLOCK_D`` chunks with the looped tile)."""
+    width = max(16, 1 << (d - 1).bit_length())
+    return width if width * element_size <= RESIDENT_ROW_BYTES else 0
 
 
 def _type_args(dtype: torch.dtype, device: torch.device) -> dict:
@@ -102,7 +114,7 @@ class _Launcher:
         self.q, self.k = q, k
         self.n, self.c, self.d = q.shape[0], k.shape[0], q.shape[1]
         self.blocks = _fixed_blocks()
-        self.block_x = self.blocks[3] if self.blocks is not None else _gpu_block_x(self.d)
+        self.block_x = self.blocks[3] if self.blocks is not None else _gpu_block_x(self.d, q.element_size())
         dummy = scale_rows
         labels = row_labels is not None
         self.pointers = (
@@ -118,6 +130,7 @@ class _Launcher:
 
     def _run(self, name, n_programs, split_d, args, flags):
         """Launch over ``n_programs`` owned lines (and D chunks when ``split_d``)."""
+        flags = dict(flags, BLOCK_R=resident_width(self.d, self.q.element_size()))
         if name == "grad_kernel":
             flags = dict(flags, BLOCK_X=self.block_x)
         d_chunks = _cdiv(self.d, self.block_x) if split_d else 1
