@@ -9,6 +9,14 @@ import torch
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def values_readable(device: torch.device) -> bool:
+    """Whether checks may read tensor values on the host: not while a CUDA graph is being
+    captured on ``device`` (a host read is forbidden then). The value checks (ranges, signs) are
+    skipped during a capture; they ran on the eager calls before it, and a graph replays
+    whatever values its input buffers hold."""
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
@@ -92,7 +100,7 @@ def scalar_or_rows(name: str, value, n: int, device: torch.device, positive: boo
         elif value.dim() != 1 or value.shape[0] != n:
             raise ValueError(f"{name} must be a scalar, shape (1,) or shape ({n},) (one per row); "
                              f"got {tuple(value.shape)}")
-        if positive and bool((value.detach() <= 0).any()):
+        if positive and values_readable(value.device) and bool((value.detach() <= 0).any()):
             raise ValueError(f"{name} must be > 0; got a tensor with min {float(value.detach().min()):.4g}")
         return value
     value = float(value)

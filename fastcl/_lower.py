@@ -177,6 +177,8 @@ def _one_hot_positives(positive_index, n, m, n_neg, exclude_self, symmetric, dev
         pos = torch.arange(n, device=device)
     else:
         pos = _checks.integer_vector("positive_index", positive_index, n, device)
+        if not _checks.values_readable(device):
+            return pos
         if bool(((pos < 0) | (pos >= m + n_neg)).any()):
             raise ValueError(f"positive_index values must lie in [0, {m + n_neg}) (M={m} keys + K={n_neg} negatives)")
         if exclude_self and bool((pos == torch.arange(n, device=device)).any()):

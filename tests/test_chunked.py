@@ -1,6 +1,7 @@
 """The chunked gradient pass (``fastcl.backends.chunked``): its settings, the choice rule, the
-memory budget, and bf16 accuracy against a plain bf16 PyTorch loss. Its correctness over the whole
-variant matrix is the ``*-chunked`` backend axis of test_losses.py (conftest.py)."""
+memory budget, and bf16 accuracy against a plain bf16 PyTorch loss; and no host reads on the GPU
+path (meta tensors). The chunked pass's correctness over the whole variant matrix is the
+``*-chunked`` backend axis of test_losses.py (conftest.py)."""
 
 import os
 
@@ -253,3 +254,37 @@ def test_torch_backend_passes_never_sync_off_the_cpu(monkeypatch, mode):
         assert acc_q.shape == (n, d) and acc_k.shape == (c, d)
     sums = torch_backend.sigmoid_pass(q, k, s, torch.empty((), device=meta), pos)
     assert sums.acc_q.shape == (n, d) and sums.acc_k.shape == (c, d)
+
+
+META_CALLS = {
+    "clip": lambda q, k, s: fastcl.clip_loss(q, k, s, s * 0.1, backend="torch"),
+    "siglip": lambda q, k, s: fastcl.siglip_loss(q, k, s, -s, backend="torch"),
+    "info_nce_positives_rows_queue": lambda q, k, s: fastcl.info_nce(
+        q, k, positive_index=torch.empty(q.shape[0], dtype=torch.long, device="meta"), negatives=k[:5].detach(),
+        temperature=s.expand(q.shape[0]), backend="torch"),
+    "info_nce_symmetric_exclude_self": lambda q, k, s: fastcl.info_nce(
+        q, k, positive_index=torch.empty(q.shape[0], dtype=torch.long, device="meta"), symmetric=True,
+        exclude_self=True, scale=s, backend="torch"),
+    "nt_xent": lambda q, k, s: fastcl.nt_xent(q, k, backend="torch"),
+    "dcl": lambda q, k, s: fastcl.dcl(q, k, backend="torch"),
+}
+
+
+@pytest.mark.parametrize("mode", ["fused", "chunked"])
+@pytest.mark.parametrize("call", sorted(META_CALLS))
+def test_public_losses_read_nothing_on_the_host_during_a_graph_capture(monkeypatch, call, mode):
+    """A training step can be captured in a CUDA graph: while capturing, the value checks are
+    skipped and nothing else on the path (checks, lowering, autograd layer, torch backend) reads a
+    tensor on the host. Meta tensors hold no data, so any host read raises."""
+    from fastcl import _checks
+
+    monkeypatch.setenv("FASTCL_BACKWARD", mode)
+    q = torch.empty(16, 8, device="meta", requires_grad=True)
+    k = torch.empty(16, 8, device="meta", requires_grad=True)
+    s = torch.empty((), device="meta", requires_grad=True)
+    if call == "info_nce_positives_rows_queue":  # outside a capture the checks read the values
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            META_CALLS[call](q, k, s)
+    monkeypatch.setattr(_checks, "values_readable", lambda device: False)
+    META_CALLS[call](q, k, s).backward()
+    assert q.grad is not None and q.grad.shape == q.shape
