@@ -206,6 +206,27 @@ def test_half_precision(dtype):
                          lambda **kw: oracle.supcon(**kw, labels=labels), {"features": feats}, dtype)
 
 
+@direct
+@pytest.mark.parametrize("mode", ["fused", "chunked"])
+def test_float16_small_gradients_do_not_underflow(mode, monkeypatch):
+    """fp16 rounds G for its tensor-core product: with a small upstream gradient (a loss weight,
+    or the 1/N of a large batch) and spread-out softmaxes, G_ij = w_i p_ij falls into fp16's
+    subnormal range (below 6e-5) and loses its bits, while the gradients themselves are normal
+    fp16 numbers; G is staged divided by its largest weight."""
+    from conftest import force_chunked
+
+    if mode == "chunked":
+        force_chunked(monkeypatch, rows=256)
+    monkeypatch.setenv("FASTCL_TRITON_BLOCK", "64,64,16,16")
+    n, d = 640, 16
+    weight = 1e-4  # w_i = 1e-4, p_ij ~ 1/640: G ~ 1.6e-7, a few fp16 subnormal steps; gradients ~ 1e-4
+    check_against_oracle(
+        lambda **kw: fastcl.info_nce(**kw, temperature=1.0, symmetric=True, reduction="sum", backend="triton")
+        * weight,
+        lambda **kw: oracle.info_nce(**kw, temperature=1.0, symmetric=True, reduction="sum") * weight,
+        {"query": unit(n, d), "key": unit(n, d)}, torch.float16, grad_floor=weight)
+
+
 def _loss_and_grads(fn, tensors):
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     loss = fn(*leaves)

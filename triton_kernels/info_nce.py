@@ -265,13 +265,13 @@ def softmax_stats_kernel(
 @triton.jit
 def grad_kernel(
     a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
-    lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
+    lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr, gmax_ptr,
     out_ptr, gsum_ptr, loss_ptr,
     N, C, D, n_out,
     SIGMOID: tl.constexpr, OWN_ROWS: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, DECOUPLED: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr, STORE_OUT: tl.constexpr, WRITE_GSUM: tl.constexpr,
-    WRITE_LOSS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    WRITE_LOSS: tl.constexpr, G_SCALED: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
@@ -284,6 +284,8 @@ def grad_kernel(
     ``lse_col``/``w_col`` for symmetric. ``BLOCK_R > 0``: the owned tile stays on chip, and when
     one accumulator chunk spans the whole width (``BLOCK_X == BLOCK_R``) the looped tile loaded
     for ``S`` is also the ``X`` of ``G @ X``.
+    ``G_SCALED`` (fp16): ``G`` is divided by ``*gmax_ptr`` before it is rounded for the product
+    and the accumulator multiplied back, so small gradients do not underflow.
     """
     if OWN_ROWS:
         n_a = N
@@ -298,6 +300,8 @@ def grad_kernel(
     acc = tl.zeros((BLOCK_A, BLOCK_X), dtype=ACC)
     gsum = tl.zeros((BLOCK_A,), dtype=ACC)
     loss = tl.zeros((BLOCK_A,), dtype=ACC)
+    if G_SCALED:
+        g_max = tl.load(gmax_ptr)
     if BLOCK_R > 0:
         a_tile = _lines(a_ptr, offs_a, n_a, D, BLOCK_R)
     for b0 in range(0, n_b, BLOCK_B):
@@ -321,6 +325,8 @@ def grad_kernel(
             if not OWN_ROWS:
                 # dK_j = sum_i G_ij s_i q_i: the row scale rides on G
                 g = g * tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
+            if G_SCALED:
+                g = g / g_max
             if BLOCK_R == BLOCK_X:
                 x = b_tile
             else:
@@ -336,6 +342,8 @@ def grad_kernel(
         tl.store(loss_ptr + offs_a, loss, mask=a_in & first_chunk)
     if ACCUMULATE:
         offs_a64 = offs_a.to(tl.int64)
+        if G_SCALED:
+            acc = acc * g_max
         if STORE_OUT:
             tl.store(out_ptr + offs_a64[:, None] * D + offs_x[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=(offs_a < n_out)[:, None] & x_in)
@@ -344,12 +352,12 @@ def grad_kernel(
 @triton.jit
 def logit_grad_kernel(
     a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
-    lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
+    lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr, gmax_ptr,
     g_ptr, loss_ptr, gsum_ptr,
     N, C, D, row0, row1, sums_stride,
     SIGMOID: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     DECOUPLED: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_SUMS: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr,
+    G_SCALED: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The chunked pass's kernel: ``G`` of rows ``[row0, row1)`` into ``g`` (``[row1 - row0, C]``,
@@ -357,7 +365,8 @@ def logit_grad_kernel(
 
     With ``WRITE_SUMS`` (sigmoid) each program also stores, per row, its tile's loss and sum of
     ``G`` at ``[row - row0, column block]`` of the ``sums_stride``-wide ``loss``/``gsum``
-    buffers (summed by the launcher: no atomics, the same bits every run).
+    buffers (summed by the launcher: no atomics, the same bits every run). ``G_SCALED`` (fp16):
+    ``G / *gmax_ptr`` is stored (the products are multiplied back).
     """
     pid_b = tl.program_id(1)
     offs_a = row0 + tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -373,11 +382,13 @@ def logit_grad_kernel(
     g = _logit_grad(t, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
                     SIGMOID, DECOUPLED, SYMMETRIC, ACC)
     local = (offs_a - row0).to(tl.int64)
-    tl.store(g_ptr + local[:, None] * C + cols, g.to(g_ptr.dtype.element_ty), mask=in_chunk & (cols < C))
     if WRITE_SUMS:
         line_in = offs_a < row1
         tl.store(loss_ptr + local * sums_stride + pid_b, _sigmoid_row_loss(t, keep, match), mask=line_in)
         tl.store(gsum_ptr + local * sums_stride + pid_b, tl.sum(g, axis=1), mask=line_in)
+    if G_SCALED:
+        g = g / tl.load(gmax_ptr)
+    tl.store(g_ptr + local[:, None] * C + cols, g.to(g_ptr.dtype.element_ty), mask=in_chunk & (cols < C))
 
 
 # GPU configs. Untested on hardware in this repository so far: the starting points of a search,
@@ -416,9 +427,9 @@ GRAD_CONFIGS = [
 
 # autotuning key: the width and the variant; the autotuner adds the tensors' dtypes itself
 STATS_KEY = ["D", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "PREC"]
-LOGIT_KEY = ["D", "SIGMOID", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "SYMMETRIC", "WRITE_SUMS", "PREC"]
+LOGIT_KEY = ["D", "SIGMOID", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "SYMMETRIC", "WRITE_SUMS", "G_SCALED", "PREC"]
 GRAD_KEY = ["D", "BLOCK_X", "SIGMOID", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "SYMMETRIC", "ACCUMULATE",
-            "PREC"]
+            "G_SCALED", "PREC"]
 _MAX_ACCUMULATOR = 64 * 256
 
 

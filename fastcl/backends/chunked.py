@@ -123,12 +123,15 @@ def _product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
 
 
 def run(fill: Callable, query: torch.Tensor, key: torch.Tensor, scale_rows: torch.Tensor, *, rows: bool,
-        cols: bool, n_grad_cols: Optional[int] = None, extra_row_bytes: int = 0):
+        cols: bool, n_grad_cols: Optional[int] = None, extra_row_bytes: int = 0,
+        g_scale: Optional[torch.Tensor] = None):
     """``(acc_q, acc_k, sums)`` of the contract's gradient pass over chunks of rows.
 
     ``fill(r0, r1, g)`` writes ``G`` of rows ``[r0, r1)`` into ``g`` (``[r1 - r0, C]``,
-    :func:`logit_dtype`) and returns a tuple of 0-d sums for those rows (or ``None``); ``sums``
-    is their total over the chunks, in order. Columns from ``n_grad_cols`` on get zeros.
+    :func:`logit_dtype`), divided by ``g_scale`` when given (fp16:
+    ``common.float16_gradient_scale``; the products are multiplied back), and returns a tuple of
+    0-d sums for those rows (or ``None``); ``sums`` is their total over the chunks, in order.
+    Columns from ``n_grad_cols`` on get zeros.
     """
     n, c, d = query.shape[0], key.shape[0], query.shape[1]
     cd, dev = scale_rows.dtype, query.device
@@ -151,4 +154,8 @@ def run(fill: Callable, query: torch.Tensor, key: torch.Tensor, scale_rows: torc
         if cols and n_grad_cols > 0:
             qs = (query[r0:r1].to(cd) * scale_rows[r0:r1, None]).to(gd)
             _product(acc_k[:n_grad_cols], g[:, :n_grad_cols].T, qs, accumulate=True)
+    if g_scale is not None:
+        for acc in (acc_q, acc_k):
+            if acc is not None:
+                acc.mul_(g_scale)
     return acc_q, acc_k, sums

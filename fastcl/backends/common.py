@@ -38,3 +38,14 @@ def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
 def no_positives(n: int, device) -> torch.Tensor:
     """A ``positive_index`` that matches no column (-1 in every row), for kernels that need one."""
     return torch.full((n,), -1, dtype=torch.long, device=device)
+
+
+def float16_gradient_scale(dtype: torch.dtype, *weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """For float16 inputs, the largest ``|weight|`` of a softmax ``G`` (a 0-d tensor, 1 if all are
+    0), else ``None``. ``G`` is rounded to fp16 for its products; divided by this first, a small
+    upstream gradient times a spread-out softmax stays above fp16's subnormal floor (6e-8), and
+    the products are multiplied back. Read on the device: no host sync."""
+    if dtype != torch.float16:
+        return None
+    largest = torch.stack([w.detach().abs().max() for w in weights if w is not None and w.numel()]).max()
+    return torch.where(largest == 0, torch.ones_like(largest), largest)

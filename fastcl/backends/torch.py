@@ -43,7 +43,7 @@ from .. import _config
 from .._spec import SoftmaxSpec
 from . import chunked
 from ._cpu_threads import map_in_order, workers_for
-from .common import NEG_INF, SigmoidSums, SoftmaxStats, finite_or_zero
+from .common import NEG_INF, SigmoidSums, SoftmaxStats, finite_or_zero, float16_gradient_scale
 
 # Largest tile, in elements: 2**19 fp32 values (2 MiB) keep a tile and its temporaries in a
 # CPU's last-level cache. FASTCL_TORCH_BLOCK="rows,cols" overrides the shape (tests use tiny
@@ -350,6 +350,7 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
 
     directions = int(rows) + int(cols and n_grad_cols > 0)
     if chunked.choose(dev, query.dtype, n, c, d, directions) == "chunked":
+        g_scale = float16_gradient_scale(query.dtype, w_row, coef, w_col)
 
         def fill(r0, r1, out):
             """``G`` of rows ``[r0, r1)``, target terms included, into ``out``."""
@@ -362,9 +363,12 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
                 elif spec.positive_index is not None:
                     idx, in_tile = _positive_in_tile(spec.positive_index[a0:a1], c0, c1)
                     g.scatter_add_(1, idx, torch.where(in_tile, -coef[a0:a1, None], 0.0))
+                if g_scale is not None:
+                    g.div_(g_scale)
                 out[a0 - r0: a1 - r0, c0:c1].copy_(g)
 
-        acc_q, acc_k, _ = chunked.run(fill, query, key, scale_rows, rows=rows, cols=cols, n_grad_cols=n_grad_cols)
+        acc_q, acc_k, _ = chunked.run(fill, query, key, scale_rows, rows=rows, cols=cols, n_grad_cols=n_grad_cols,
+                                      g_scale=g_scale)
         return acc_q, acc_k
 
     acc_q = torch.zeros_like(q) if rows else None

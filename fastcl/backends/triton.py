@@ -29,7 +29,7 @@ import torch
 from .. import _config
 from .._spec import SoftmaxSpec
 from . import chunked
-from .common import SigmoidSums, SoftmaxStats, finite_or_zero, no_positives
+from .common import SigmoidSums, SoftmaxStats, finite_or_zero, float16_gradient_scale, no_positives
 
 _KERNEL_MODULE = "fastcl.triton_kernels.info_nce"
 _INTERPRETER_BLOCKS = (16, 16, 16, 16)
@@ -160,14 +160,16 @@ class _Launcher:
         return min(module.LOGIT_BLOCK_B, module.fp64_cap(self.q.element_size()))
 
     def logit_grad(self, r0: int, r1: int, g, loss=None, gsum=None, lse_row=None, w_row=None, coef=None,
-                   lse_col=None, w_col=None):
-        """``G`` of rows ``[r0, r1)`` into ``g``; with ``loss``/``gsum`` (sigmoid, ``[r1 - r0,
-        cdiv(C, logit_block_b())]``) the per-tile row sums of the loss and of ``G``."""
+                   lse_col=None, w_col=None, gmax=None):
+        """``G`` of rows ``[r0, r1)`` into ``g`` (divided by ``gmax`` when given); with
+        ``loss``/``gsum`` (sigmoid, ``[r1 - r0, cdiv(C, logit_block_b())]``) the per-tile row sums
+        of the loss and of ``G``."""
         dummy = self.pointers[0]
-        stats = tuple(dummy if t is None else t for t in (lse_row, w_row, coef, lse_col, w_col))
+        stats = tuple(dummy if t is None else t for t in (lse_row, w_row, coef, lse_col, w_col, gmax))
         buffers, stride = ((dummy, dummy), 0) if loss is None else ((loss, gsum), loss.shape[1])
         args = (self.q, self.k, *self.pointers, *stats, g, *buffers, self.n, self.c, self.d, r0, r1, stride)
-        flags = dict(self.flags, SIGMOID=self.sigmoid, SYMMETRIC=self.symmetric, WRITE_SUMS=loss is not None)
+        flags = dict(self.flags, SIGMOID=self.sigmoid, SYMMETRIC=self.symmetric, WRITE_SUMS=loss is not None,
+                     G_SCALED=gmax is not None)
         grid = lambda meta: (_cdiv(r1 - r0, meta["BLOCK_A"]), _cdiv(self.c, meta["BLOCK_B"]))  # noqa: E731
         self._launch("logit_grad_kernel", grid, args, flags)
 
@@ -180,19 +182,19 @@ class _Launcher:
         self._run("softmax_stats_kernel", a.shape[0], False, args, dict(self.flags, OWN_ROWS=own_rows))
 
     def grad(self, own_rows: bool, out=None, gsum=None, loss=None, n_out=None, lse_row=None, w_row=None,
-             coef=None, lse_col=None, w_col=None):
+             coef=None, lse_col=None, w_col=None, gmax=None):
         """One gradient launch owning rows (``sum_j G_ij k_j``, row sums of G, sigmoid loss) or
         columns (``sum_i G_ij s_i q_i``). Outputs left as ``None`` are not computed; ``n_out``
         limits the owned lines (the columns that get a gradient)."""
         a, b = (self.q, self.k) if own_rows else (self.k, self.q)
         dummy = self.pointers[0]
-        stats = tuple(dummy if t is None else t for t in (lse_row, w_row, coef, lse_col, w_col))
+        stats = tuple(dummy if t is None else t for t in (lse_row, w_row, coef, lse_col, w_col, gmax))
         outputs = tuple(dummy if t is None else t for t in (out, gsum, loss))
         n_out = a.shape[0] if n_out is None else n_out
         args = (a, b, *self.pointers, *stats, *outputs, self.n, self.c, self.d, n_out)
         flags = dict(self.flags, SIGMOID=self.sigmoid, OWN_ROWS=own_rows, SYMMETRIC=self.symmetric,
                      ACCUMULATE=out is not None, STORE_OUT=out is not None,
-                     WRITE_GSUM=gsum is not None, WRITE_LOSS=loss is not None)
+                     WRITE_GSUM=gsum is not None, WRITE_LOSS=loss is not None, G_SCALED=gmax is not None)
         self._run("grad_kernel", n_out, out is not None, args, flags)
 
 
@@ -231,13 +233,15 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
     weights = dict(lse_row=finite_or_zero(lse_row).contiguous(), w_row=w_row.contiguous(), coef=coef.contiguous(),
                    lse_col=None if lse_col is None else lse_col.contiguous(),
                    w_col=None if w_col is None else w_col.contiguous())
+    weights["gmax"] = float16_gradient_scale(query.dtype, w_row, coef, w_col)
     n_grad_cols = launcher.c if spec.n_grad_cols is None else spec.n_grad_cols
     directions = int(rows) + int(cols and n_grad_cols > 0)
     q = launcher.q
     if chunked.choose(q.device, q.dtype, launcher.n, launcher.c, launcher.d, directions) == "chunked":
         with _on_device(launcher.q):
             acc_q, acc_k, _ = chunked.run(lambda r0, r1, g: launcher.logit_grad(r0, r1, g, **weights), launcher.q,
-                                          launcher.k, scale_rows, rows=rows, cols=cols, n_grad_cols=n_grad_cols)
+                                          launcher.k, scale_rows, rows=rows, cols=cols, n_grad_cols=n_grad_cols,
+                                          g_scale=weights["gmax"])
         return acc_q, acc_k
     acc_q = acc_k = None
     with _on_device(launcher.q):
