@@ -6,11 +6,13 @@
 Shapes are small, odd and unequal (37 x 45 x 19: no multiple of any block) so every tail mask is
 exercised; each call runs forward and backward in every dtype the backend takes. The modes: plain
 row softmax (one positive per row), symmetric CLIP, label positives with exclude_self and
-decoupled, a detached queue, per-row temperatures, and the sigmoid loss with bias. Exits 0 when
-every call finished (the sanitizer's own exit code reports memory errors).
+decoupled, a detached queue, per-row temperatures, and the sigmoid loss with bias, each with the
+fused and with the chunked gradient pass (chunks of a few rows). Exits 0 when every call finished
+(the sanitizer's own exit code reports memory errors).
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -56,12 +58,16 @@ def main(argv=None) -> int:
         dtypes = [t for t in dtypes if t in (torch.float32, torch.float64)]
     done = 0
     for dtype in dtypes:
-        for name, call in calls(37, 45, 19, dtype, device, args.backend):
-            call().backward()
-            done += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        print(f"sanitize {args.backend} {str(dtype).replace('torch.', '')}: every mode ran", flush=True)
+        for backward in ("fused", "chunked"):  # the chunked pass writes G with its own kernel (mode)
+            os.environ["FASTCL_BACKWARD"] = backward
+            os.environ["FASTCL_MEMORY_BUDGET_MB"] = "0.002"  # a few rows per chunk: odd chunk tails
+            for name, call in calls(37, 45, 19, dtype, device, args.backend):
+                call().backward()
+                done += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        print(f"sanitize {args.backend} {str(dtype).replace('torch.', '')}: every mode ran, both gradient passes",
+              flush=True)
     print(f"sanitize {args.backend}: {done} calls finished")
     return 0
 

@@ -28,6 +28,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("own_rows"), py::arg("n_own"), py::arg("exclude_self"),
         py::arg("decoupled"), py::arg("allow_tf32") = false, py::arg("n_split") = 0);
 
+  m.def("logit_grad", &fastcl::logit_grad,
+        "The chunked pass: G of query rows [row0, row0 + R) into g [R, C]; sigmoid also returns (loss_rows, gsum_rows)",
+        py::arg("query"), py::arg("key"), py::arg("scale_rows"), py::arg("positive_index"),
+        py::arg("row_labels"), py::arg("col_labels"), py::arg("col_has_label"), py::arg("lse_row"),
+        py::arg("w_row"), py::arg("coef_row"), py::arg("lse_col"), py::arg("w_col"), py::arg("bias"),
+        py::arg("g_scale"), py::arg("g"), py::arg("row0"), py::arg("sigmoid"), py::arg("exclude_self"),
+        py::arg("decoupled"), py::arg("allow_tf32") = false, py::arg("n_split") = 0);
+
   m.def("sigmoid_pass", &fastcl::sigmoid_pass,
         "Sigmoid family: (acc [n_own, D] or empty, sum_j softplus(-z_ij L_ij) [N], sum_j G_ij [N])",
         py::arg("query"), py::arg("key"), py::arg("scale_rows"), py::arg("positive_index"), py::arg("bias"),

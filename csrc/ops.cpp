@@ -358,6 +358,92 @@ std::vector<at::Tensor> sigmoid_pass(const at::Tensor& query, const at::Tensor& 
   return {accumulate ? finish_acc(buf, p) : empty, own_rows ? loss.sum(0) : empty, own_rows ? gsum.sum(0) : empty};
 }
 
+std::vector<at::Tensor> logit_grad(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale_rows,
+                                   const std::optional<at::Tensor>& positive_index,
+                                   const std::optional<at::Tensor>& row_labels,
+                                   const std::optional<at::Tensor>& col_labels,
+                                   const std::optional<at::Tensor>& col_has_label,
+                                   const std::optional<at::Tensor>& lse_row, const std::optional<at::Tensor>& w_row,
+                                   const std::optional<at::Tensor>& coef_row, const std::optional<at::Tensor>& lse_col,
+                                   const std::optional<at::Tensor>& w_col, const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& g_scale, const at::Tensor& g, int64_t row0,
+                                   bool sigmoid, bool exclude_self, bool decoupled, bool allow_tf32, int64_t n_split) {
+  check_features(query, key);
+  const int64_t n = query.size(0), c = key.size(0), d = query.size(1);
+  const at::ScalarType dt = query.scalar_type(), acc = acc_dtype(dt);
+  CHECK_VECTOR(scale_rows, acc, n);
+  CHECK_OPTIONAL_VECTOR(positive_index, at::kLong, n);
+  check_labels(row_labels, col_labels, col_has_label, n, c);
+  CHECK_OPTIONAL_VECTOR(lse_row, acc, n);
+  CHECK_OPTIONAL_VECTOR(w_row, acc, n);
+  CHECK_OPTIONAL_VECTOR(coef_row, acc, n);
+  CHECK_OPTIONAL_VECTOR(lse_col, acc, c);
+  CHECK_OPTIONAL_VECTOR(w_col, acc, c);
+  TORCH_CHECK_VALUE(lse_col.has_value() == w_col.has_value(), "lse_col and w_col must be given together");
+  TORCH_CHECK_VALUE(sigmoid || (lse_row.has_value() && w_row.has_value()),
+                    "the softmax logit gradient needs lse_row and w_row");
+  for (const auto* t : {opt(bias), opt(g_scale)}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK_TYPE(t->scalar_type() == acc, "bias and g_scale must have dtype ", acc, ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->numel() == 1, "bias and g_scale must hold one value, got shape ", t->sizes());
+  }
+  // G is written as the kernels stage it: the input type for fp16/bf16, else the accumulation type
+  const at::ScalarType g_type = (dt == at::kHalf || dt == at::kBFloat16) ? dt : acc;
+  CHECK_DTYPE(g, g_type);
+  TORCH_CHECK_VALUE(g.dim() == 2 && g.size(1) == c && g.size(0) > 0, "g must have shape [R, ", c, "], got ",
+                    g.sizes());
+  TORCH_CHECK_VALUE(0 <= row0 && row0 + g.size(0) <= n, "rows [", row0, ", ", row0 + g.size(0),
+                    ") must lie in [0, ", n, ")");
+  CHECK_CONTIGUOUS(g);
+  check_devices(query, {{"key", &key}, {"scale_rows", &scale_rows}, {"positive_index", opt(positive_index)},
+                        {"row_labels", opt(row_labels)}, {"col_labels", opt(col_labels)},
+                        {"col_has_label", opt(col_has_label)}, {"lse_row", opt(lse_row)}, {"w_row", opt(w_row)},
+                        {"coef_row", opt(coef_row)}, {"lse_col", opt(lse_col)}, {"w_col", opt(w_col)},
+                        {"bias", opt(bias)}, {"g_scale", opt(g_scale)}, {"g", &g}});
+  FASTCL_DEVICE_GUARD(query);
+  check_capability();
+
+  // the chunk's rows are the owner side: query and every row-indexed vector start at row0
+  const int64_t rows = g.size(0);
+  auto from_row0 = [row0](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    return t.has_value() ? std::optional<at::Tensor>(t->narrow(0, row0, t->size(0) - row0)) : std::nullopt;
+  };
+  const at::Tensor own = query.narrow(0, row0, rows);
+  TileParams p{};
+  set_sides(p, own, key, true, rows);
+  p.d = static_cast<int>(d);
+  set_masks(p, from_row0(positive_index), from_row0(row_labels), col_labels, col_has_label, exclude_self, decoupled);
+  p.row_offset = static_cast<int>(row0);
+  const at::Tensor scale = scale_rows.narrow(0, row0, rows);
+  p.scale = scale.data_ptr();
+  const auto lse = from_row0(lse_row), w = from_row0(w_row), coef = from_row0(coef_row);
+  p.lse_row = ptr_or_null<const void>(lse);
+  p.w_row = ptr_or_null<const void>(w);
+  p.coef_row = ptr_or_null<const void>(coef);
+  p.lse_col = ptr_or_null<const void>(lse_col);
+  p.w_col = ptr_or_null<const void>(w_col);
+  p.bias = ptr_or_null<const void>(bias);
+  at::Tensor g_inv;
+  if (g_scale.has_value()) {  // the kernels multiply G by g_mul before staging it
+    g_inv = g_scale->reciprocal();
+    p.g_mul = g_inv.data_ptr();
+  }
+  p.accumulate = false;
+  p.g_out = g.data_ptr();
+  p.g_ld = c;
+  choose_split(p, n_split, 16);
+
+  const auto opts = query.options().dtype(acc);
+  at::Tensor loss = sigmoid ? at::empty({p.n_split, rows}, opts) : at::empty({0}, opts);
+  at::Tensor gsum = sigmoid ? at::empty({p.n_split, rows}, opts) : at::empty({0}, opts);
+  p.out0 = sigmoid ? loss.data_ptr() : nullptr;
+  p.out1 = sigmoid ? gsum.data_ptr() : nullptr;
+  p.out_stride = rows;
+  launch(p, sigmoid ? Mode::kSigmoid : Mode::kSoftmaxGrad, dt, allow_tf32);
+  if (!sigmoid) return {};
+  return {loss.sum(0), gsum.sum(0)};
+}
+
 bool built_with_cuda() {
 #ifdef FASTCL_WITH_CUDA
   return true;

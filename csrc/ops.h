@@ -40,6 +40,21 @@ std::vector<at::Tensor> sigmoid_pass(const at::Tensor& query, const at::Tensor& 
                                      const std::optional<at::Tensor>& bias, bool own_rows, int64_t n_own,
                                      bool accumulate, bool allow_tf32, int64_t n_split);
 
+// The chunked gradient pass's logit gradient: G of query rows [row0, row0 + R) x every column
+// written into g ([R, C], contiguous; the input type for fp16/bf16, else fp32/fp64), formed as
+// softmax_grad's (sigmoid: sigmoid_pass's) G, multiplied by 1 / g_scale when given (fp16 range).
+// Softmax needs lse_row and w_row. Returns {} (softmax) or {loss_rows [R], gsum_rows [R]} (sigmoid).
+std::vector<at::Tensor> logit_grad(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale_rows,
+                                   const std::optional<at::Tensor>& positive_index,
+                                   const std::optional<at::Tensor>& row_labels,
+                                   const std::optional<at::Tensor>& col_labels,
+                                   const std::optional<at::Tensor>& col_has_label,
+                                   const std::optional<at::Tensor>& lse_row, const std::optional<at::Tensor>& w_row,
+                                   const std::optional<at::Tensor>& coef_row, const std::optional<at::Tensor>& lse_col,
+                                   const std::optional<at::Tensor>& w_col, const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& g_scale, const at::Tensor& g, int64_t row0,
+                                   bool sigmoid, bool exclude_self, bool decoupled, bool allow_tf32, int64_t n_split);
+
 bool built_with_cuda();
 std::vector<std::string> cuda_archs();
 

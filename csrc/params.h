@@ -66,6 +66,14 @@ struct TileParams {
   int64_t acc_ld;        //   padded to multiples of the tile / D-chunk widths (no bounds checks)
   int64_t acc_split_stride;
 
+  // the chunked gradient pass (own_rows, accumulate = false): every G tile, as staged for the
+  // product, is also written to g_out [n_own][g_ld] (type G of the config: the input type for
+  // fp16/bf16, else the accumulation type); the owner rows are rows row_offset.. of the call, so
+  // exclude_self compares row_offset + i with j (the row-indexed arrays start at that row)
+  void* g_out;
+  int64_t g_ld;
+  int row_offset;
+
   int n_split;           // gridDim.y: the other side's tiles are cut into n_split ranges
   int tiles_per_split;
 };

@@ -464,7 +464,7 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const TileParams p) {
         continue;
       }
 
-      const bool excluded = p.exclude_self && i == j;
+      const bool excluded = p.exclude_self && i + p.row_offset == j;
       const bool match = labels && valid && !excluded && m_row_label[il] == m_col_label[jl] && m_col_has[jl];
       const bool positive = labels ? match : j == m_pos[il];
       const bool in_den = valid && !excluded && !(p.decoupled && positive);
@@ -498,6 +498,17 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const TileParams p) {
         g *= gmul;
         if (!p.own_rows) g *= m_scale[il];  // dK_j = sum_i G_ij s_i q_i
         s_g[r * LDG + c] = from_acc<G>(g);
+      }
+    }
+
+    // ---- the chunked pass: the staged G tile to g_out, row by row (coalesced)
+    if (MODE != Mode::kSoftmaxStats && p.g_out != nullptr) {
+      __syncthreads();  // G is complete
+      G* g_out = static_cast<G*>(p.g_out);
+      for (int idx = tid; idx < kTile * kTile; idx += kThreads) {
+        const int rr = idx / kTile, cc = idx % kTile;
+        if (o0 + rr < p.n_own && t0 + cc < p.n_oth)
+          g_out[static_cast<int64_t>(o0 + rr) * p.g_ld + t0 + cc] = s_g[rr * LDG + cc];
       }
     }
 

@@ -2,7 +2,7 @@
 
 The ``backend`` fixture is the backend axis of every loss test: ``torch`` (with its default tile
 shape and with tiny 5 x 7 tiles, so every tile boundary appears at test sizes), ``triton`` and
-``cuda``, and ``torch``/``triton`` with the chunked gradient pass forced in chunks of 3 rows. Where a backend cannot run, its tests are skipped and the reason is shown (``-rs``):
+``cuda``, and each of them with the chunked gradient pass forced in chunks of 3 rows. Where a backend cannot run, its tests are skipped and the reason is shown (``-rs``):
 
 * ``FASTCL_TEST_DEVICE`` (default ``cpu``) is where the tensors live. On ``cpu``:
   ``triton`` runs the real kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set here
@@ -38,7 +38,7 @@ SELECTED = [b for b in os.environ.get("FASTCL_TEST_BACKENDS", "torch,triton,cuda
 # "chunked": the chunked gradient pass forced (FASTCL_BACKWARD=chunked) with chunks of at most
 # CHUNK_ROWS rows, so every test size crosses chunk boundaries and has an odd tail
 BACKEND_PARAMS = [("torch", None), ("torch", "5,7"), ("torch", "chunked"), ("triton", None), ("triton", "chunked"),
-                  ("cuda", None)]
+                  ("cuda", None), ("cuda", "chunked")]
 CHUNK_ROWS = 3
 
 

@@ -9,7 +9,7 @@ import oracle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_skip_reason, force_chunked
+from conftest import backend_skip_reason, force_chunked, use_emulated_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -56,14 +56,6 @@ def test_forced_chunked_below_one_row_raises(monkeypatch):
     q = torch.randn(64, 8, requires_grad=True)
     with pytest.raises(ValueError, match="FASTCL_MEMORY_BUDGET_MB"):
         fastcl.info_nce(q, torch.randn(64, 8), backend="torch").backward()
-
-
-def test_cuda_backend_refuses_forced_chunked(monkeypatch):
-    from fastcl.backends import cuda
-
-    monkeypatch.setenv("FASTCL_BACKWARD", "chunked")
-    with pytest.raises(RuntimeError, match="FASTCL_BACKWARD=chunked"):
-        cuda.softmax_grad(None, None, None, None, None, None, None)
 
 
 def test_choice_rule():
@@ -122,12 +114,18 @@ LOSSES = {
 }
 
 
-@pytest.mark.parametrize("loss", sorted(LOSSES))
-@pytest.mark.parametrize("name", ["torch", "triton"])
-def test_forced_chunked_runs_every_chunk(monkeypatch, name, loss):
-    reason = backend_skip_reason(name)
+def _set_up(name, monkeypatch, dtype=None):
+    reason = backend_skip_reason(name, dtype)
     if reason:
         pytest.skip(reason)
+    if name == "cuda" and DEVICE == "cpu":
+        use_emulated_cuda(monkeypatch)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
+def test_forced_chunked_runs_every_chunk(monkeypatch, name, loss):
+    _set_up(name, monkeypatch)
     force_chunked(monkeypatch, rows=4)
     calls = _count_chunks(monkeypatch)
     n = 11
@@ -199,12 +197,10 @@ def _plain_bf16_siglip(q, k, scale, bias):
 
 @pytest.mark.parametrize("mode", ["fused", "chunked"])
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
-@pytest.mark.parametrize("name", ["torch", pytest.param("triton", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", ["torch", pytest.param("triton", marks=pytest.mark.gpu), "cuda"])
 def test_bf16_gradients_no_worse_than_plain_bf16(monkeypatch, name, loss, mode):
     """Every gradient's max error against float64 <= a plain bf16 PyTorch loss's on the same inputs."""
-    reason = backend_skip_reason(name, torch.bfloat16)
-    if reason:
-        pytest.skip(reason)
+    _set_up(name, monkeypatch, torch.bfloat16)
     if mode == "chunked":
         force_chunked(monkeypatch, rows=48)
     n, d = 256, 64

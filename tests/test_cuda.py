@@ -155,6 +155,14 @@ def _sigmoid_args(n=6, c=7, d=5):
                 positive_index=torch.arange(n), bias=torch.tensor(-1.0), own_rows=True, n_own=n, accumulate=True)
 
 
+def _logit_args(n=6, c=7, d=5, rows=4):
+    return dict(query=torch.randn(n, d), key=torch.randn(c, d), scale_rows=torch.ones(n),
+                positive_index=torch.arange(n), row_labels=None, col_labels=None, col_has_label=None,
+                lse_row=torch.zeros(n), w_row=torch.ones(n), coef_row=torch.ones(n), lse_col=None, w_col=None,
+                bias=None, g_scale=None, g=torch.empty(rows, c), row0=1, sigmoid=False, exclude_self=False,
+                decoupled=False)
+
+
 BAD_INPUTS = {
     # name: (entry point, argument builder, change, expected exception, message pattern)
     "int_query": ("softmax_stats", _stats_args, dict(query=torch.ones(6, 5, dtype=torch.int32),
@@ -204,6 +212,16 @@ BAD_INPUTS = {
     "sigmoid_bias_shape": ("sigmoid_pass", _sigmoid_args, dict(bias=torch.zeros(2)), ValueError,
                            "bias must hold one value"),
     "sigmoid_cpu_tensors": ("sigmoid_pass", _sigmoid_args, {}, ValueError, "query must be a CUDA tensor"),
+    "logit_g_dtype": ("logit_grad", _logit_args, dict(g=torch.empty(4, 7, dtype=torch.float16)), TypeError,
+                      "g must have dtype Float"),
+    "logit_g_width": ("logit_grad", _logit_args, dict(g=torch.empty(4, 6)), ValueError, r"g must have shape \[R, 7\]"),
+    "logit_rows_past_n": ("logit_grad", _logit_args, dict(row0=3), ValueError, r"rows \[3, 7\) must lie in \[0, 6\)"),
+    "logit_softmax_without_lse": ("logit_grad", _logit_args, dict(lse_row=None), ValueError,
+                                  "the softmax logit gradient needs lse_row and w_row"),
+    "logit_g_scale_shape": ("logit_grad", _logit_args, dict(g_scale=torch.ones(2)), ValueError,
+                            "bias and g_scale must hold one value"),
+    "logit_g_strided": ("logit_grad", _logit_args, dict(g=torch.empty(7, 4).T), ValueError, "g must be contiguous"),
+    "logit_cpu_tensors": ("logit_grad", _logit_args, {}, ValueError, "query must be a CUDA tensor"),
 }
 
 

@@ -37,7 +37,8 @@ from .. import _config
 _PEAK_FLOPS = {torch.float16: 790e12, torch.bfloat16: 790e12, "tf32": 395e12, torch.float32: 60e12,
                torch.float64: 60e12}
 _HBM_BYTES_PER_S = 4.8e12
-_FUSED_EFFICIENCY = 0.55  # the fused tile kernels: S recompute, G, G @ X_tile with an epilogue between
+_FUSED_EFFICIENCY = 0.55  # the fused Triton kernels: S recompute, G, G @ X_tile with an epilogue between
+_CUDA_FUSED_EFFICIENCY = 0.30  # the CUDA kernels: WMMA fragments, no cp.async pipeline, global accumulator
 _LOGIT_EFFICIENCY = 0.55  # the kernel writing G: S over the full D and an elementwise epilogue
 _MATMUL_EFFICIENCY = 0.80  # cuBLAS products [R, C] x [C, D] with R >= _MIN_ROWS
 _LAUNCH_S = 5e-6  # per kernel launch
@@ -60,17 +61,21 @@ def chunk_rows(n: int, c: int, dtype: torch.dtype, extra_row_bytes: int = 0,
 
 
 def modelled_seconds(kind: str, dtype: torch.dtype, n: int, c: int, d: int, directions: int,
-                     chunks: int = 1, tf32: bool = False) -> float:
+                     chunks: int = 1, tf32: bool = False, fused_kernel: str = "triton") -> float:
     """The model's time for one gradient pass (forward statistics excluded).
 
-    ``fused`` (Triton's kernels): each of the ``directions`` launches (rows, columns) rebuilds
-    ``S`` once per accumulator chunk of D (``2NCD`` each; one chunk while the owned tile stays on
-    chip, D <= 256 in bf16, else chunks of 128) and accumulates ``G @ X`` (``2NCD``).
+    ``fused``: each of the ``directions`` launches (rows, columns) builds ``S`` (``2NCD``) and
+    accumulates ``G @ X`` (``2NCD``). Triton's kernels rebuild ``S`` once per accumulator chunk
+    of D (one chunk while the owned tile stays on chip, D <= 256 in bf16, else chunks of 128);
+    the CUDA kernels build it once and keep the accumulator in global memory, at a lower assumed
+    efficiency (WMMA without a pipeline: ``_CUDA_FUSED_EFFICIENCY``).
     ``chunked``: ``S`` once (``2NCD``), one ``2NCD`` product per direction, ``G`` written once and
     read once per direction, three launches per chunk.
     """
     peak = _PEAK_FLOPS["tf32" if tf32 and dtype == torch.float32 else dtype]
     ncd = float(n) * c * d
+    if kind == "fused" and fused_kernel == "cuda":
+        return directions * 4 * ncd / (peak * _CUDA_FUSED_EFFICIENCY) + directions * _LAUNCH_S
     if kind == "fused":
         from .triton import STREAMED_BLOCK_X, resident_width
 
@@ -82,7 +87,7 @@ def modelled_seconds(kind: str, dtype: torch.dtype, n: int, c: int, d: int, dire
 
 
 def choose(device: torch.device, dtype: torch.dtype, n: int, c: int, d: int, directions: int,
-           extra_row_bytes: int = 0) -> str:
+           extra_row_bytes: int = 0, fused_kernel: str = "triton") -> str:
     """``"fused"`` or ``"chunked"`` for one gradient pass (see the module docstring).
 
     ``FASTCL_BACKWARD=chunked`` raises when the budget cannot hold one row of ``G``: a silent
@@ -101,7 +106,7 @@ def choose(device: torch.device, dtype: torch.dtype, n: int, c: int, d: int, dir
         return "fused"
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     chunks = math.ceil(n / rows)
-    fused = modelled_seconds("fused", dtype, n, c, d, directions, tf32=tf32)
+    fused = modelled_seconds("fused", dtype, n, c, d, directions, tf32=tf32, fused_kernel=fused_kernel)
     chunked = modelled_seconds("chunked", dtype, n, c, d, directions, chunks, tf32=tf32)
     return "chunked" if chunked < fused else "fused"
 

@@ -17,7 +17,9 @@ and the partial results of split tiles are summed in a fixed order.
 ``FASTCL_CUDA_SPLIT=k`` fixes how many pieces the other side's tiles are cut into (default:
 chosen from the GPU's multiprocessor count); tests use it to exercise the merge of partials.
 
-Gradient pass: the fused one only; ``FASTCL_BACKWARD=chunked`` raises here (docs/design.md §7).
+Gradient passes (docs/design.md §7): fused (the accumulating kernel modes), or chunked: the same
+kernel modes write their staged ``G`` tiles for a chunk of rows (``logit_grad``) and
+:mod:`.chunked` runs the products (``at::matmul``'s cuBLAS on a GPU).
 
 Importing this module never touches the GPU or requires the extension; :func:`available` says
 why the backend cannot run.
@@ -29,7 +31,8 @@ import torch
 
 from .. import _config
 from .._spec import SoftmaxSpec
-from .common import SigmoidSums, SoftmaxStats, finite_or_zero
+from . import chunked
+from .common import SigmoidSums, SoftmaxStats, finite_or_zero, float16_gradient_scale
 
 
 def _ext():
@@ -63,13 +66,6 @@ def _masks(spec: SoftmaxSpec) -> dict:
 # Passes
 
 
-def _fused_only() -> None:
-    """This backend has the fused gradient pass only (its kernels do not write ``G`` yet)."""
-    if _config.backward() == "chunked":
-        raise RuntimeError("FASTCL_BACKWARD=chunked: the CUDA backend has only the fused gradient pass; use "
-                           "backend='triton' or backend='torch' for the chunked one, or FASTCL_BACKWARD=auto")
-
-
 def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
     """Row (and, for symmetric specs, column) LSE of the block, and label-positive sums."""
     C = _ext()
@@ -87,17 +83,26 @@ def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
 def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef, lse_col=None, w_col=None, *,
                  rows: bool = True, cols: bool = True):
     """``(sum_j G_ij k_j, sum_i G_ij s_i q_i)`` of the block from final statistics."""
-    _fused_only()
     C = _ext()
     q, k = query.contiguous(), key.contiguous()
     n, c, d = q.shape[0], k.shape[0], q.shape[1]
     args = dict(_masks(spec), lse_row=finite_or_zero(lse_row).contiguous(), w_row=w_row.contiguous(),
                 coef_row=coef.contiguous(), lse_col=None if lse_col is None else lse_col.contiguous(),
                 w_col=None if w_col is None else w_col.contiguous(), **_launch_options(q.dtype))
+    n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
+    directions = int(rows) + int(cols and n_grad_cols > 0)
+    if chunked.choose(q.device, q.dtype, n, c, d, directions, fused_kernel="cuda") == "chunked":
+        g_scale = float16_gradient_scale(q.dtype, w_row, coef, w_col)
+
+        def fill(r0, r1, g):
+            C.logit_grad(q, k, scale_rows, bias=None, g_scale=g_scale, g=g, row0=r0, sigmoid=False, **args)
+
+        acc_q, acc_k, _ = chunked.run(fill, q, k, scale_rows, rows=rows, cols=cols, n_grad_cols=n_grad_cols,
+                                      g_scale=g_scale)
+        return acc_q, acc_k
     acc_q = C.softmax_grad(q, k, scale_rows, own_rows=True, n_own=n, **args) if rows else None
     acc_k = None
     if cols:
-        n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
         acc_k = torch.zeros(c, d, dtype=scale_rows.dtype, device=q.device)
         if n_grad_cols > 0:
             acc_k[:n_grad_cols] = C.softmax_grad(q, k, scale_rows, own_rows=False, n_own=n_grad_cols, **args)
@@ -107,11 +112,23 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
 def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = True, cols: bool = True,
                  gsum: bool = True) -> SigmoidSums:
     """Sigmoid loss and gradient sums of the block (the row kernel also sums the loss)."""
-    _fused_only()
     C = _ext()
     q, k = query.contiguous(), key.contiguous()
     launch = _launch_options(q.dtype)
     pos = None if positive_index is None else positive_index.to(torch.long).contiguous()
+    directions = int(rows) + int(cols)
+    if directions and chunked.choose(q.device, q.dtype, q.shape[0], k.shape[0], q.shape[1], directions,
+                                     fused_kernel="cuda") == "chunked":
+
+        def fill(r0, r1, g):
+            loss, g_sum = C.logit_grad(q, k, scale_rows, positive_index=pos, row_labels=None, col_labels=None,
+                                       col_has_label=None, lse_row=None, w_row=None, coef_row=None, lse_col=None,
+                                       w_col=None, bias=bias, g_scale=None, g=g, row0=r0, sigmoid=True,
+                                       exclude_self=False, decoupled=False, **launch)
+            return loss.sum(), g_sum.sum()
+
+        acc_q, acc_k, (total, g_total) = chunked.run(fill, q, k, scale_rows, rows=rows, cols=cols)
+        return SigmoidSums(total, g_total if gsum else None, acc_q, acc_k)
     acc_q, loss_rows, g_rows = C.sigmoid_pass(q, k, scale_rows, positive_index=pos, bias=bias, own_rows=True,
                                               n_own=q.shape[0], accumulate=rows, **launch)
     acc_k = None
