@@ -127,8 +127,10 @@ stage() {
 tests_cmd() {
     # the compiled kernels only: Triton's interpreter must never run on the visit machine (it
     # crashes with numpy >= 2.4); smoke mode only collects the tests
+    # the compiled kernels' variants compile in parallel where pytest-xdist is installed
     local dev=cuda extra=""
     [ "$SMOKE" = 1 ] && dev=cpu extra=--collect-only
+    [ "$SMOKE" = 1 ] || ! $PY -c "import xdist" 2>/dev/null || extra="-n 8"
     echo "FASTCL_TEST_DEVICE=$dev FASTCL_TEST_BACKENDS=triton,cuda TRITON_INTERPRET=0 $PY -m pytest" \
         "tests -m gpu -q --maxfail=25 -p no:cacheprovider $extra" \
         "2>&1 | tee $RES/gpu_tests.log | tail -n 40"

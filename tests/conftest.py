@@ -10,7 +10,9 @@ shape and with tiny 5 x 7 tiles, so every tile boundary appears at test sizes), 
   ``tl.dot`` is wrong, so bfloat16 is left to GPU runs; ``cuda`` runs the real host glue and
   kernel code of ``csrc/`` with the kernels on CPU threads (``csrc/testing/``: emulated
   barriers, shuffles and WMMA fragments), an extension built once per session under ``build/``.
-* On ``cuda``: both GPU backends run compiled, on the GPU, in every dtype.
+* On ``cuda``: both GPU backends run compiled, on the GPU, in every dtype, Triton with fixed
+  block sizes (``GPU_TEST_BLOCKS``). Their items carry the ``gpu`` marker (``-m gpu``: what a GPU
+  visit runs, with ``tests/test_cuda.py`` and ``tests/test_triton.py``).
 
 ``FASTCL_TEST_BACKENDS=torch,triton`` restricts the axis; ``FASTCL_TEST_SEED=<n>`` draws a fresh
 set of random inputs for the whole run.
@@ -87,6 +89,23 @@ def use_emulated_cuda(monkeypatch) -> None:
     monkeypatch.setattr(cuda_backend, "available", lambda device: None)
 
 
+# On a GPU the kernels compile for real: fixed block sizes (one compile per kernel variant and
+# dtype instead of one per autotuning config) keep the GPU-marked matrix short; test_triton.py
+# covers the autotuned configs
+GPU_TEST_BLOCKS = "64,64,32,64"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The oracle matrix's compiled-backend items (``triton``, ``cuda``, each with both gradient
+    passes) carry the ``gpu`` marker, so ``-m gpu`` runs every loss variant once per compiled
+    backend and pass and never the torch backend's (the CPU path) items."""
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        param = spec.params.get("backend") if spec is not None else None
+        if isinstance(param, tuple) and param[0] in ("triton", "cuda"):
+            item.add_marker(pytest.mark.gpu)
+
+
 def force_chunked(monkeypatch, rows: int = CHUNK_ROWS) -> None:
     """Every gradient pass of this test chunked, in chunks of at most ``rows`` rows (within the
     memory budget too: the cap only lowers the budget's row count)."""
@@ -137,7 +156,10 @@ def backend(request, monkeypatch):
         else:
             monkeypatch.setenv("FASTCL_TORCH_BLOCK", blocks)
     if name == "triton":
-        monkeypatch.delenv("FASTCL_TRITON_BLOCK", raising=False)
+        if DEVICE == "cpu":
+            monkeypatch.delenv("FASTCL_TRITON_BLOCK", raising=False)
+        else:
+            monkeypatch.setenv("FASTCL_TRITON_BLOCK", GPU_TEST_BLOCKS)
     if name == "cuda" and DEVICE == "cpu":
         use_emulated_cuda(monkeypatch)
     return name

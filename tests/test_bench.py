@@ -76,7 +76,9 @@ def test_full_runs_every_loss_and_mode(tmp_path):
 
 
 def test_maxbatch_stops_naive_at_the_memory_cap(tmp_path):
-    cli.main(["maxbatch", "--start-n", "256", "--max-n", "2048", "--d", "8", "--mem-cap-gb", "0.03",
+    # 40 MB: fastcl's tiles (a few pieces on worker threads, 2 MiB buffers each) fit with room to
+    # spare at N = 2048; the materialised loss's 2048^2 logits and their gradients (~64 MB) do not
+    cli.main(["maxbatch", "--start-n", "256", "--max-n", "2048", "--d", "8", "--mem-cap-gb", "0.04",
               "--backends", "torch", "--peers", "naive", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)])
     data = results.load(_json(tmp_path))
     largest = {s["impl"]: s for s in data["meta"]["maxbatch"]}
