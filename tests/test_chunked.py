@@ -28,8 +28,11 @@ def _clean_env(monkeypatch):
 
 def test_budget_sets_the_rows_per_chunk(monkeypatch):
     monkeypatch.setenv("FASTCL_MEMORY_BUDGET_MB", "1")
-    # one row of G: c logits of 2 (bf16), 4 (fp32) or 8 (fp64) bytes
-    assert chunked.chunk_rows(10 ** 6, 1000, torch.bfloat16) == MiB // 2000
+    # one row of G: c logits of 2 (bf16), 4 (fp32) or 8 (fp64) bytes; off CUDA a bf16 row is
+    # widened to fp32 for its products, 4 more bytes per logit
+    gpu = torch.device("cuda")
+    assert chunked.chunk_rows(10 ** 6, 1000, torch.bfloat16, device=gpu) == MiB // 2000
+    assert chunked.chunk_rows(10 ** 6, 1000, torch.bfloat16) == MiB // 6000
     assert chunked.chunk_rows(10 ** 6, 1000, torch.float32) == MiB // 4000
     assert chunked.chunk_rows(10 ** 6, 1000, torch.float64) == MiB // 8000
     assert chunked.chunk_rows(10 ** 6, 1000, torch.float32, extra_row_bytes=96) == MiB // 4096

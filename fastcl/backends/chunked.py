@@ -51,13 +51,21 @@ def logit_dtype(dtype: torch.dtype) -> torch.dtype:
                                                                    else torch.float32)
 
 
+def _row_bytes(c: int, dtype: torch.dtype, extra_row_bytes: int, device: Optional[torch.device]) -> int:
+    """Workspace bytes per row: ``c`` logits, plus their widened copy where the products cannot
+    take half operands with fp32 accumulation (off CUDA: :func:`_product`)."""
+    g = logit_dtype(dtype).itemsize
+    widened = 4 if g == 2 and (device is None or device.type != "cuda") else 0
+    return c * (g + widened) + extra_row_bytes
+
+
 def chunk_rows(n: int, c: int, dtype: torch.dtype, extra_row_bytes: int = 0,
-               budget: Optional[int] = None) -> int:
-    """Rows per chunk: the most whose workspace (``c`` logits of ``dtype`` and ``extra_row_bytes``
-    per row) fits the budget, at most ``n``; 0 if not even one row fits."""
+               budget: Optional[int] = None, device: Optional[torch.device] = None) -> int:
+    """Rows per chunk: the most whose workspace (``c`` logits of ``dtype``, their fp32 copy off
+    CUDA for half inputs, and ``extra_row_bytes`` per row) fits the budget, at most ``n``; 0 if
+    not even one row fits."""
     budget = _config.memory_budget_bytes() if budget is None else budget
-    per_row = c * logit_dtype(dtype).itemsize + extra_row_bytes
-    return min(n, budget // max(1, per_row))
+    return min(n, budget // max(1, _row_bytes(c, dtype, extra_row_bytes, device)))
 
 
 def modelled_seconds(kind: str, dtype: torch.dtype, n: int, c: int, d: int, directions: int,
@@ -94,10 +102,10 @@ def choose(device: torch.device, dtype: torch.dtype, n: int, c: int, d: int, dir
     fallback would hide that the budget is too small for what was asked.
     """
     asked = _config.backward()
-    rows = chunk_rows(n, c, dtype, extra_row_bytes)
+    rows = chunk_rows(n, c, dtype, extra_row_bytes, device=device)
     if asked == "chunked":
         if rows < 1:
-            need = c * logit_dtype(dtype).itemsize + extra_row_bytes
+            need = _row_bytes(c, dtype, extra_row_bytes, device)
             raise ValueError(f"FASTCL_BACKWARD=chunked: one row of the logit gradient takes {need} bytes, more "
                              f"than FASTCL_MEMORY_BUDGET_MB allows ({_config.memory_budget_bytes()} bytes); raise "
                              "the budget or use FASTCL_BACKWARD=fused")
@@ -142,7 +150,7 @@ def run(fill: Callable, query: torch.Tensor, key: torch.Tensor, scale_rows: torc
     cd, dev = scale_rows.dtype, query.device
     gd = logit_dtype(query.dtype)
     n_grad_cols = c if n_grad_cols is None else n_grad_cols
-    r = max(1, chunk_rows(n, c, query.dtype, extra_row_bytes))
+    r = max(1, chunk_rows(n, c, query.dtype, extra_row_bytes, device=dev))
     work = torch.empty(r * c, dtype=gd, device=dev)
     acc_q = torch.empty(n, d, dtype=cd, device=dev) if rows else None
     acc_k = torch.zeros(c, d, dtype=cd, device=dev) if cols else None

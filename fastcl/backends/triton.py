@@ -71,11 +71,10 @@ def _fixed_blocks():
 
 def _gpu_block_x(d: int, element_size: int) -> int:
     """Width of the gradient accumulator's D-chunk on a GPU: the whole padded width while the
-    owned tile stays on chip (:func:`_resident_width`), else chunks of ``STREAMED_BLOCK_X`` with
+    owned tile stays on chip (:func:`resident_width`), else chunks of ``STREAMED_BLOCK_X`` with
     S rebuilt per chunk (wider accumulators spill when D is streamed: tests/triton_aot.py)."""
     resident = resident_width(d, element_size)
     return min(resident, _MAX_BLOCK_X) if resident else STREAMED_BLOCK_X
-
 
 
 def resident_width(d: int, element_size: int) -> int:
