@@ -149,6 +149,20 @@ def _debias(value, labels, decoupled: bool) -> Optional[float]:
     return float(value)
 
 
+def label_smoothing(value, debias, group) -> float:
+    """``label_smoothing`` validated: a float in ``[0, 1)`` (0: none)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"label_smoothing must be a float in [0, 1); got {type(value).__name__}")
+    if not 0 <= float(value) < 1:
+        raise ValueError(f"label_smoothing must lie in [0, 1); got {value}")
+    if value and debias is not None:
+        raise ValueError("label_smoothing and debias cannot be combined (the debiased loss has its own denominator)")
+    if value and group is not None:
+        raise ValueError("label_smoothing is not supported with group= yet (its mean logit needs every rank's "
+                         "columns); compute it per process or without smoothing")
+    return float(value)
+
+
 def _label_columns(labels, key_labels, negative_labels, n, m, n_neg, device):
     """``(row_labels, col_labels, col_has_label)`` of a labelled call."""
     row_labels = _checks.integer_vector("labels", labels, n, device)

@@ -53,14 +53,22 @@ def _prepare(call: Lowered, group, gather, local_loss, op: str, reduction: str =
                          scale=call.scale, bias=call.bias, spec=call.spec, reduction=reduction, scalars=scalars)
 
 
-def _softmax(call: Lowered, module, reduction: str, dist, op: str):
+def _softmax(call: Lowered, module, reduction: str, dist, op: str, label_smoothing: float = 0.0):
     """Per-anchor losses of ``call`` on the chosen backend, reduced; with a distributed context,
-    over every rank's keys (followed by this rank's negatives)."""
+    over every rank's keys (followed by this rank's negatives). ``label_smoothing`` adds its term
+    (:mod:`fastcl.ops.smoothing`) to every valid anchor (single process)."""
     query, key, negatives, scale, bias, spec = call
     if dist is None:
         n_cols = key.shape[0] + (0 if negatives is None else negatives.shape[0])
         columns = ops.LocalColumns(module, query.shape[0], n_cols)
         outs = ops.softmax.softmax_loss(columns, query, key, negatives, scale, bias, spec)
+        if label_smoothing:
+            row_loss, col_loss, row_valid, col_valid = outs
+            row_term, col_term = ops.smoothing.terms(query, key, negatives, scale, spec, label_smoothing)
+            row_loss = row_loss + torch.where(row_valid, row_term, torch.zeros_like(row_term))
+            if spec.symmetric:
+                col_loss = col_loss + torch.where(col_valid, col_term, torch.zeros_like(col_term))
+            outs = (row_loss, col_loss, row_valid, col_valid)
     else:
         if spec.debias is not None and spec.symmetric and scale.dim() == 1:
             raise ValueError(f"{op}: debias with symmetric=True and a per-row temperature/scale is not supported "
@@ -104,6 +112,7 @@ def info_nce(
     decoupled: bool = False,
     symmetric: bool = False,
     debias: Optional[float] = None,
+    label_smoothing: float = 0.0,
     reduction: str = "mean",
     backend: Optional[str] = None,
     group=None,
@@ -150,6 +159,10 @@ def info_nce(
         symmetric: also the key -> query direction (each positive column is an anchor over the
             ``N`` rows); the loss is ``(rows + columns) / 2``, as CLIP. Needs one-to-one
             positives among the keys.
+        label_smoothing: ``eps`` in ``[0, 1)``, ``F.cross_entropy(label_smoothing=eps)`` over each
+            anchor's denominator columns: ``(1 - eps) (LSE_i - p_i) + eps (LSE_i - mean_{j in
+            D_i} L_ij)``, with ``p_i`` the positive logit (labels: the SupCon row term). Costs
+            O((N + M + K) D) beside the fused loss. Not with ``debias`` or ``group`` (yet).
         reduction: ``"mean"`` over anchors that have a positive and a non-empty denominator,
             ``"sum"``, or ``"none"``: per-row losses ``[N]``; with ``symmetric`` a tuple
             ``(row_losses[N], column_losses[N])`` where ``column_losses[i]`` belongs to the
@@ -184,8 +197,12 @@ def info_nce(
         The loss, float32 (float64 for float64 inputs). If no anchor has a positive the mean is
         0 with zero gradients.
     """
+    eps = 0.0
+
     def lower():
+        nonlocal eps
         _checks.choice("reduction", reduction, _REDUCTIONS)
+        eps = _lower.label_smoothing(label_smoothing, debias, group)
         return _lower.info_nce(query, key, temperature=temperature, scale=scale, positive_index=positive_index,
                                labels=labels, key_labels=key_labels, negatives=negatives,
                                negative_labels=negative_labels, exclude_self=exclude_self, decoupled=decoupled,
@@ -193,11 +210,11 @@ def info_nce(
 
     call, module = _checked("info_nce", group, gather, local_loss, backend, lower)
     return _softmax(call, module, reduction, _prepare(call, group, gather, local_loss, "info_nce", reduction),
-                    "info_nce")
+                    "info_nce", eps)
 
 
-def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, backend=None, group=None,
-              gather="all_gather", local_loss=False):
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, label_smoothing=0.0, backend=None,
+              group=None, gather="all_gather", local_loss=False):
     r"""CLIP's symmetric contrastive loss, equal to open_clip ``ClipLoss``.
 
     ``L = logit_scale * image @ text.T (+ logit_bias)``;
@@ -208,6 +225,8 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, ba
             model, not the loss).
         logit_scale: the already-exponentiated scale: float or tensor ``()`` / ``(1,)``.
         logit_bias: optional float or tensor ``()`` / ``(1,)``.
+        label_smoothing: ``eps`` in ``[0, 1)``: both cross-entropies as
+            ``F.cross_entropy(label_smoothing=eps)``; see :func:`info_nce`. Not with ``group`` yet.
         backend: see :func:`info_nce`.
         group, gather, local_loss: cross-rank negatives, see :func:`info_nce`. With ``group``,
             each rank passes its ``N_r`` pairs and the loss is CLIP's over all ``sum N_r`` pairs
@@ -216,9 +235,15 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, ba
             the gradients of the features, ``logit_scale`` and ``logit_bias`` are the
             single-process ones (not W times too large).
     """
-    call, module = _checked("clip_loss", group, gather, local_loss, backend, lambda: _lower.towers(
-        image_features, text_features, logit_scale, logit_bias, sigmoid=False))
-    return _softmax(call, module, "mean", _prepare(call, group, gather, local_loss, "clip_loss"), "clip_loss")
+    eps = 0.0
+
+    def lower():
+        nonlocal eps
+        eps = _lower.label_smoothing(label_smoothing, None, group)
+        return _lower.towers(image_features, text_features, logit_scale, logit_bias, sigmoid=False)
+
+    call, module = _checked("clip_loss", group, gather, local_loss, backend, lower)
+    return _softmax(call, module, "mean", _prepare(call, group, gather, local_loss, "clip_loss"), "clip_loss", eps)
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend=None, group=None,

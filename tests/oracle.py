@@ -30,7 +30,7 @@ def _f64(x):
 @_on_input_device
 def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, labels=None, key_labels=None,
              negatives=None, negative_labels=None, exclude_self=False, decoupled=False, symmetric=False,
-             reduction="mean", pos_weight=None, bias=None, debias=None):
+             reduction="mean", pos_weight=None, bias=None, debias=None, label_smoothing=0.0):
     q, k = _f64(query), _f64(key)
     cols = k if negatives is None else torch.cat([k, _f64(negatives)])
     n, c = q.shape[0], cols.shape[0]
@@ -85,8 +85,11 @@ def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, la
         lse = torch.logsumexp(lg.masked_fill(~den, float("-inf")), dim=1)
         pos_mean = (lg * pos).sum(1) / count.clamp(min=1)
         valid = (count > 0) & den.any(1)
-        loss = torch.where(valid, lse - w * pos_mean, torch.zeros_like(lse))
-        return loss, valid
+        loss = lse - w * pos_mean
+        if label_smoothing:  # (1 - eps) of the target on the positives, eps spread over the denominator
+            den_mean = torch.where(den, lg, 0).sum(1) / den.sum(1).clamp(min=1)
+            loss = lse - (1 - label_smoothing) * w * pos_mean - label_smoothing * den_mean
+        return torch.where(valid, loss, torch.zeros_like(lse)), valid
 
     row_loss, row_valid = direction(logits, positive, in_denominator, weight, s_full)
     if not symmetric:
@@ -107,14 +110,16 @@ def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, la
 
 
 @_on_input_device
-def clip_loss(image_features, text_features, logit_scale, logit_bias=None):
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None, label_smoothing=0.0):
+    """open_clip ClipLoss: two cross-entropies over materialised logits (PyTorch's label
+    smoothing when asked)."""
     image, text = image_features, text_features
-    """open_clip ClipLoss: two cross-entropies over materialised logits."""
     li = _f64(logit_scale) * _f64(image) @ _f64(text).T
     if logit_bias is not None:
         li = li + _f64(logit_bias)
     target = torch.arange(li.shape[0])
-    return (F.cross_entropy(li, target) + F.cross_entropy(li.T, target)) / 2
+    return (F.cross_entropy(li, target, label_smoothing=label_smoothing)
+            + F.cross_entropy(li.T, target, label_smoothing=label_smoothing)) / 2
 
 
 @_on_input_device

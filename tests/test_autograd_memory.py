@@ -94,6 +94,8 @@ NEVER_NM = {
     "info_nce_labels_queue": lambda a, b: fastcl.info_nce(a, b, labels=torch.arange(N_BIG) % 10, negatives=_unit(512, a.shape[1]), backend=BACKEND),
     "info_nce_rows_temperature": lambda a, b: fastcl.info_nce(a, b, temperature=torch.full((N_BIG,), 0.1, requires_grad=True), decoupled=True, backend=BACKEND),
     "nt_xent": lambda a, b: fastcl.nt_xent(a, b, backend=BACKEND),
+    "clip_label_smoothing": lambda a, b: fastcl.clip_loss(a, b, torch.tensor(20.0, requires_grad=True), label_smoothing=0.1, backend=BACKEND),
+    "info_nce_labels_smoothing": lambda a, b: fastcl.info_nce(a, b, labels=torch.arange(N_BIG) % 10, exclude_self=True, label_smoothing=0.1, backend=BACKEND),
     "dcl": lambda a, b: fastcl.dcl(a, b, weight_sigma=0.5, backend=BACKEND),
     "supcon": lambda a, b: fastcl.supcon(torch.stack([a, b], dim=1), torch.arange(N_BIG) % 7, backend=BACKEND),
 }

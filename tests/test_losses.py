@@ -280,3 +280,63 @@ def test_symmetric_wide_logit_range(spread, dtype, backend):
     inputs = {"query": unit(n, d), "key": unit(n, d), "scale": scale}
     check_against_oracle(lambda **kw: fastcl.info_nce(**kw, symmetric=True, backend=backend),
                          lambda **kw: oracle.info_nce(**kw, symmetric=True), inputs, dtype)
+
+
+SMOOTHING_CASES = {
+    "default": dict(n=13, m=13, k=0, d=9, opts=lambda n, m, k: {}),
+    "queue_positive_index": dict(n=7, m=11, k=6, d=8, opts=lambda n, m, k: {
+        "positive_index": torch.randint(0, m + k, (n,), device=DEVICE)}),
+    "exclude_self_decoupled": dict(n=10, m=12, k=0, d=6, opts=lambda n, m, k: {
+        "positive_index": (torch.arange(n, device=DEVICE) + 3) % n, "exclude_self": True, "decoupled": True}),
+    "labels_queue_exclude_self": dict(n=12, m=12, k=5, d=7, opts=lambda n, m, k: {
+        "labels": _labels(n, 3), "negative_labels": _labels(k, 3), "exclude_self": True}),
+    "labels_decoupled_unlabelled_queue": dict(n=9, m=9, k=4, d=5, opts=lambda n, m, k: {
+        "labels": _labels(n, 3), "decoupled": True}),
+    "symmetric": dict(n=11, m=11, k=0, d=8, opts=lambda n, m, k: {"symmetric": True}),
+    "symmetric_exclude_self_decoupled": dict(n=10, m=10, k=0, d=6, opts=lambda n, m, k: {
+        "symmetric": True, "exclude_self": True, "decoupled": True,
+        "positive_index": (torch.arange(n, device=DEVICE) + 1) % n}),
+    "symmetric_rows_scale_n_lt_m": dict(n=8, m=13, k=0, d=7, opts=lambda n, m, k: {
+        "symmetric": True, "positive_index": torch.randperm(m, device=DEVICE)[:n]}, rows_scale=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", sorted(SMOOTHING_CASES))
+def test_info_nce_label_smoothing(case, reduction, dtype, backend):
+    cfg = SMOOTHING_CASES[case]
+    n, m, k, d = cfg["n"], cfg["m"], cfg["k"], cfg["d"]
+    opts = cfg["opts"](n, m, k)
+    inputs = {"query": unit(n, d), "key": unit(m, d)}
+    if k:
+        inputs["negatives"] = unit(k, d)
+    inputs["temperature"] = (torch.rand(n, dtype=torch.float64, device=DEVICE) * 0.3 + 0.05 if cfg.get("rows_scale")
+                             else torch.tensor(0.2, dtype=torch.float64, device=DEVICE))
+    check_against_oracle(
+        lambda **kw: fastcl.info_nce(**kw, **opts, label_smoothing=0.15, reduction=reduction, backend=backend),
+        lambda **kw: oracle.info_nce(**kw, **opts, label_smoothing=0.15, reduction=reduction), inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clip_loss_label_smoothing_is_pytorch_cross_entropy(dtype, backend):
+    """Against ``F.cross_entropy(label_smoothing=)`` itself (the oracle's clip_loss calls it)."""
+    n, d = 17, 12
+    inputs = {"image_features": unit(n, d), "text_features": unit(n, d),
+              "logit_scale": torch.tensor(14.3, dtype=torch.float64, device=DEVICE),
+              "logit_bias": torch.tensor(-2.0, dtype=torch.float64, device=DEVICE)}
+    check_against_oracle(lambda **kw: fastcl.clip_loss(**kw, label_smoothing=0.1, backend=backend),
+                         lambda **kw: oracle.clip_loss(**kw, label_smoothing=0.1), inputs, dtype)
+
+
+@pytest.mark.parametrize("value, error", [(-0.1, ValueError), (1.0, ValueError), (True, TypeError), ("0.1", TypeError)])
+def test_label_smoothing_rejects_bad_values(value, error):
+    q = unit(4, 3)
+    with pytest.raises(error, match="label_smoothing"):
+        fastcl.info_nce(q, q, label_smoothing=value, backend="torch")
+
+
+def test_label_smoothing_with_debias_names_both():
+    q = unit(4, 3)
+    with pytest.raises(ValueError, match="label_smoothing and debias"):
+        fastcl.info_nce(q, q, label_smoothing=0.1, debias=0.1, backend="torch")

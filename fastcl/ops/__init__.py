@@ -6,7 +6,8 @@ pass), or the ring of :mod:`fastcl.distributed` (one block per rank, partials me
 assemble every gradient once. :mod:`fastcl.ops.epilogues` holds the per-anchor math.
 """
 
+from . import smoothing
 from .sigmoid import SigmoidLoss
 from .softmax import LocalColumns, SoftmaxLoss
 
-__all__ = ["LocalColumns", "SigmoidLoss", "SoftmaxLoss"]
+__all__ = ["LocalColumns", "SigmoidLoss", "SoftmaxLoss", "smoothing"]

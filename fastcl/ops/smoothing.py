@@ -1,0 +1,84 @@
+"""Label smoothing of the softmax family: a term outside the tiles (docs/design.md §4).
+
+``F.cross_entropy(label_smoothing=eps)`` over a row's denominator columns ``D_i`` is
+
+    (1 - eps) (LSE_i - p_i) + eps (LSE_i - mean_{j in D_i} L_ij)  =  CE_i + eps (p_i - m_i)
+
+with ``p_i`` the positive logit (the mean label-positive logit for labels) and ``m_i`` the mean
+logit over ``D_i``. Both are linear in the logits, so ``m_i = s_i <q_i, sum_{j in D_i} k_j> /
+|D_i|`` needs one sum of the columns and O((N + C) D) corrections (the excluded self column, the
+positives of a decoupled loss), never a tile: the fused passes compute ``CE_i`` unchanged and the
+term below is plain differentiable PyTorch, so its gradients come from autograd. The bias
+cancels in ``p_i - m_i``. A symmetric loss's column anchors get the same with the roles of rows
+and columns swapped.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from .._spec import SoftmaxSpec
+from ..backends.common import compute_dtype
+
+
+def _label_sums(spec: SoftmaxSpec, cols: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_{j in P_i} col_j [N, D], |P_i| [N])`` for label positives (per-class sums)."""
+    labels = torch.cat([spec.row_labels, spec.col_labels])
+    _, inverse = torch.unique(labels, return_inverse=True)
+    row_class, col_class = inverse[:n], inverse[n:]
+    has = spec.col_has_label if spec.col_has_label is not None else torch.ones_like(col_class, dtype=torch.bool)
+    weight = has.to(cols.dtype)
+    n_classes = labels.numel()
+    sums = cols.new_zeros(n_classes, cols.shape[1]).index_add(0, col_class, cols * weight[:, None])
+    counts = cols.new_zeros(n_classes).index_add(0, col_class, weight)
+    pos_sum, pos_cnt = sums[row_class], counts[row_class]
+    if spec.exclude_self:  # column i is not a positive of row i
+        m = min(n, cols.shape[0])
+        self_pos = torch.zeros(n, dtype=cols.dtype, device=cols.device)
+        self_pos[:m] = ((row_class[:m] == col_class[:m]) & has[:m]).to(cols.dtype)
+        pos_sum = pos_sum - self_pos[:, None] * torch.cat([cols[:m], cols.new_zeros(n - m, cols.shape[1])])
+        pos_cnt = pos_cnt - self_pos
+    return pos_sum, pos_cnt
+
+
+def terms(query, key, negatives, scale, spec: SoftmaxSpec, eps: float
+          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(eps (p_i - m_i) [N], eps (p'_j - m'_j) per row's positive column [N] or None)``.
+
+    Differentiable in ``query``, ``key``, ``negatives`` and ``scale``; the caller zeroes invalid
+    anchors (no positive, empty denominator) and adds the terms to the fused per-anchor losses.
+    """
+    cd = compute_dtype(query.dtype)
+    q = query.to(cd)
+    cols = key.to(cd) if negatives is None else torch.cat([key, negatives]).to(cd)
+    n, c = q.shape[0], cols.shape[0]
+    s = scale.to(cd).reshape(-1).expand(n)
+    rows = torch.arange(n, device=q.device)
+    has_self = (rows < c).to(cd) if spec.exclude_self else torch.zeros(n, dtype=cd, device=q.device)
+    self_col = cols[rows.clamp(max=c - 1)] * has_self[:, None]
+
+    if spec.uses_labels:
+        pos_sum, pos_cnt = _label_sums(spec, cols, n)
+    else:
+        pos_sum, pos_cnt = cols[spec.positive_index], torch.ones(n, dtype=cd, device=q.device)
+    den_sum = cols.sum(0)[None, :] - self_col
+    den_cnt = c - has_self
+    if spec.decoupled:
+        den_sum, den_cnt = den_sum - pos_sum, den_cnt - pos_cnt
+    v = pos_sum / pos_cnt.clamp(min=1)[:, None] - den_sum / den_cnt.clamp(min=1)[:, None]
+    row_term = eps * s * (q * v).sum(dim=1)
+    if not spec.symmetric:
+        return row_term, None
+
+    # column anchors j = positive_index[i] over the N rows: p'_j is the same logit as p_i, the mean
+    # runs over the rows without column j's own row (exclude_self) or its positive row (decoupled)
+    j = spec.positive_index
+    qs = q * s[:, None]
+    col_self = (j < n).to(cd) if spec.exclude_self else torch.zeros(n, dtype=cd, device=q.device)
+    rows_sum = qs.sum(0)[None, :] - col_self[:, None] * qs[j.clamp(max=n - 1)]
+    rows_cnt = n - col_self
+    if spec.decoupled:
+        rows_sum, rows_cnt = rows_sum - qs, rows_cnt - 1
+    pos_logit = (qs * cols[j]).sum(dim=1)
+    col_term = eps * (pos_logit - (cols[j] * rows_sum).sum(dim=1) / rows_cnt.clamp(min=1))
+    return row_term, col_term
