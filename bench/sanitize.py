@@ -6,7 +6,8 @@
 Shapes are small, odd and unequal (37 x 45 x 19: no multiple of any block) so every tail mask is
 exercised; each call runs forward and backward in every dtype the backend takes. The modes: plain
 row softmax (one positive per row), symmetric CLIP, label positives with exclude_self and
-decoupled, a detached queue, per-row temperatures, and the sigmoid loss with bias, each with the
+decoupled, a detached queue, per-row temperatures, and the sigmoid loss with bias (one-hot and
+label positives), each with the
 fused and with the chunked gradient pass (chunks of a few rows). Exits 0 when every call finished
 (the sanitizer's own exit code reports memory errors).
 """
@@ -43,6 +44,7 @@ def calls(n: int, m: int, d: int, dtype, device, backend: str):
         ("detached queue", lambda: fastcl.info_nce(q, kn, negatives=queue, **kw)),
         ("per-row temperature", lambda: fastcl.info_nce(q, kn, temperature=temps, **kw)),
         ("sigmoid with bias", lambda: fastcl.siglip_loss(q, kn, 10.0, -10.0, **kw)),
+        ("sigmoid with labels", lambda: fastcl.siglip_loss(q, kn, 10.0, -10.0, labels=lab, **kw)),
     ]
 
 

@@ -39,6 +39,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sigmoid_pass", &fastcl::sigmoid_pass,
         "Sigmoid family: (acc [n_own, D] or empty, sum_j softplus(-z_ij L_ij) [N], sum_j G_ij [N])",
         py::arg("query"), py::arg("key"), py::arg("scale_rows"), py::arg("positive_index"), py::arg("bias"),
-        py::arg("own_rows"), py::arg("n_own"), py::arg("accumulate"),
-        py::arg("allow_tf32") = false, py::arg("n_split") = 0);
+        py::arg("own_rows"), py::arg("n_own"), py::arg("accumulate"), py::arg("row_labels") = py::none(),
+        py::arg("col_labels") = py::none(), py::arg("allow_tf32") = false, py::arg("n_split") = 0);
 }

@@ -319,12 +319,14 @@ at::Tensor softmax_grad(const at::Tensor& query, const at::Tensor& key, const at
 std::vector<at::Tensor> sigmoid_pass(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale_rows,
                                      const std::optional<at::Tensor>& positive_index,
                                      const std::optional<at::Tensor>& bias, bool own_rows, int64_t n_own,
-                                     bool accumulate, bool allow_tf32, int64_t n_split) {
+                                     bool accumulate, const std::optional<at::Tensor>& row_labels,
+                                     const std::optional<at::Tensor>& col_labels, bool allow_tf32, int64_t n_split) {
   check_features(query, key);
   const int64_t n = query.size(0), c = key.size(0), d = query.size(1);
   const at::ScalarType acc = acc_dtype(query.scalar_type());
   CHECK_VECTOR(scale_rows, acc, n);
   CHECK_OPTIONAL_VECTOR(positive_index, at::kLong, n);
+  check_labels(row_labels, col_labels, std::nullopt, n, c);
   if (bias.has_value()) {
     TORCH_CHECK_TYPE(bias->scalar_type() == acc, "bias must have dtype ", acc, ", got ", bias->scalar_type());
     TORCH_CHECK_VALUE(bias->numel() == 1, "bias must hold one value, got shape ", bias->sizes());
@@ -332,7 +334,7 @@ std::vector<at::Tensor> sigmoid_pass(const at::Tensor& query, const at::Tensor& 
   const int64_t max_own = own_rows ? n : c;
   TORCH_CHECK_VALUE(0 <= n_own && n_own <= max_own, "n_own must lie in [0, ", max_own, "], got ", n_own);
   check_devices(query, {{"key", &key}, {"scale_rows", &scale_rows}, {"positive_index", opt(positive_index)},
-                        {"bias", opt(bias)}});
+                        {"bias", opt(bias)}, {"row_labels", opt(row_labels)}, {"col_labels", opt(col_labels)}});
   FASTCL_DEVICE_GUARD(query);
   check_capability();
 
@@ -343,7 +345,7 @@ std::vector<at::Tensor> sigmoid_pass(const at::Tensor& query, const at::Tensor& 
   TileParams p{};
   set_sides(p, query, key, own_rows, n_own);
   p.scale = scale_rows.data_ptr();
-  p.positive_index = ptr_or_null<const int64_t>(positive_index);
+  set_masks(p, positive_index, row_labels, col_labels, std::nullopt, false, false);
   p.bias = ptr_or_null<const void>(bias);
   p.accumulate = accumulate;
   choose_split(p, n_split, accumulate ? 4 : 16);

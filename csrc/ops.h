@@ -31,14 +31,16 @@ at::Tensor softmax_grad(const at::Tensor& query, const at::Tensor& key, const at
                         bool own_rows, int64_t n_own, bool exclude_self, bool decoupled, bool allow_tf32,
                         int64_t n_split);
 
-// Sigmoid family, L = s_i <q_i, k_j> + b, z_ij = +1 at j = positive_index[i] (-1: none), -1
-// elsewhere; G_ij = sigmoid(L_ij) - [z_ij = 1]. Returns {acc, loss_rows, gsum_rows}:
+// Sigmoid family, L = s_i <q_i, k_j> + b, z_ij = +1 at j = positive_index[i] (-1: none) or,
+// with row_labels [N] / col_labels [C], wherever they are equal; -1 elsewhere;
+// G_ij = sigmoid(L_ij) - [z_ij = 1]. Returns {acc, loss_rows, gsum_rows}:
 // acc [n_own, D] = sum_other G * other_row (columns: times s_i), empty unless accumulate;
 // loss_rows/gsum_rows [N] = sum_j softplus(-z_ij L_ij) / sum_j G_ij, empty unless own_rows.
 std::vector<at::Tensor> sigmoid_pass(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale_rows,
                                      const std::optional<at::Tensor>& positive_index,
                                      const std::optional<at::Tensor>& bias, bool own_rows, int64_t n_own,
-                                     bool accumulate, bool allow_tf32, int64_t n_split);
+                                     bool accumulate, const std::optional<at::Tensor>& row_labels,
+                                     const std::optional<at::Tensor>& col_labels, bool allow_tf32, int64_t n_split);
 
 // The chunked gradient pass's logit gradient: G of query rows [row0, row0 + R) x every column
 // written into g ([R, C], contiguous; the input type for fp16/bf16, else fp32/fp64), formed as

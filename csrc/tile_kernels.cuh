@@ -454,7 +454,7 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(const TileParams p) {
         A g = A(0);
         if (valid) {
           x += bias;
-          const bool positive = j == m_pos[il];
+          const bool positive = labels ? m_row_label[il] == m_col_label[jl] : j == m_pos[il];
           st0 += softplus(positive ? -x : x);
           const A sg = positive ? -sigmoid(-x) : sigmoid(x);
           st1 += sg;

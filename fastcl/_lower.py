@@ -84,8 +84,9 @@ def two_towers(names, a, b):
     return a, b
 
 
-def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: bool) -> Lowered:
-    """CLIP (symmetric softmax, diagonal positives) or SigLIP (sigmoid, diagonal positives)."""
+def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: bool, labels=None) -> Lowered:
+    """CLIP (symmetric softmax, diagonal positives) or SigLIP (sigmoid, diagonal positives, or
+    every equal-label pair with ``labels``)."""
     image, text = two_towers(("image_features", "text_features"), image_features, text_features)
     n, device = image.shape[0], image.device
     if sigmoid and logit_bias is None:
@@ -93,8 +94,13 @@ def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: b
     s = as_scale(_checks.scalar("logit_scale", logit_scale, device, positive=False), False, image)
     bias = as_bias(_checks.optional_bias("logit_bias", logit_bias, device), image)
     pos = torch.arange(n, device=device)
-    spec = SigmoidSpec(positive_index=pos, n_rows_norm=n) if sigmoid else SoftmaxSpec(positive_index=pos,
-                                                                                      symmetric=True)
+    if sigmoid and labels is not None:
+        spec = SigmoidSpec(positive_index=None, n_rows_norm=n,
+                           labels=_checks.integer_vector("labels", labels, n, device))
+    elif sigmoid:
+        spec = SigmoidSpec(positive_index=pos, n_rows_norm=n)
+    else:
+        spec = SoftmaxSpec(positive_index=pos, symmetric=True)
     return Lowered(image, text, None, s, bias, spec)
 
 

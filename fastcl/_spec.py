@@ -69,9 +69,12 @@ class SigmoidSpec:
 
     Attributes:
         positive_index: Long[N] column holding row ``i``'s positive; ``-1`` marks a row with no
-            positive in these columns (a negatives-only block).
+            positive in these columns (a negatives-only block). ``None`` with ``labels``.
         n_rows_norm: the ``N`` the summed loss is divided by (the number of anchor rows).
+        labels: Long[N] group ids shared by the image and text of each pair, or ``None``: every
+            pair ``(i, j)`` with equal labels is a positive (``z_ij = +1``).
     """
 
-    positive_index: torch.Tensor
+    positive_index: Optional[torch.Tensor]
     n_rows_norm: int
+    labels: Optional[torch.Tensor] = None

@@ -479,7 +479,9 @@ class RingColumns:
         acc_key = _circulate(self.c, self._payload(key, spec, *extra), step, carry)
         return acc_q, acc_key, state["neg"]
 
-    def sigmoid(self, query, key, s_rows, bias, positive_index, *, rows, cols, gsum) -> SigmoidSums:
+    def sigmoid(self, query, key, s_rows, bias, positive_index, *, rows, cols, gsum, labels=None) -> SigmoidSums:
+        if labels is not None:  # the public layer refuses labels with a group before any collective
+            raise ValueError("siglip_loss: labels are not supported with group= yet")
         cd, dev = s_rows.dtype, query.device
         acc_q = torch.zeros(query.shape, dtype=cd, device=dev) if rows else None
         total = {"loss": torch.zeros((), dtype=cd, device=dev), "g": torch.zeros((), dtype=cd, device=dev)}

@@ -246,7 +246,7 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, la
     return _softmax(call, module, "mean", _prepare(call, group, gather, local_loss, "clip_loss"), "clip_loss", eps)
 
 
-def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend=None, group=None,
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, labels=None, backend=None, group=None,
                 gather="all_gather", local_loss=False):
     r"""SigLIP's pairwise sigmoid loss, equal to open_clip ``SigLipLoss`` and big_vision.
 
@@ -258,14 +258,22 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
         image_features, text_features: ``[N, D]``, used as given.
         logit_scale: already-exponentiated scale (float or tensor ``()`` / ``(1,)``).
         logit_bias: float or tensor ``()`` / ``(1,)``.
+        labels: optional Long ``[N]`` group ids of the pairs (several captions of one image,
+            duplicates): ``z_ij = +1`` whenever ``labels[i] == labels[j]``, the diagonal
+            included. Not with ``group`` yet.
         backend: see :func:`info_nce`.
         group, gather, local_loss: cross-rank negatives, see :func:`info_nce`. With ``group``,
             every (image, text) pair of the global batch is counted exactly once (open_clip's
             neighbour exchange): a rank's images meet their own texts with the positives and
             every other rank's texts as negatives only; the sum is divided by the global N.
     """
-    call, module = _checked("siglip_loss", group, gather, local_loss, backend, lambda: _lower.towers(
-        image_features, text_features, logit_scale, logit_bias, sigmoid=True))
+    def lower():
+        if labels is not None and group is not None:
+            raise ValueError("siglip_loss: labels are not supported with group= yet (they would be compared "
+                             "across ranks); pass them per process or leave them out")
+        return _lower.towers(image_features, text_features, logit_scale, logit_bias, sigmoid=True, labels=labels)
+
+    call, module = _checked("siglip_loss", group, gather, local_loss, backend, lower)
     query, key, _, scale, bias, spec = call
     dist = _prepare(call, group, gather, local_loss, "siglip_loss")
     if dist is None:

@@ -123,11 +123,13 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, label
 
 
 @_on_input_device
-def siglip_loss(image_features, text_features, logit_scale, logit_bias):
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, labels=None):
+    """SigLIP; with ``labels`` every equal-label pair is a positive (z = +1)."""
     image, text = image_features, text_features
     logits = _f64(logit_scale) * _f64(image) @ _f64(text).T + _f64(logit_bias)
     n = logits.shape[0]
-    z = 2 * torch.eye(n, dtype=torch.float64) - 1
+    positive = torch.eye(n, dtype=torch.bool) if labels is None else labels[:, None] == labels[None, :]
+    z = positive.double() * 2 - 1
     return -F.logsigmoid(z * logits).sum() / n
 
 

@@ -340,3 +340,26 @@ def test_label_smoothing_with_debias_names_both():
     q = unit(4, 3)
     with pytest.raises(ValueError, match="label_smoothing and debias"):
         fastcl.info_nce(q, q, label_smoothing=0.1, debias=0.1, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [1, 4, 37])
+@pytest.mark.parametrize("n", [1, 13, 37])
+def test_siglip_loss_labels(n, classes, dtype, backend):
+    """Multi-positive SigLIP: every pair with equal labels is a positive (one class: all are;
+    as many classes as rows: mostly the diagonal and a few duplicates)."""
+    d = 16
+    labels = torch.randint(0, classes, (n,), device=DEVICE)
+    inputs = {"image_features": unit(n, d), "text_features": unit(n, d),
+              "logit_scale": torch.tensor(10.0, dtype=torch.float64, device=DEVICE),
+              "logit_bias": torch.tensor(-5.0, dtype=torch.float64, device=DEVICE)}
+    check_against_oracle(lambda **kw: fastcl.siglip_loss(**kw, labels=labels, backend=backend),
+                         lambda **kw: oracle.siglip_loss(**kw, labels=labels), inputs, dtype)
+
+
+def test_siglip_loss_labels_checked():
+    q = unit(5, 3)
+    with pytest.raises(ValueError, match="labels"):
+        fastcl.siglip_loss(q, q, 10.0, -10.0, labels=torch.zeros(4, dtype=torch.long, device=DEVICE), backend="torch")
+    with pytest.raises(TypeError, match="labels"):
+        fastcl.siglip_loss(q, q, 10.0, -10.0, labels=torch.zeros(5, device=DEVICE), backend="torch")

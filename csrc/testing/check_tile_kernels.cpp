@@ -210,6 +210,8 @@ struct Runner {
     const int n_own = own_rows ? pb.n : pb.c;
     TileParams p = base(own_rows, n_own);
     p.positive_index = pb.sig_pos.data();
+    p.row_labels = p.col_labels = nullptr;  // one-hot positives here (label positives: tests/test_losses.py)
+    p.col_has_label = nullptr;
     p.bias = bias.data();
     p.accumulate = true;
     const size_t size = static_cast<size_t>(p.n_split) * n_own;

@@ -30,12 +30,14 @@ denominator), ``symmetric`` (column statistics wanted) and ``n_grad_cols``.
     entry of their line); an entry whose weight is 0 contributes exactly 0 whatever its LSE.
     ``lse_col``/``w_col`` are ``None`` unless ``spec.symmetric``.
 
-``sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows, cols, gsum) -> SigmoidSums``
+``sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows, cols, gsum, labels=None) -> SigmoidSums``
     Over ``L_ij = S_ij + b`` with ``z_ij = +1`` at ``j = positive_index[i]`` (``None``, or -1
-    in a row: no positive in this block), ``-1`` elsewhere, and ``G_ij = sigmoid(L_ij) - [z_ij
-    = 1]``: ``loss`` (a 0-d sum of ``softplus(-z_ij L_ij)``), ``g_sum`` (0-d sum of G, for the
-    bias; ``None`` unless ``gsum``), ``acc_q`` and ``acc_k`` as above (``None`` unless
-    ``rows``/``cols``). ``bias`` is a 0-d tensor in the compute dtype, or ``None``.
+    in a row: no positive in this block) or, with ``labels = (row_labels [N], col_labels [C])``
+    (Long; ``positive_index`` then ``None``), wherever ``row_labels[i] == col_labels[j]``,
+    ``-1`` elsewhere, and ``G_ij = sigmoid(L_ij) - [z_ij = 1]``: ``loss`` (a 0-d sum of
+    ``softplus(-z_ij L_ij)``), ``g_sum`` (0-d sum of G, for the bias; ``None`` unless ``gsum``),
+    ``acc_q`` and ``acc_k`` as above (``None`` unless ``rows``/``cols``). ``bias`` is a 0-d
+    tensor in the compute dtype, or ``None``.
 
 No pass allocates an N x C buffer. Each backend's module docstring says how it meets the
 contract; ``torch`` is the readable specification.

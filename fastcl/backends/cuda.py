@@ -110,31 +110,34 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
 
 
 def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = True, cols: bool = True,
-                 gsum: bool = True) -> SigmoidSums:
-    """Sigmoid loss and gradient sums of the block (the row kernel also sums the loss)."""
+                 gsum: bool = True, labels=None) -> SigmoidSums:
+    """Sigmoid loss and gradient sums of the block (the row kernel also sums the loss); label
+    positives are compared inside the tiles."""
     C = _ext()
     q, k = query.contiguous(), key.contiguous()
     launch = _launch_options(q.dtype)
     pos = None if positive_index is None else positive_index.to(torch.long).contiguous()
+    labelled = dict(row_labels=None, col_labels=None) if labels is None else dict(
+        row_labels=labels[0].to(torch.long).contiguous(), col_labels=labels[1].to(torch.long).contiguous())
     directions = int(rows) + int(cols)
     if directions and chunked.choose(q.device, q.dtype, q.shape[0], k.shape[0], q.shape[1], directions,
                                      fused_kernel="cuda") == "chunked":
 
         def fill(r0, r1, g):
-            loss, g_sum = C.logit_grad(q, k, scale_rows, positive_index=pos, row_labels=None, col_labels=None,
-                                       col_has_label=None, lse_row=None, w_row=None, coef_row=None, lse_col=None,
-                                       w_col=None, bias=bias, g_scale=None, g=g, row0=r0, sigmoid=True,
-                                       exclude_self=False, decoupled=False, **launch)
+            loss, g_sum = C.logit_grad(q, k, scale_rows, positive_index=pos, col_has_label=None, lse_row=None,
+                                       w_row=None, coef_row=None, lse_col=None, w_col=None, bias=bias, g_scale=None,
+                                       g=g, row0=r0, sigmoid=True, exclude_self=False, decoupled=False, **labelled,
+                                       **launch)
             return loss.sum(), g_sum.sum()
 
         acc_q, acc_k, (total, g_total) = chunked.run(fill, q, k, scale_rows, rows=rows, cols=cols)
         return SigmoidSums(total, g_total if gsum else None, acc_q, acc_k)
     acc_q, loss_rows, g_rows = C.sigmoid_pass(q, k, scale_rows, positive_index=pos, bias=bias, own_rows=True,
-                                              n_own=q.shape[0], accumulate=rows, **launch)
+                                              n_own=q.shape[0], accumulate=rows, **labelled, **launch)
     acc_k = None
     if cols:
         acc_k = C.sigmoid_pass(q, k, scale_rows, positive_index=pos, bias=bias, own_rows=False, n_own=k.shape[0],
-                               accumulate=True, **launch)[0]
+                               accumulate=True, **labelled, **launch)[0]
     return SigmoidSums(loss_rows.sum(), g_rows.sum() if gsum else None, acc_q if rows else None, acc_k)
 
 

@@ -439,11 +439,12 @@ def _symmetric_grad(g, tile, w_row, lse_row, w_col, lse_col, is_anchor, safe_log
 
 
 def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = True, cols: bool = True,
-                 gsum: bool = True) -> SigmoidSums:
+                 gsum: bool = True, labels=None) -> SigmoidSums:
     """Sigmoid loss and gradient sums of the block.
 
     Every entry is first treated as a negative (``softplus(L_ij)``, ``G = sigmoid(L_ij)``); each
-    positive then gets ``softplus(-x) - softplus(x) = -x`` and ``G -= 1``, outside the tiles.
+    positive then gets ``softplus(-x) - softplus(x) = -x`` and ``G -= 1``: outside the tiles for
+    one-hot positives, inside them (a label comparison per tile) for ``labels``.
     """
     cd = scale_rows.dtype
     q, k = query.to(cd), key.to(cd)
@@ -459,7 +460,13 @@ def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = T
             tile.add_(bias)
         work = work.view(r1 - r0, c1 - c0)
         loss = torch.ops.aten.softplus.out(tile, 1.0, 50.0, out=work).sum()
-        return loss, torch.sigmoid(tile, out=work) if grad else None
+        g = torch.sigmoid(tile, out=work) if grad else None
+        if labels is not None:  # equal labels are positives: softplus(-L) = softplus(L) - L, G -= 1
+            match = (labels[0][r0:r1, None] == labels[1][None, c0:c1]).to(cd)
+            loss = loss - (tile * match).sum()
+            if grad:
+                g.sub_(match)
+        return loss, g
 
     directions = int(rows) + int(cols)
     if directions and chunked.choose(dev, query.dtype, n, c, d, directions) == "chunked":

@@ -253,12 +253,15 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
 
 
 def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = True, cols: bool = True,
-                 gsum: bool = True) -> SigmoidSums:
-    """Sigmoid loss and gradient sums of the block (the row launch also sums the loss)."""
+                 gsum: bool = True, labels=None) -> SigmoidSums:
+    """Sigmoid loss and gradient sums of the block (the row launch also sums the loss); label
+    positives are the kernels' in-tile label comparison."""
     q, k = query.contiguous(), key.contiguous()
     n, cd, dev = q.shape[0], scale_rows.dtype, q.device
     pos = no_positives(n, dev) if positive_index is None else positive_index.contiguous()
-    launcher = _Launcher(q, k, scale_rows, _scalars(bias, cd, dev), bias is not None, pos, sigmoid=True)
+    row_labels, col_labels = (None, None) if labels is None else (labels[0].contiguous(), labels[1].contiguous())
+    launcher = _Launcher(q, k, scale_rows, _scalars(bias, cd, dev), bias is not None, pos, row_labels, col_labels,
+                         sigmoid=True)
     n_sums = _cdiv(launcher.c, launcher.logit_block_b())
     directions = int(rows) + int(cols)
     if directions and chunked.choose(dev, q.dtype, n, launcher.c, launcher.d, directions,

@@ -22,8 +22,9 @@ class SigmoidLoss(torch.autograd.Function):
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[1:5]
         s_rows = row_scale(scale, query.shape[0], cd)
         b = None if bias is None else bias.detach().to(cd).reshape(())
+        labels = None if spec.labels is None else (spec.labels, spec.labels)
         sums = columns.sigmoid(query, key, s_rows, b, spec.positive_index, rows=need_q or need_s, cols=need_k,
-                               gsum=need_b)
+                               gsum=need_b, labels=labels)
         inv_n = 1.0 / spec.n_rows_norm
         # gradients of the loss itself, kept for the backward to scale
         dq = sums.acc_q * (s_rows[:, None] * inv_n) if need_q else None

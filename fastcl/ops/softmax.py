@@ -79,8 +79,9 @@ class LocalColumns:
             return acc_q, None, None
         return acc_q, acc_k[:m], acc_k[m:]
 
-    def sigmoid(self, query, key, s_rows, bias, positive_index, *, rows, cols, gsum):
-        return self.backend.sigmoid_pass(query, key, s_rows, bias, positive_index, rows=rows, cols=cols, gsum=gsum)
+    def sigmoid(self, query, key, s_rows, bias, positive_index, *, rows, cols, gsum, labels=None):
+        return self.backend.sigmoid_pass(query, key, s_rows, bias, positive_index, rows=rows, cols=cols, gsum=gsum,
+                                         labels=labels)
 
 
 def _positive_logits(query, key, negatives, s_rows, positive_index):
