@@ -47,26 +47,33 @@ def terms(query, key, negatives, scale, spec: SoftmaxSpec, eps: float
 
     Differentiable in ``query``, ``key``, ``negatives`` and ``scale``; the caller zeroes invalid
     anchors (no positive, empty denominator) and adds the terms to the fused per-anchor losses.
+    Written as per-row dot products (``[N]`` vectors) so that only the gathers of the positive
+    (and, with ``exclude_self``, the self) columns touch ``[N, D]``.
     """
     cd = compute_dtype(query.dtype)
     q = query.to(cd)
     cols = key.to(cd) if negatives is None else torch.cat([key, negatives]).to(cd)
     n, c = q.shape[0], cols.shape[0]
     s = scale.to(cd).reshape(-1).expand(n)
-    rows = torch.arange(n, device=q.device)
-    has_self = (rows < c).to(cd) if spec.exclude_self else torch.zeros(n, dtype=cd, device=q.device)
-    self_col = cols[rows.clamp(max=c - 1)] * has_self[:, None]
+    zeros = torch.zeros(n, dtype=cd, device=q.device)
 
+    # <q_i, sum over P_i> and |P_i|; <q_i, sum over D_i> and |D_i|
+    pos_cols = None
     if spec.uses_labels:
         pos_sum, pos_cnt = _label_sums(spec, cols, n)
+        pos_dot = (q * pos_sum).sum(dim=1)
     else:
-        pos_sum, pos_cnt = cols[spec.positive_index], torch.ones(n, dtype=cd, device=q.device)
-    den_sum = cols.sum(0)[None, :] - self_col
-    den_cnt = c - has_self
+        pos_cols = cols[spec.positive_index]
+        pos_dot, pos_cnt = (q * pos_cols).sum(dim=1), torch.ones_like(zeros)
+    den_dot, den_cnt = q @ cols.sum(0), torch.full_like(zeros, float(c))
+    if spec.exclude_self:  # column i leaves row i (rows beyond the columns have none to leave)
+        m = min(n, c)
+        has_self = torch.cat([torch.ones(m, dtype=cd, device=q.device), zeros[m:]])
+        self_dot = torch.cat([(q[:m] * cols[:m]).sum(dim=1), zeros[m:]])
+        den_dot, den_cnt = den_dot - self_dot, den_cnt - has_self
     if spec.decoupled:
-        den_sum, den_cnt = den_sum - pos_sum, den_cnt - pos_cnt
-    v = pos_sum / pos_cnt.clamp(min=1)[:, None] - den_sum / den_cnt.clamp(min=1)[:, None]
-    row_term = eps * s * (q * v).sum(dim=1)
+        den_dot, den_cnt = den_dot - pos_dot, den_cnt - pos_cnt
+    row_term = eps * s * (pos_dot / pos_cnt.clamp(min=1) - den_dot / den_cnt.clamp(min=1))
     if not spec.symmetric:
         return row_term, None
 
@@ -74,11 +81,15 @@ def terms(query, key, negatives, scale, spec: SoftmaxSpec, eps: float
     # runs over the rows without column j's own row (exclude_self) or its positive row (decoupled)
     j = spec.positive_index
     qs = q * s[:, None]
-    col_self = (j < n).to(cd) if spec.exclude_self else torch.zeros(n, dtype=cd, device=q.device)
-    rows_sum = qs.sum(0)[None, :] - col_self[:, None] * qs[j.clamp(max=n - 1)]
-    rows_cnt = n - col_self
+    col_j = pos_cols
+    pos_logit = s * pos_dot
+    rows_dot, rows_cnt = col_j @ qs.sum(0), torch.full_like(zeros, float(n))
+    if spec.exclude_self:
+        own = (j < n).to(cd)
+        own_row = j.clamp(max=n - 1)
+        rows_dot = rows_dot - own * (qs[own_row] * col_j).sum(dim=1)
+        rows_cnt = rows_cnt - own
     if spec.decoupled:
-        rows_sum, rows_cnt = rows_sum - qs, rows_cnt - 1
-    pos_logit = (qs * cols[j]).sum(dim=1)
-    col_term = eps * (pos_logit - (cols[j] * rows_sum).sum(dim=1) / rows_cnt.clamp(min=1))
+        rows_dot, rows_cnt = rows_dot - pos_logit, rows_cnt - 1
+    col_term = eps * (pos_logit - rows_dot / rows_cnt.clamp(min=1))
     return row_term, col_term
