@@ -20,6 +20,7 @@ CLIP_SCALE = 1 / 0.07  # open_clip's initial exp(logit_scale)
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # SigLIP's initialisation
 TEMPERATURE = 0.1
 NT_XENT_TEMPERATURE = 0.5
+LABEL_SMOOTHING = 0.1
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,11 @@ def _make_siglip(n, d, dtype, device, grad, gen):
     return dict(x=x, y=y, scale=scale, bias=bias), _leaves([x, y, scale, bias], grad)
 
 
+def _make_siglip_labels(n, d, dtype, device, grad, gen):
+    inputs, leaves = _make_siglip(n, d, dtype, device, grad, gen)
+    return dict(inputs, labels=_classes(n, device, gen)), leaves
+
+
 def _classes(n, device, gen):
     # about four samples per class: every anchor has a few positives
     return torch.randint(0, max(1, n // 4), (n,), generator=gen, device=device)
@@ -137,6 +143,11 @@ CASES: Dict[str, Case] = {
              lambda i, b: fastcl.clip_loss(i["x"], i["y"], i["scale"], backend=b)),
         Case("siglip_loss", "SigLIP pairwise sigmoid, scale 10 and bias -10 (learnable)", _square, _make_siglip,
              lambda i, b: fastcl.siglip_loss(i["x"], i["y"], i["scale"], i["bias"], backend=b)),
+        Case("clip_loss_smoothed", "CLIP with label smoothing 0.1", _square, _make_clip,
+             lambda i, b: fastcl.clip_loss(i["x"], i["y"], i["scale"], label_smoothing=LABEL_SMOOTHING, backend=b)),
+        Case("siglip_labels", "SigLIP, every equal-label pair positive, ~4 pairs per label", _square,
+             _make_siglip_labels,
+             lambda i, b: fastcl.siglip_loss(i["x"], i["y"], i["scale"], i["bias"], labels=i["labels"], backend=b)),
         Case("info_nce_labels", "InfoNCE, label positives (SupCon row loss), ~4 per class", _square, _make_labels,
              lambda i, b: fastcl.info_nce(i["q"], i["k"], labels=i["labels"], temperature=TEMPERATURE, backend=b)),
         Case("info_nce_queue", "InfoNCE with a MoCo queue of K=N detached negatives",

@@ -26,24 +26,28 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .cases import NT_XENT_TEMPERATURE, TEMPERATURE, Inputs
+from .cases import LABEL_SMOOTHING, NT_XENT_TEMPERATURE, TEMPERATURE, Inputs
 
 PEERS = ("naive", "open_clip", "inf_cl", "siglip_kernel", "memeff")
 
 
 # --- naive materialised PyTorch ------------------------------------------------------------
 
-def naive_clip_loss(x, y, scale, bias=None):
+def naive_clip_loss(x, y, scale, bias=None, label_smoothing=0.0):
     logits = scale * x @ y.T
     if bias is not None:
         logits = logits + bias
     labels = torch.arange(x.shape[0], device=x.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
 
 
-def naive_siglip_loss(x, y, scale, bias):
+def naive_siglip_loss(x, y, scale, bias, labels=None):
     logits = scale * x @ y.T + bias
-    z = 2 * torch.eye(x.shape[0], device=x.device, dtype=logits.dtype) - 1
+    if labels is None:
+        z = 2 * torch.eye(x.shape[0], device=x.device, dtype=logits.dtype) - 1
+    else:
+        z = 2 * (labels[:, None] == labels[None, :]).to(logits.dtype) - 1
     return -F.logsigmoid(z * logits).sum() / x.shape[0]
 
 
@@ -103,6 +107,8 @@ def naive_dcl(z1, z2):
 NAIVE: Dict[str, Callable[[Inputs], torch.Tensor]] = {
     "clip_loss": lambda i: naive_clip_loss(i["x"], i["y"], i["scale"]),
     "siglip_loss": lambda i: naive_siglip_loss(i["x"], i["y"], i["scale"], i["bias"]),
+    "clip_loss_smoothed": lambda i: naive_clip_loss(i["x"], i["y"], i["scale"], label_smoothing=LABEL_SMOOTHING),
+    "siglip_labels": lambda i: naive_siglip_loss(i["x"], i["y"], i["scale"], i["bias"], i["labels"]),
     "info_nce_labels": lambda i: naive_info_nce_labels(i["q"], i["k"], i["labels"]),
     "info_nce_queue": lambda i: naive_info_nce_queue(i["q"], i["k"], i["queue"]),
     "info_nce_hardneg": lambda i: naive_info_nce_hardneg(i["q"], i["k"], i["pos"]),
