@@ -155,7 +155,7 @@ def _debias(value, labels, decoupled: bool) -> Optional[float]:
     return float(value)
 
 
-def label_smoothing(value, debias, group) -> float:
+def label_smoothing(value, debias, group, gather) -> float:
     """``label_smoothing`` validated: a float in ``[0, 1)`` (0: none)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"label_smoothing must be a float in [0, 1); got {type(value).__name__}")
@@ -163,9 +163,9 @@ def label_smoothing(value, debias, group) -> float:
         raise ValueError(f"label_smoothing must lie in [0, 1); got {value}")
     if value and debias is not None:
         raise ValueError("label_smoothing and debias cannot be combined (the debiased loss has its own denominator)")
-    if value and group is not None:
-        raise ValueError("label_smoothing is not supported with group= yet (its mean logit needs every rank's "
-                         "columns); compute it per process or without smoothing")
+    if value and group is not None and gather != "all_gather":
+        raise ValueError("label_smoothing across ranks needs gather='all_gather' (its mean logit needs every rank's "
+                         "columns at once; the ring never holds them)")
     return float(value)
 
 

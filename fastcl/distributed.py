@@ -506,15 +506,25 @@ class RingColumns:
 # Entry points for fastcl.functional
 
 
-def softmax_loss(c: Context, backend, query, key, negatives, scale, bias, spec: SoftmaxSpec):
+def _smoothed(loss, valid, term):
+    return loss + torch.where(valid, term, torch.zeros_like(term))
+
+
+def softmax_loss(c: Context, backend, query, key, negatives, scale, bias, spec: SoftmaxSpec,
+                 label_smoothing: float = 0.0):
     """Per-anchor losses ``(row_loss, col_loss, row_valid, col_valid)`` of this rank's rows over
     every rank's keys followed by this rank's ``negatives``.
 
     ``spec`` is written as for a local call over ``[key; negatives]`` (local indices);
-    ``backend`` runs the passes in either mode.
+    ``backend`` runs the passes in either mode. ``label_smoothing`` (all_gather mode) adds
+    :mod:`fastcl.ops.smoothing`'s terms over the gathered columns (and, symmetric, rows), whose
+    gradients reach every rank through the gathers.
     """
     n_neg = 0 if negatives is None else negatives.shape[0]
     if c.mode == "ring":
+        if label_smoothing:
+            raise ValueError("label_smoothing across ranks needs gather='all_gather' (the ring never holds every "
+                             "rank's columns at once)")
         return ops.softmax.softmax_loss(RingColumns(c, backend, n_neg), query, key, negatives, scale, bias, spec)
     m, m_all = key.shape[0], sum(c.key_sizes)
     keys = _gather_own_first(key, c, c.key_sizes)
@@ -529,14 +539,18 @@ def softmax_loss(c: Context, backend, query, key, negatives, scale, bias, spec: 
     row_spec = replace(spec, positive_index=pos, col_labels=col_labels, col_has_label=col_has_label,
                        n_grad_cols=None if spec.n_grad_cols is None else m_all, symmetric=False)
     columns = ops.LocalColumns(backend, query.shape[0], m_all + n_neg)
-    outs = ops.softmax.softmax_loss(columns, query, keys, negatives, scale, bias, row_spec)
+    row_loss, col_loss, row_valid, col_valid = ops.softmax.softmax_loss(columns, query, keys, negatives, scale, bias,
+                                                                        row_spec)
+    if label_smoothing:
+        term, _ = ops.smoothing.terms(query, keys, negatives, scale, row_spec, label_smoothing)
+        row_loss = _smoothed(row_loss, row_valid, term)
     if not spec.symmetric:
-        return outs
-    col_loss, col_valid = _column_losses(c, backend, query, key, scale, bias, spec)
-    return outs[0], col_loss, outs[2], col_valid
+        return row_loss, col_loss, row_valid, col_valid
+    col_loss, col_valid = _column_losses(c, backend, query, key, scale, bias, spec, label_smoothing)
+    return row_loss, col_loss, row_valid, col_valid
 
 
-def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSpec):
+def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSpec, label_smoothing: float = 0.0):
     """Symmetric losses, all_gather mode: each local positive column as an anchor over every
     rank's rows, computed as a row-direction loss of the transposed problem."""
     n = query.shape[0]
@@ -565,6 +579,9 @@ def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSp
                          debias=spec.debias)
     columns = ops.LocalColumns(backend, anchors.shape[0], queries.shape[0])
     loss, _, valid, _ = ops.softmax.softmax_loss(columns, anchors, queries, None, col_scale, bias, t_spec)
+    if label_smoothing:  # the transposed problem's row term is the column term
+        term, _ = ops.smoothing.terms(anchors, queries, None, col_scale, t_spec, label_smoothing)
+        loss = _smoothed(loss, valid, term)
     if spec.exclude_self:
         loss, valid = loss[pos], valid[pos]
     return loss, valid

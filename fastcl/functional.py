@@ -56,7 +56,7 @@ def _prepare(call: Lowered, group, gather, local_loss, op: str, reduction: str =
 def _softmax(call: Lowered, module, reduction: str, dist, op: str, label_smoothing: float = 0.0):
     """Per-anchor losses of ``call`` on the chosen backend, reduced; with a distributed context,
     over every rank's keys (followed by this rank's negatives). ``label_smoothing`` adds its term
-    (:mod:`fastcl.ops.smoothing`) to every valid anchor (single process)."""
+    (:mod:`fastcl.ops.smoothing`) to every valid anchor."""
     query, key, negatives, scale, bias, spec = call
     if dist is None:
         n_cols = key.shape[0] + (0 if negatives is None else negatives.shape[0])
@@ -73,7 +73,7 @@ def _softmax(call: Lowered, module, reduction: str, dist, op: str, label_smoothi
         if spec.debias is not None and spec.symmetric and scale.dim() == 1:
             raise ValueError(f"{op}: debias with symmetric=True and a per-row temperature/scale is not supported "
                              "across ranks (its column floor sums every rank's scales); use a scalar scale")
-        outs = _dist.softmax_loss(dist, module, query, key, negatives, scale, bias, spec)
+        outs = _dist.softmax_loss(dist, module, query, key, negatives, scale, bias, spec, label_smoothing)
     return _reduce(*outs, spec.symmetric, reduction, dist)
 
 
@@ -162,7 +162,8 @@ def info_nce(
         label_smoothing: ``eps`` in ``[0, 1)``, ``F.cross_entropy(label_smoothing=eps)`` over each
             anchor's denominator columns: ``(1 - eps) (LSE_i - p_i) + eps (LSE_i - mean_{j in
             D_i} L_ij)``, with ``p_i`` the positive logit (labels: the SupCon row term). Costs
-            O((N + M + K) D) beside the fused loss. Not with ``debias`` or ``group`` (yet).
+            O((N + M + K) D) beside the fused loss. Not with ``debias``; with ``group``, only with
+            ``gather="all_gather"``.
         reduction: ``"mean"`` over anchors that have a positive and a non-empty denominator,
             ``"sum"``, or ``"none"``: per-row losses ``[N]``; with ``symmetric`` a tuple
             ``(row_losses[N], column_losses[N])`` where ``column_losses[i]`` belongs to the
@@ -202,15 +203,15 @@ def info_nce(
     def lower():
         nonlocal eps
         _checks.choice("reduction", reduction, _REDUCTIONS)
-        eps = _lower.label_smoothing(label_smoothing, debias, group)
+        eps = _lower.label_smoothing(label_smoothing, debias, group, gather)
         return _lower.info_nce(query, key, temperature=temperature, scale=scale, positive_index=positive_index,
                                labels=labels, key_labels=key_labels, negatives=negatives,
                                negative_labels=negative_labels, exclude_self=exclude_self, decoupled=decoupled,
                                symmetric=symmetric, debias=debias)
 
     call, module = _checked("info_nce", group, gather, local_loss, backend, lower)
-    return _softmax(call, module, reduction, _prepare(call, group, gather, local_loss, "info_nce", reduction),
-                    "info_nce", eps)
+    dist = _prepare(call, group, gather, local_loss, "info_nce", reduction, scalars={"label_smoothing": eps})
+    return _softmax(call, module, reduction, dist, "info_nce", eps)
 
 
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, label_smoothing=0.0, backend=None,
@@ -226,7 +227,8 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, la
         logit_scale: the already-exponentiated scale: float or tensor ``()`` / ``(1,)``.
         logit_bias: optional float or tensor ``()`` / ``(1,)``.
         label_smoothing: ``eps`` in ``[0, 1)``: both cross-entropies as
-            ``F.cross_entropy(label_smoothing=eps)``; see :func:`info_nce`. Not with ``group`` yet.
+            ``F.cross_entropy(label_smoothing=eps)``; see :func:`info_nce` (``group`` with
+            ``gather="all_gather"`` only).
         backend: see :func:`info_nce`.
         group, gather, local_loss: cross-rank negatives, see :func:`info_nce`. With ``group``,
             each rank passes its ``N_r`` pairs and the loss is CLIP's over all ``sum N_r`` pairs
@@ -239,11 +241,12 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, la
 
     def lower():
         nonlocal eps
-        eps = _lower.label_smoothing(label_smoothing, None, group)
+        eps = _lower.label_smoothing(label_smoothing, None, group, gather)
         return _lower.towers(image_features, text_features, logit_scale, logit_bias, sigmoid=False)
 
     call, module = _checked("clip_loss", group, gather, local_loss, backend, lower)
-    return _softmax(call, module, "mean", _prepare(call, group, gather, local_loss, "clip_loss"), "clip_loss", eps)
+    dist = _prepare(call, group, gather, local_loss, "clip_loss", scalars={"label_smoothing": eps})
+    return _softmax(call, module, "mean", dist, "clip_loss", eps)
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, labels=None, backend=None, group=None,

@@ -61,7 +61,7 @@ def _unit(g, n, d):
     return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
 
 
-def case_clip(world, g, bias=True):
+def case_clip(world, g, bias=True, label_smoothing=0.0):
     sizes = _shards(world, 3)
     n, d = sum(sizes), 7
     tensors = {"image_features": (_unit(g, n, d), sizes, True), "text_features": (_unit(g, n, d), sizes, True),
@@ -69,7 +69,8 @@ def case_clip(world, g, bias=True):
     if bias:
         tensors["logit_bias"] = (torch.tensor(-0.7, dtype=torch.float64), None, True)
     import fastcl
-    return fastcl.clip_loss, tensors, lambda r: {}, {}
+    extra = {"label_smoothing": label_smoothing} if label_smoothing else {}
+    return fastcl.clip_loss, tensors, lambda r: extra, extra
 
 
 def case_siglip(world, g):
@@ -84,7 +85,7 @@ def case_siglip(world, g):
 
 def _info_nce_case(world, g, *, key_extra=0, n_neg=0, neg_grad=False, labels=0, neg_labels=False,
                    positives="diag", per_row_t=False, symmetric=False, exclude_self=False, decoupled=False,
-                   reduction="mean", d=5, debias=None, first_rows=None):
+                   reduction="mean", d=5, debias=None, first_rows=None, label_smoothing=0.0):
     import fastcl
     rows = _shards(world, 3)
     if first_rows is not None:  # a small shard on rank 0 (one row: a (1,) per-row temperature)
@@ -102,6 +103,8 @@ def _info_nce_case(world, g, *, key_extra=0, n_neg=0, neg_grad=False, labels=0, 
                                                      "exclude_self": exclude_self, "decoupled": decoupled}
     if debias is not None:
         glob["debias"] = debias
+    if label_smoothing:
+        glob["label_smoothing"] = label_smoothing
     if not per_row_t:
         glob["temperature"] = 0.3
     if labels:
@@ -196,6 +199,13 @@ CASES = {
                                                                        per_row_t=True, debias=0.1),
     "info_nce_debias_symmetric_exclude_self": lambda w, g: _info_nce_case(w, g, positives="shifted", symmetric=True,
                                                                           exclude_self=True, debias=0.3),
+    "clip_loss_label_smoothing": lambda w, g: case_clip(w, g, label_smoothing=0.1),
+    "info_nce_label_smoothing_labels_exclude_self_queue": lambda w, g: _info_nce_case(
+        w, g, labels=3, exclude_self=True, n_neg=4, neg_grad=True, label_smoothing=0.2),
+    "info_nce_label_smoothing_symmetric_per_row_temperature": lambda w, g: _info_nce_case(
+        w, g, key_extra=2, positives="perm", per_row_t=True, symmetric=True, label_smoothing=0.15),
+    "info_nce_label_smoothing_symmetric_exclude_self_decoupled": lambda w, g: _info_nce_case(
+        w, g, positives="shifted", symmetric=True, exclude_self=True, decoupled=True, label_smoothing=0.1),
     "nt_xent": case_nt_xent,
     "supcon": case_supcon,
     "supcon_one_no_labels": lambda w, g: case_supcon(w, g, contrast_mode="one", labels=False),
@@ -204,6 +214,14 @@ CASES = {
     "nn.ClipLoss": lambda w, g: case_nn_module(w, g, "ClipLoss"),
     "nn.SupConLoss": lambda w, g: case_nn_module(w, g, "SupConLoss"),
 }
+
+
+# cases the ring cannot run (it raises, saying so): they need every rank's columns at once
+ALL_GATHER_ONLY = {name for name in CASES if "label_smoothing" in name}
+
+
+def _modes(name):
+    return [m for m in MODES if m == "all_gather" or name not in ALL_GATHER_ONLY]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,6 +390,8 @@ def _bad_setups(world, rank):
         "temperature": lambda: fastcl.info_nce(x, x, temperature=-1.0 if rank == 0 else 0.1, group=group),
         "backend": lambda: fastcl.clip_loss(x, x, 10.0, backend="numpy" if rank == 0 else "torch", group=group),
         "string_flag": lambda: fastcl.nt_xent(x, x, normalize="False" if rank == 0 else False, group=group),
+        "label_smoothing": lambda: fastcl.clip_loss(x, x, 10.0, label_smoothing=0.1 * (rank == 0), group=group),
+        "label_smoothing_ring": lambda: fastcl.clip_loss(x, x, 10.0, label_smoothing=0.1, group=group, gather="ring"),
         # every rank alike: all_gather's transposed pass needs this layout (ring does not)
         "layout": lambda: fastcl.info_nce(x, torch.randn(6, 6, dtype=torch.float64), symmetric=True, exclude_self=True,
                                           positive_index=torch.tensor([1, 2, 3, 5]), group=group),
@@ -417,7 +437,7 @@ def _worker(rank, world, port, outdir):
     report = {"checks": {}, "memory": {}, "bad_setups": {}, "seconds": {}}
     t0 = time.perf_counter()
     for name in CASES:
-        for mode in MODES:
+        for mode in _modes(name):
             for local_loss in (False, True):
                 key = f"{name}|{mode}|{'local' if local_loss else 'global'}"
                 report["checks"][key] = _run_case(name, mode, local_loss, world, rank)
@@ -491,7 +511,7 @@ def _rank_backends():
 
 
 RANK_BACKENDS = _rank_backends() if __name__ != "__main__" else []
-CHECK_IDS = [f"{name}|{mode}|{scope}" for name in CASES for mode in MODES for scope in ("global", "local")]
+CHECK_IDS = [f"{name}|{mode}|{scope}" for name in CASES for mode in _modes(name) for scope in ("global", "local")]
 CHECK_IDS += [f"clip_loss|{mode}|global_weighted_ranks" for mode in MODES] + ["all_gather_helper"]
 BACKEND_CHECK_IDS = [f"{name}|{mode}|{b}" for b in KERNEL_BACKENDS for name in BACKEND_CASES for mode in MODES]
 
@@ -537,7 +557,10 @@ def test_ring_memory_does_not_grow_with_world_size(reports, op):
                                             ("scale", "ValueError: clip_loss: logit_scale differs across ranks"),
                                             ("gather", "ValueError: info_nce: ranks disagree on gather"),
                                             ("labels", "ValueError: info_nce: ranks disagree on labels"),
-                                            ("layout", "ValueError: symmetric with exclude_self across ranks")])
+                                            ("layout", "ValueError: symmetric with exclude_self across ranks"),
+                                            ("label_smoothing", "ValueError: clip_loss: label_smoothing differs"),
+                                            ("label_smoothing_ring", "ValueError: label_smoothing across ranks needs "
+                                                                     "gather='all_gather'")])
 def test_bad_setups_raise_on_every_rank(reports, world, setup, expected):
     for rank, messages in enumerate(reports[world]["bad_setups"]):
         assert messages[setup].startswith(expected), f"rank {rank}: {messages[setup]}"
