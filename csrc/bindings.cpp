@@ -26,7 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("col_has_label"), py::arg("lse_row"), py::arg("w_row"),
         py::arg("coef_row"), py::arg("lse_col"), py::arg("w_col"),
         py::arg("own_rows"), py::arg("n_own"), py::arg("exclude_self"),
-        py::arg("decoupled"), py::arg("allow_tf32") = false, py::arg("n_split") = 0);
+        py::arg("decoupled"), py::arg("g_scale") = py::none(), py::arg("allow_tf32") = false,
+        py::arg("n_split") = 0);
 
   m.def("logit_grad", &fastcl::logit_grad,
         "The chunked pass: G of query rows [row0, row0 + R) into g [R, C]; sigmoid also returns (loss_rows, gsum_rows)",

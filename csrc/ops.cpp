@@ -89,6 +89,25 @@ void check_labels(const std::optional<at::Tensor>& row_labels, const std::option
                     "row_labels and col_labels must be given together");
 }
 
+// The softmax gradient's per-line weights (docs/design.md §4): row vectors [N], column vectors [C].
+void check_softmax_weights(const std::optional<at::Tensor>& lse_row, const std::optional<at::Tensor>& w_row,
+                           const std::optional<at::Tensor>& coef_row, const std::optional<at::Tensor>& lse_col,
+                           const std::optional<at::Tensor>& w_col, at::ScalarType acc, int64_t n, int64_t c) {
+  CHECK_OPTIONAL_VECTOR(lse_row, acc, n);
+  CHECK_OPTIONAL_VECTOR(w_row, acc, n);
+  CHECK_OPTIONAL_VECTOR(coef_row, acc, n);
+  CHECK_OPTIONAL_VECTOR(lse_col, acc, c);
+  CHECK_OPTIONAL_VECTOR(w_col, acc, c);
+  TORCH_CHECK_VALUE(lse_col.has_value() == w_col.has_value(), "lse_col and w_col must be given together");
+}
+
+// A one-value tensor in the accumulation dtype (the sigmoid bias, the fp16 gradient scale).
+void check_scalar(const std::optional<at::Tensor>& t, const char* name, at::ScalarType acc) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_TYPE(t->scalar_type() == acc, name, " must have dtype ", acc, ", got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->numel() == 1, name, " must hold one value, got shape ", t->sizes());
+}
+
 // Last: every tensor on query's CUDA device, and a device the kernels were built for.
 void check_devices(const at::Tensor& query, std::initializer_list<Named> tensors) {
 #ifdef FASTCL_EMULATION_HOST
@@ -258,26 +277,23 @@ at::Tensor softmax_grad(const at::Tensor& query, const at::Tensor& key, const at
                         const std::optional<at::Tensor>& col_labels, const std::optional<at::Tensor>& col_has_label,
                         const at::Tensor& lse_row, const at::Tensor& w_row, const std::optional<at::Tensor>& coef_row,
                         const std::optional<at::Tensor>& lse_col, const std::optional<at::Tensor>& w_col,
-                        bool own_rows, int64_t n_own, bool exclude_self, bool decoupled, bool allow_tf32,
-                        int64_t n_split) {
+                        bool own_rows, int64_t n_own, bool exclude_self, bool decoupled,
+                        const std::optional<at::Tensor>& g_scale, bool allow_tf32, int64_t n_split) {
   check_features(query, key);
   const int64_t n = query.size(0), c = key.size(0), d = query.size(1);
   const at::ScalarType acc = acc_dtype(query.scalar_type());
   CHECK_VECTOR(scale_rows, acc, n);
   CHECK_OPTIONAL_VECTOR(positive_index, at::kLong, n);
   check_labels(row_labels, col_labels, col_has_label, n, c);
-  CHECK_VECTOR(lse_row, acc, n);
-  CHECK_VECTOR(w_row, acc, n);
-  CHECK_OPTIONAL_VECTOR(coef_row, acc, n);
-  CHECK_OPTIONAL_VECTOR(lse_col, acc, c);
-  CHECK_OPTIONAL_VECTOR(w_col, acc, c);
-  TORCH_CHECK_VALUE(lse_col.has_value() == w_col.has_value(), "lse_col and w_col must be given together");
+  check_softmax_weights(lse_row, w_row, coef_row, lse_col, w_col, acc, n, c);
+  check_scalar(g_scale, "g_scale", acc);
   const int64_t max_own = own_rows ? n : c;
   TORCH_CHECK_VALUE(0 <= n_own && n_own <= max_own, "n_own must lie in [0, ", max_own, "], got ", n_own);
   check_devices(query, {{"key", &key}, {"scale_rows", &scale_rows}, {"positive_index", opt(positive_index)},
                         {"row_labels", opt(row_labels)}, {"col_labels", opt(col_labels)},
                         {"col_has_label", opt(col_has_label)}, {"lse_row", &lse_row}, {"w_row", &w_row},
-                        {"coef_row", opt(coef_row)}, {"lse_col", opt(lse_col)}, {"w_col", opt(w_col)}});
+                        {"coef_row", opt(coef_row)}, {"lse_col", opt(lse_col)}, {"w_col", opt(w_col)},
+                        {"g_scale", opt(g_scale)}});
   FASTCL_DEVICE_GUARD(query);
   check_capability();
 
@@ -296,23 +312,19 @@ at::Tensor softmax_grad(const at::Tensor& query, const at::Tensor& key, const at
   p.accumulate = true;
   choose_split(p, n_split, 4);
 
-  // float16 stages G in float16: divide it by its largest weight so small products of the
-  // softmax and the upstream gradient stay above float16's subnormal range; multiplied back below
-  at::Tensor g_max;
+  // g_scale (fp16, fastcl.backends.common.float16_gradient_scale): G is staged divided by it, so
+  // small products of the softmax and the upstream gradient stay above float16's subnormal
+  // range, and the accumulator is multiplied back
   at::Tensor g_inv;
-  if (query.scalar_type() == at::kHalf) {
-    g_max = w_row.abs().max();
-    if (coef_row.has_value()) g_max = at::maximum(g_max, coef_row->abs().max());
-    if (w_col.has_value()) g_max = at::maximum(g_max, w_col->abs().max());
-    g_max = g_max.masked_fill(g_max == 0, 1);
-    g_inv = g_max.reciprocal();
+  if (g_scale.has_value()) {
+    g_inv = g_scale->reciprocal();
     p.g_mul = g_inv.data_ptr();
   }
 
   at::Tensor buf = alloc_acc(p, opts);
   launch(p, Mode::kSoftmaxGrad, query.scalar_type(), allow_tf32);
   at::Tensor out = finish_acc(buf, p);
-  if (g_max.defined()) out = out * g_max;
+  if (g_scale.has_value()) out = out * *g_scale;
   return out;
 }
 
@@ -327,10 +339,7 @@ std::vector<at::Tensor> sigmoid_pass(const at::Tensor& query, const at::Tensor& 
   CHECK_VECTOR(scale_rows, acc, n);
   CHECK_OPTIONAL_VECTOR(positive_index, at::kLong, n);
   check_labels(row_labels, col_labels, std::nullopt, n, c);
-  if (bias.has_value()) {
-    TORCH_CHECK_TYPE(bias->scalar_type() == acc, "bias must have dtype ", acc, ", got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->numel() == 1, "bias must hold one value, got shape ", bias->sizes());
-  }
+  check_scalar(bias, "bias", acc);
   const int64_t max_own = own_rows ? n : c;
   TORCH_CHECK_VALUE(0 <= n_own && n_own <= max_own, "n_own must lie in [0, ", max_own, "], got ", n_own);
   check_devices(query, {{"key", &key}, {"scale_rows", &scale_rows}, {"positive_index", opt(positive_index)},
@@ -376,19 +385,11 @@ std::vector<at::Tensor> logit_grad(const at::Tensor& query, const at::Tensor& ke
   CHECK_VECTOR(scale_rows, acc, n);
   CHECK_OPTIONAL_VECTOR(positive_index, at::kLong, n);
   check_labels(row_labels, col_labels, col_has_label, n, c);
-  CHECK_OPTIONAL_VECTOR(lse_row, acc, n);
-  CHECK_OPTIONAL_VECTOR(w_row, acc, n);
-  CHECK_OPTIONAL_VECTOR(coef_row, acc, n);
-  CHECK_OPTIONAL_VECTOR(lse_col, acc, c);
-  CHECK_OPTIONAL_VECTOR(w_col, acc, c);
-  TORCH_CHECK_VALUE(lse_col.has_value() == w_col.has_value(), "lse_col and w_col must be given together");
+  check_softmax_weights(lse_row, w_row, coef_row, lse_col, w_col, acc, n, c);
   TORCH_CHECK_VALUE(sigmoid || (lse_row.has_value() && w_row.has_value()),
                     "the softmax logit gradient needs lse_row and w_row");
-  for (const auto* t : {opt(bias), opt(g_scale)}) {
-    if (t == nullptr) continue;
-    TORCH_CHECK_TYPE(t->scalar_type() == acc, "bias and g_scale must have dtype ", acc, ", got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->numel() == 1, "bias and g_scale must hold one value, got shape ", t->sizes());
-  }
+  check_scalar(bias, "bias", acc);
+  check_scalar(g_scale, "g_scale", acc);
   // G is written as the kernels stage it: the input type for fp16/bf16, else the accumulation type
   const at::ScalarType g_type = (dt == at::kHalf || dt == at::kBFloat16) ? dt : acc;
   CHECK_DTYPE(g, g_type);

@@ -22,14 +22,15 @@ std::vector<at::Tensor> softmax_stats(const at::Tensor& query, const at::Tensor&
 
 // sum_other G * other_row for the first n_own owner lines: [n_own, D] (fp32; fp64 for fp64).
 // Rows: acc_i = sum_j G_ij k_j (no row scale). Columns: acc_j = sum_i G_ij s_i q_i.
-// G: see TileParams in params.h; coef_row is the target weight on each positive entry.
+// G: see TileParams in params.h; coef_row is the target weight on each positive entry;
+// g_scale (fp16): G is staged divided by it and the result multiplied back.
 at::Tensor softmax_grad(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale_rows,
                         const std::optional<at::Tensor>& positive_index, const std::optional<at::Tensor>& row_labels,
                         const std::optional<at::Tensor>& col_labels, const std::optional<at::Tensor>& col_has_label,
                         const at::Tensor& lse_row, const at::Tensor& w_row, const std::optional<at::Tensor>& coef_row,
                         const std::optional<at::Tensor>& lse_col, const std::optional<at::Tensor>& w_col,
-                        bool own_rows, int64_t n_own, bool exclude_self, bool decoupled, bool allow_tf32,
-                        int64_t n_split);
+                        bool own_rows, int64_t n_own, bool exclude_self, bool decoupled,
+                        const std::optional<at::Tensor>& g_scale, bool allow_tf32, int64_t n_split);
 
 // Sigmoid family, L = s_i <q_i, k_j> + b, z_ij = +1 at j = positive_index[i] (-1: none) or,
 // with row_labels [N] / col_labels [C], wherever they are equal; -1 elsewhere;

@@ -506,10 +506,6 @@ class RingColumns:
 # Entry points for fastcl.functional
 
 
-def _smoothed(loss, valid, term):
-    return loss + torch.where(valid, term, torch.zeros_like(term))
-
-
 def softmax_loss(c: Context, backend, query, key, negatives, scale, bias, spec: SoftmaxSpec,
                  label_smoothing: float = 0.0):
     """Per-anchor losses ``(row_loss, col_loss, row_valid, col_valid)`` of this rank's rows over
@@ -543,7 +539,7 @@ def softmax_loss(c: Context, backend, query, key, negatives, scale, bias, spec: 
                                                                         row_spec)
     if label_smoothing:
         term, _ = ops.smoothing.terms(query, keys, negatives, scale, row_spec, label_smoothing)
-        row_loss = _smoothed(row_loss, row_valid, term)
+        row_loss = ops.smoothing.add(row_loss, row_valid, term)
     if not spec.symmetric:
         return row_loss, col_loss, row_valid, col_valid
     col_loss, col_valid = _column_losses(c, backend, query, key, scale, bias, spec, label_smoothing)
@@ -581,7 +577,7 @@ def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSp
     loss, _, valid, _ = ops.softmax.softmax_loss(columns, anchors, queries, None, col_scale, bias, t_spec)
     if label_smoothing:  # the transposed problem's row term is the column term
         term, _ = ops.smoothing.terms(anchors, queries, None, col_scale, t_spec, label_smoothing)
-        loss = _smoothed(loss, valid, term)
+        loss = ops.smoothing.add(loss, valid, term)
     if spec.exclude_self:
         loss, valid = loss[pos], valid[pos]
     return loss, valid

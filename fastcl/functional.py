@@ -65,9 +65,9 @@ def _softmax(call: Lowered, module, reduction: str, dist, op: str, label_smoothi
         if label_smoothing:
             row_loss, col_loss, row_valid, col_valid = outs
             row_term, col_term = ops.smoothing.terms(query, key, negatives, scale, spec, label_smoothing)
-            row_loss = row_loss + torch.where(row_valid, row_term, torch.zeros_like(row_term))
+            row_loss = ops.smoothing.add(row_loss, row_valid, row_term)
             if spec.symmetric:
-                col_loss = col_loss + torch.where(col_valid, col_term, torch.zeros_like(col_term))
+                col_loss = ops.smoothing.add(col_loss, col_valid, col_term)
             outs = (row_loss, col_loss, row_valid, col_valid)
     else:
         if spec.debias is not None and spec.symmetric and scale.dim() == 1:

@@ -287,3 +287,23 @@ def test_public_losses_read_nothing_on_the_host_during_a_graph_capture(monkeypat
     monkeypatch.setattr(_checks, "values_readable", lambda device: False)
     META_CALLS[call](q, k, s).backward()
     assert q.grad is not None and q.grad.shape == q.shape
+
+
+@pytest.mark.parametrize("mode", ["fused", "chunked"])
+@pytest.mark.parametrize("name", ["torch", "cuda"])
+def test_float16_small_gradients_do_not_underflow(monkeypatch, name, mode):
+    """The fp16 gradient scale (``common.float16_gradient_scale``) in the torch and CUDA passes:
+    G_ij = w_i p_ij ~ 1.6e-7 would sink into fp16 subnormals where G is rounded to fp16 (the CUDA
+    kernels, every chunked workspace). test_triton.py has the Triton twin."""
+    import oracle
+    from helpers import check_against_oracle
+
+    _set_up(name, monkeypatch, torch.float16)
+    if mode == "chunked":
+        force_chunked(monkeypatch, rows=256)
+    n, d, weight = 640, 16, 1e-4
+    unit = lambda: F.normalize(torch.randn(n, d, dtype=torch.float64, device=DEVICE), dim=1)  # noqa: E731
+    check_against_oracle(
+        lambda **kw: fastcl.info_nce(**kw, temperature=1.0, symmetric=True, reduction="sum", backend=name) * weight,
+        lambda **kw: oracle.info_nce(**kw, temperature=1.0, symmetric=True, reduction="sum") * weight,
+        {"query": unit(), "key": unit()}, torch.float16, grad_floor=weight)

@@ -219,7 +219,7 @@ BAD_INPUTS = {
     "logit_softmax_without_lse": ("logit_grad", _logit_args, dict(lse_row=None), ValueError,
                                   "the softmax logit gradient needs lse_row and w_row"),
     "logit_g_scale_shape": ("logit_grad", _logit_args, dict(g_scale=torch.ones(2)), ValueError,
-                            "bias and g_scale must hold one value"),
+                            "g_scale must hold one value"),
     "logit_g_strided": ("logit_grad", _logit_args, dict(g=torch.empty(7, 4).T), ValueError, "g must be contiguous"),
     "logit_cpu_tensors": ("logit_grad", _logit_args, {}, ValueError, "query must be a CUDA tensor"),
 }

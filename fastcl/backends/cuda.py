@@ -91,8 +91,8 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
                 w_col=None if w_col is None else w_col.contiguous(), **_launch_options(q.dtype))
     n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
     directions = int(rows) + int(cols and n_grad_cols > 0)
+    g_scale = float16_gradient_scale(q.dtype, w_row, coef, w_col)
     if chunked.choose(q.device, q.dtype, n, c, d, directions, fused_kernel="cuda") == "chunked":
-        g_scale = float16_gradient_scale(q.dtype, w_row, coef, w_col)
 
         def fill(r0, r1, g):
             C.logit_grad(q, k, scale_rows, bias=None, g_scale=g_scale, g=g, row0=r0, sigmoid=False, **args)
@@ -100,12 +100,13 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
         acc_q, acc_k, _ = chunked.run(fill, q, k, scale_rows, rows=rows, cols=cols, n_grad_cols=n_grad_cols,
                                       g_scale=g_scale)
         return acc_q, acc_k
-    acc_q = C.softmax_grad(q, k, scale_rows, own_rows=True, n_own=n, **args) if rows else None
+    acc_q = C.softmax_grad(q, k, scale_rows, own_rows=True, n_own=n, g_scale=g_scale, **args) if rows else None
     acc_k = None
     if cols:
         acc_k = torch.zeros(c, d, dtype=scale_rows.dtype, device=q.device)
         if n_grad_cols > 0:
-            acc_k[:n_grad_cols] = C.softmax_grad(q, k, scale_rows, own_rows=False, n_own=n_grad_cols, **args)
+            acc_k[:n_grad_cols] = C.softmax_grad(q, k, scale_rows, own_rows=False, n_own=n_grad_cols,
+                                                 g_scale=g_scale, **args)
     return acc_q, acc_k
 
 

@@ -33,7 +33,6 @@ from .common import SigmoidSums, SoftmaxStats, finite_or_zero, float16_gradient_
 
 _KERNEL_MODULE = "fastcl.triton_kernels.info_nce"
 _INTERPRETER_BLOCKS = (16, 16, 16, 16)
-_MAX_BLOCK_X = 256
 STREAMED_BLOCK_X = 128
 RESIDENT_ROW_BYTES = 512  # 256 bf16/fp16 features, 128 fp32, 64 fp64
 _tuned_kernels = {}
@@ -73,8 +72,7 @@ def _gpu_block_x(d: int, element_size: int) -> int:
     """Width of the gradient accumulator's D-chunk on a GPU: the whole padded width while the
     owned tile stays on chip (:func:`resident_width`), else chunks of ``STREAMED_BLOCK_X`` with
     S rebuilt per chunk (wider accumulators spill when D is streamed: tests/triton_aot.py)."""
-    resident = resident_width(d, element_size)
-    return min(resident, _MAX_BLOCK_X) if resident else STREAMED_BLOCK_X
+    return resident_width(d, element_size) or STREAMED_BLOCK_X
 
 
 def resident_width(d: int, element_size: int) -> int:

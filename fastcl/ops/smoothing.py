@@ -93,3 +93,8 @@ def terms(query, key, negatives, scale, spec: SoftmaxSpec, eps: float
         rows_dot, rows_cnt = rows_dot - pos_logit, rows_cnt - 1
     col_term = eps * (pos_logit - rows_dot / rows_cnt.clamp(min=1))
     return row_term, col_term
+
+
+def add(loss: torch.Tensor, valid: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """``loss + term`` on the valid anchors; invalid ones keep their loss (0) and get no gradient."""
+    return loss + torch.where(valid, term, torch.zeros_like(term))
