@@ -28,20 +28,32 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
         return f"fastcl.backends.{name} cannot run here: an import failed ({exc})"
 
 
-def resolve(backend: Optional[str], device: torch.device):
-    """Return the backend module to use for tensors on ``device``."""
+def unsupported_reason(name: str, spec) -> Optional[str]:
+    """``None`` if backend ``name``'s kernels cover ``spec`` (a lowered call's spec, or ``None``),
+    else a sentence saying what they lack (a backend may define ``unsupported(spec)``)."""
+    check = getattr(_module(name), "unsupported", None)
+    return None if check is None or spec is None else check(spec)
+
+
+def resolve(backend: Optional[str], device: torch.device, spec=None):
+    """Return the backend module to use for tensors on ``device`` and a call described by
+    ``spec``: ``auto`` skips backends whose kernels do not cover it, a named one raises."""
     if backend is None:
         backend = _config.backend() or "auto"
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("torch",)):
-            if unavailable_reason(name, device) is None:
+            if unavailable_reason(name, device) is None and unsupported_reason(name, spec) is None:
                 return _module(name)
         return _module("torch")
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
+    reason = unsupported_reason(backend, spec)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} does not support this call: {reason}; use backend='triton' or "
+                         "'torch' (or 'auto')")
     return _module(backend)
 
 

@@ -2,6 +2,7 @@
 :class:`SigmoidSpec` (docs/design.md §2). Every public loss is one call of :func:`info_nce`'s
 lowering, or a spec built directly from its own few options."""
 
+import math
 import numbers
 from typing import NamedTuple, Optional, Union
 
@@ -84,7 +85,8 @@ def two_towers(names, a, b):
     return a, b
 
 
-def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: bool, labels=None) -> Lowered:
+def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: bool, labels=None,
+           false_negative_margin=None) -> Lowered:
     """CLIP (symmetric softmax, diagonal positives) or SigLIP (sigmoid, diagonal positives, or
     every equal-label pair with ``labels``)."""
     image, text = two_towers(("image_features", "text_features"), image_features, text_features)
@@ -100,7 +102,9 @@ def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: b
     elif sigmoid:
         spec = SigmoidSpec(positive_index=pos, n_rows_norm=n)
     else:
-        spec = SoftmaxSpec(positive_index=pos, symmetric=True)
+        if false_negative_margin is not None:
+            positive_scale(s, "logit_scale")
+        spec = SoftmaxSpec(positive_index=pos, symmetric=True, false_negative_margin=false_negative_margin)
     return Lowered(image, text, None, s, bias, spec)
 
 
@@ -155,6 +159,22 @@ def _debias(value, labels, decoupled: bool) -> Optional[float]:
     return float(value)
 
 
+def hardness(value, debias, labels=None, decoupled=False):
+    """``(debias, hardness)`` validated: ``hardness`` a finite float ``>= 0`` (0 or ``None``:
+    none); given without ``debias``, ``debias`` is 0."""
+    if value is None:
+        return debias, None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"hardness must be a finite float >= 0 or None; got {value!r}")
+    if value < 0:
+        raise ValueError(f"hardness (beta) must be >= 0; got {value}")
+    for name, given in (("labels", labels is not None), ("decoupled", bool(decoupled))):
+        if given:
+            raise ValueError(f"hardness (a debiased loss) cannot be combined with {name}: it needs one positive per "
+                             "row inside its own denominator")
+    return (0.0 if debias is None else debias), (float(value) or None)
+
+
 def label_smoothing(value, debias, group, gather) -> float:
     """``label_smoothing`` validated: a float in ``[0, 1)`` (0: none)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -167,6 +187,27 @@ def label_smoothing(value, debias, group, gather) -> float:
         raise ValueError("label_smoothing across ranks needs gather='all_gather' (its mean logit needs every rank's "
                          "columns at once; the ring never holds them)")
     return float(value)
+
+
+def false_negative_margin(value, *, labels=None, decoupled=False, debias=None, label_smoothing=0.0):
+    """``false_negative_margin`` validated: ``None``, or a finite float ``m`` (any sign)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"false_negative_margin must be a finite float or None; got {value!r}")
+    for name, given in (("labels", labels is not None), ("decoupled", bool(decoupled)),
+                        ("debias", debias is not None), ("label_smoothing", bool(label_smoothing))):
+        if given:
+            why = ("its positives are a set, the margin is measured from one positive" if name == "labels" else
+                   "its denominator count would depend on the mask")
+            raise ValueError(f"false_negative_margin cannot be combined with {name} ({why})")
+    return float(value)
+
+
+def positive_scale(scale: torch.Tensor, name: str) -> None:
+    """The false-negative mask compares logits ``s_i <q_i, k_j>``: it needs ``s_i > 0``."""
+    if _checks.values_readable(scale.device) and bool((scale.detach() <= 0).any()):
+        raise ValueError(f"false_negative_margin needs a positive {name} (it compares scaled similarities)")
 
 
 def _label_columns(labels, key_labels, negative_labels, n, m, n_neg, device):
@@ -209,7 +250,7 @@ def _one_hot_positives(positive_index, n, m, n_neg, exclude_self, symmetric, dev
 
 
 def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labels, negatives, negative_labels,
-             exclude_self, decoupled, symmetric, debias) -> Lowered:
+             exclude_self, decoupled, symmetric, debias, false_negative_margin=None, hardness=None) -> Lowered:
     """Validate :func:`fastcl.info_nce`'s arguments and lower them to a spec."""
     query = _checks.features("query", query)
     key = _checks.features("key", key)
@@ -253,7 +294,13 @@ def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labe
             raise ValueError("key_labels / negative_labels need labels")
         pos = _one_hot_positives(positive_index, n, m, n_neg, exclude_self, symmetric, device)
 
+    if false_negative_margin is not None:
+        positive_scale(s, "scale" if scale is not None else "temperature")
+        if symmetric and s.dim() == 1:
+            raise ValueError("false_negative_margin with symmetric=True needs a scalar temperature/scale (a "
+                             "column's rows would compare similarities at different scales)")
     spec = SoftmaxSpec(positive_index=pos, row_labels=row_labels, col_labels=col_labels, col_has_label=col_has_label,
                        exclude_self=exclude_self, decoupled=decoupled or tau_plus is not None, symmetric=symmetric,
-                       n_grad_cols=n_grad_cols, debias=tau_plus)
+                       n_grad_cols=n_grad_cols, debias=tau_plus, hardness=hardness,
+                       false_negative_margin=false_negative_margin)
     return Lowered(query, key, negatives, s, None, spec)

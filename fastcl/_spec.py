@@ -45,6 +45,17 @@ class SoftmaxSpec:
         n_grad_cols: columns ``>= n_grad_cols`` get no gradient (a detached queue).
         debias: ``tau_plus`` of the debiased loss (Chuang et al. 2020), else ``None``. Lowered
             with ``decoupled=True``, so the passes' LSE runs over the negatives only.
+        hardness: ``beta > 0`` of hard-negative reweighting on the debiased loss (Robinson et
+            al. 2021), else ``None``: :mod:`fastcl.ops.softmax` runs the passes at the scales
+            ``(1 + beta) s`` and ``beta s`` (the tilted statistic). Set only with ``debias``.
+        false_negative_margin: ``m`` of the false-negative mask, else ``None``: a column other
+            than row ``i``'s positive leaves its denominator when ``<q_i, k_j> > <q_i, k_pos(i)> + m``.
+            :mod:`fastcl.ops.softmax` turns it into the thresholds below before the passes run.
+        fn_row: ``[N]`` logit thresholds the passes read: entry ``(i, j)``, ``j`` not row ``i``'s
+            positive, leaves row ``i``'s denominator when ``S_ij > fn_row[i]`` (``p_i + s_i m``).
+        fn_col: ``[C]`` (symmetric): entry ``(i, j)``, ``i`` not column ``j``'s positive row,
+            leaves column ``j``'s denominator when ``S_ij > fn_col[j]`` (``+inf`` on columns that
+            are no anchor).
     """
 
     positive_index: Optional[torch.Tensor] = None
@@ -57,6 +68,10 @@ class SoftmaxSpec:
     symmetric: bool = False
     n_grad_cols: Optional[int] = None
     debias: Optional[float] = None
+    hardness: Optional[float] = None
+    false_negative_margin: Optional[float] = None
+    fn_row: Optional[torch.Tensor] = None
+    fn_col: Optional[torch.Tensor] = None
 
     @property
     def uses_labels(self) -> bool:

@@ -403,11 +403,20 @@ def _add(acc, part) -> None:
     acc.add_(part)
 
 
-def _remote_spec(spec: SoftmaxSpec, labels) -> SoftmaxSpec:
-    """Another rank's block: no one-hot positive, no self column, no queue; labels compare."""
+def _remote_spec(spec: SoftmaxSpec, labels, fn_col=None) -> SoftmaxSpec:
+    """Another rank's block: no one-hot positive, no self column, no queue; labels compare; the
+    false-negative thresholds of this rank's rows (and of the block's columns) apply."""
     if spec.uses_labels:
         return SoftmaxSpec(row_labels=spec.row_labels, col_labels=labels, decoupled=spec.decoupled)
-    return SoftmaxSpec(symmetric=spec.symmetric)
+    return SoftmaxSpec(symmetric=spec.symmetric, false_negative_margin=spec.false_negative_margin,
+                       fn_row=spec.fn_row, fn_col=fn_col)
+
+
+def _local_spec(spec: SoftmaxSpec, n_neg: int) -> SoftmaxSpec:
+    """This rank's own block ``[key; negatives]``: the column thresholds padded over the queue."""
+    if spec.fn_col is None or not n_neg:
+        return spec
+    return replace(spec, fn_col=ops.softmax.pad_thresholds(spec.fn_col, n_neg))
 
 
 class RingColumns:
@@ -424,15 +433,26 @@ class RingColumns:
         self.n_rows, self.n_cols = c.total_rows, sum(c.key_sizes) + n_negatives
 
     def _payload(self, key, spec: SoftmaxSpec, *extra):
-        return [key] + ([spec.col_labels[: key.shape[0]]] if spec.uses_labels else []) + list(extra)
+        """``[key, (labels), (column thresholds), *extra]``: what travels with a key block."""
+        labels = [spec.col_labels[: key.shape[0]]] if spec.uses_labels else []
+        return [key] + labels + ([spec.fn_col] if spec.fn_col is not None else []) + list(extra)
+
+    @staticmethod
+    def _block_thresholds(spec: SoftmaxSpec, block):
+        return block[1] if spec.fn_col is not None else None
 
     def stats(self, query, key, negatives, s_rows, spec: SoftmaxSpec) -> SoftmaxStats:
         n, m, cd, dev = query.shape[0], key.shape[0], s_rows.dtype, query.device
         local = key if negatives is None else torch.cat([key, negatives])
+        local_spec = _local_spec(spec, local.shape[0] - m)
         state = {"lse": torch.full((n,), float("-inf"), dtype=cd, device=dev), "pos_sum": None, "pos_cnt": None}
 
         def step(t, block):
-            cols, block_spec = (local, spec) if t == 0 else (block[0], _remote_spec(spec, block[-1]))
+            if t == 0:
+                cols, block_spec = local, local_spec
+            else:
+                labels = block[1] if spec.uses_labels else None
+                cols, block_spec = block[0], _remote_spec(spec, labels, self._block_thresholds(spec, block))
             st = self.backend.softmax_stats(query, cols, s_rows, block_spec)
             _merge_lse(state["lse"], st.lse_row)
             if spec.uses_labels:
@@ -461,12 +481,13 @@ class RingColumns:
             if spec.symmetric:
                 lse_c, w_c = block[-1][:, 0], block[-1][:, 1]
             if t == 0:
-                cols, block_spec = local, spec
+                cols, block_spec = local, _local_spec(spec, n_neg)
                 if spec.symmetric and n_neg:
                     pad = lse_c.new_zeros(n_neg)
                     lse_c, w_c = torch.cat([lse_c, pad]), torch.cat([w_c, pad])
             else:
-                cols, block_spec = block[0], _remote_spec(spec, block[1] if spec.uses_labels else None)
+                labels = block[1] if spec.uses_labels else None
+                cols, block_spec = block[0], _remote_spec(spec, labels, self._block_thresholds(spec, block))
             part_q, part_k = self.backend.softmax_grad(query, cols, s_rows, block_spec, lse_row, w_row, coef, lse_c,
                                                        w_c, rows=rows, cols=keys or (t == 0 and negs))
             if rows:

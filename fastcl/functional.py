@@ -39,7 +39,8 @@ def _checked(op: str, group, gather, local_loss, backend, lower):
     try:
         _dist.check_options(gather, local_loss)
         call = lower()  # a Lowered, or (Lowered, extras...)
-        module = resolve(backend, (call if isinstance(call, Lowered) else call[0]).query.device)
+        lowered = call if isinstance(call, Lowered) else call[0]
+        module = resolve(backend, lowered.query.device, lowered.spec)
     except (ValueError, TypeError, RuntimeError) as exc:
         if group is not None:
             _dist.share_failure(group, op, exc)
@@ -112,7 +113,9 @@ def info_nce(
     decoupled: bool = False,
     symmetric: bool = False,
     debias: Optional[float] = None,
+    hardness: Optional[float] = None,
     label_smoothing: float = 0.0,
+    false_negative_margin: Optional[float] = None,
     reduction: str = "mean",
     backend: Optional[str] = None,
     group=None,
@@ -156,6 +159,12 @@ def info_nce(
             (not ``labels``) and ``decoupled=False``; works with ``symmetric`` (the column
             direction over the N rows likewise), queues, ``exclude_self`` and every scale form
             (per-row scales with ``symmetric`` only without ``group``).
+        hardness: ``beta >= 0``, hard-negative reweighting of the debiased loss (Robinson et al.
+            2021): in ``Ng_i`` the negatives' sum ``sum_neg e^{L_ij}`` becomes
+            ``Q_i sum_neg e^{(1+beta) L_ij} / sum_neg e^{beta L_ij}``, tilting the denominator
+            toward hard negatives; the rest (the ``tau_plus`` correction, the floor) is unchanged.
+            Without ``debias`` it means ``debias=0``. The tilted statistic is a second pass over
+            the tiles (about twice the debiased loss's cost), on every backend.
         symmetric: also the key -> query direction (each positive column is an anchor over the
             ``N`` rows); the loss is ``(rows + columns) / 2``, as CLIP. Needs one-to-one
             positives among the keys.
@@ -164,6 +173,14 @@ def info_nce(
             D_i} L_ij)``, with ``p_i`` the positive logit (labels: the SupCon row term). Costs
             O((N + M + K) D) beside the fused loss. Not with ``debias``; with ``group``, only with
             ``gather="all_gather"``.
+        false_negative_margin: ``m`` (a float), or ``None``: mask likely false negatives (the
+            Qwen3-Embedding / GTE recipe). Column ``j``, not row ``i``'s positive, leaves row
+            ``i``'s denominator when ``<q_i, k_j> > <q_i, k_pos(i)> + m``; with ``symmetric``,
+            row ``i`` leaves column ``j``'s when ``<q_i, k_j> > <q_pos(j), k_j> + m``. Decided
+            inside the tiles from the positive's similarity (an ``[N]`` vector); the mask has no
+            gradient. Needs one-hot positives and a positive scale (a scalar one with
+            ``symmetric``); not with ``decoupled``, ``debias`` or ``label_smoothing``. Torch and
+            Triton backends (``backend="cuda"`` raises; ``auto`` skips it).
         reduction: ``"mean"`` over anchors that have a positive and a non-empty denominator,
             ``"sum"``, or ``"none"``: per-row losses ``[N]``; with ``symmetric`` a tuple
             ``(row_losses[N], column_losses[N])`` where ``column_losses[i]`` belongs to the
@@ -203,19 +220,22 @@ def info_nce(
     def lower():
         nonlocal eps
         _checks.choice("reduction", reduction, _REDUCTIONS)
-        eps = _lower.label_smoothing(label_smoothing, debias, group, gather)
+        tau_plus, beta = _lower.hardness(hardness, debias, labels, decoupled)
+        eps = _lower.label_smoothing(label_smoothing, tau_plus, group, gather)
+        margin = _lower.false_negative_margin(false_negative_margin, labels=labels, decoupled=decoupled,
+                                              debias=tau_plus, label_smoothing=eps)
         return _lower.info_nce(query, key, temperature=temperature, scale=scale, positive_index=positive_index,
                                labels=labels, key_labels=key_labels, negatives=negatives,
                                negative_labels=negative_labels, exclude_self=exclude_self, decoupled=decoupled,
-                               symmetric=symmetric, debias=debias)
+                               symmetric=symmetric, debias=tau_plus, false_negative_margin=margin, hardness=beta)
 
     call, module = _checked("info_nce", group, gather, local_loss, backend, lower)
     dist = _prepare(call, group, gather, local_loss, "info_nce", reduction, scalars={"label_smoothing": eps})
     return _softmax(call, module, reduction, dist, "info_nce", eps)
 
 
-def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, label_smoothing=0.0, backend=None,
-              group=None, gather="all_gather", local_loss=False):
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, label_smoothing=0.0,
+              false_negative_margin=None, backend=None, group=None, gather="all_gather", local_loss=False):
     r"""CLIP's symmetric contrastive loss, equal to open_clip ``ClipLoss``.
 
     ``L = logit_scale * image @ text.T (+ logit_bias)``;
@@ -229,6 +249,9 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, la
         label_smoothing: ``eps`` in ``[0, 1)``: both cross-entropies as
             ``F.cross_entropy(label_smoothing=eps)``; see :func:`info_nce` (``group`` with
             ``gather="all_gather"`` only).
+        false_negative_margin: ``m``: in both directions, a pair other than the positive leaves
+            the denominator when its similarity exceeds the positive's by more than ``m``; see
+            :func:`info_nce` (not with ``label_smoothing``).
         backend: see :func:`info_nce`.
         group, gather, local_loss: cross-rank negatives, see :func:`info_nce`. With ``group``,
             each rank passes its ``N_r`` pairs and the loss is CLIP's over all ``sum N_r`` pairs
@@ -242,7 +265,9 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, la
     def lower():
         nonlocal eps
         eps = _lower.label_smoothing(label_smoothing, None, group, gather)
-        return _lower.towers(image_features, text_features, logit_scale, logit_bias, sigmoid=False)
+        margin = _lower.false_negative_margin(false_negative_margin, label_smoothing=eps)
+        return _lower.towers(image_features, text_features, logit_scale, logit_bias, sigmoid=False,
+                             false_negative_margin=margin)
 
     call, module = _checked("clip_loss", group, gather, local_loss, backend, lower)
     dist = _prepare(call, group, gather, local_loss, "clip_loss", scalars={"label_smoothing": eps})

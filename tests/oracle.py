@@ -30,7 +30,8 @@ def _f64(x):
 @_on_input_device
 def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, labels=None, key_labels=None,
              negatives=None, negative_labels=None, exclude_self=False, decoupled=False, symmetric=False,
-             reduction="mean", pos_weight=None, bias=None, debias=None, label_smoothing=0.0):
+             reduction="mean", pos_weight=None, bias=None, debias=None, label_smoothing=0.0,
+             false_negative_margin=None, hardness=None):
     q, k = _f64(query), _f64(key)
     cols = k if negatives is None else torch.cat([k, _f64(negatives)])
     n, c = q.shape[0], cols.shape[0]
@@ -67,6 +68,16 @@ def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, la
     in_denominator = ~excluded
     if decoupled:
         in_denominator = in_denominator & ~positive
+    col_denominator = in_denominator
+    if false_negative_margin is not None:
+        # straight from the definition, on the raw similarities: a non-positive column whose
+        # similarity beats the positive's by more than m leaves the row (and, for the column
+        # direction, a row beating the column's positive row leaves the column)
+        raw = q @ cols.T
+        pos_raw = (raw * positive).sum(1)
+        in_denominator = in_denominator & ~((raw > pos_raw[:, None] + false_negative_margin) & ~positive)
+        col_pos_raw = (raw * positive).sum(0)
+        col_denominator = col_denominator & ~((raw > col_pos_raw[None, :] + false_negative_margin) & ~positive)
     weight = torch.ones(n, dtype=torch.float64) if pos_weight is None else _f64(pos_weight)
     # the scale of every logit (for the debiased loss's floor)
     s_full = (s if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=torch.float64)) * torch.ones(n, c,
@@ -78,6 +89,9 @@ def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, la
             p = (lg * pos).sum(1)
             q_count = neg.sum(1).double()
             neg_sum = torch.where(neg, lg.exp(), 0).sum(1)
+            if hardness is not None:  # Robinson et al. 2021: importance weights e^{beta L}
+                neg_sum = q_count * (torch.where(neg, ((1 + hardness) * lg).exp(), 0).sum(1)
+                                     / torch.where(neg, (hardness * lg).exp(), 0).sum(1))
             floor = torch.where(neg, (-s_mat + (0.0 if bias is None else _f64(bias))).exp(), 0).sum(1)
             ng = torch.maximum((neg_sum - q_count * debias * p.exp()) / (1 - debias), floor)
             return -p + torch.log(p.exp() + ng), torch.ones(lg.shape[0], dtype=torch.bool)
@@ -99,7 +113,7 @@ def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, la
             return row_loss.sum()
         return row_loss.sum() / row_valid.sum().clamp(min=1)
     idx = torch.arange(n) if positive_index is None else positive_index
-    col_all, col_valid_all = direction(logits.T, positive.T, in_denominator.T,
+    col_all, col_valid_all = direction(logits.T, positive.T, col_denominator.T,
                                        torch.zeros(c, dtype=torch.float64).index_put((idx,), weight), s_full.T)
     col_loss, col_valid = col_all[idx], col_valid_all[idx]
     if reduction == "none":
@@ -110,16 +124,26 @@ def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, la
 
 
 @_on_input_device
-def clip_loss(image_features, text_features, logit_scale, logit_bias=None, label_smoothing=0.0):
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None, label_smoothing=0.0,
+              false_negative_margin=None):
     """open_clip ClipLoss: two cross-entropies over materialised logits (PyTorch's label
-    smoothing when asked)."""
-    image, text = image_features, text_features
-    li = _f64(logit_scale) * _f64(image) @ _f64(text).T
+    smoothing when asked); a false-negative margin sets the masked logits to -inf (image i
+    against text j when ``<i, t_j> > <i, t_i> + m``; text j against image i when
+    ``<i, t_j> > <j, t_j> + m``)."""
+    image, text = _f64(image_features), _f64(text_features)
+    raw = image @ text.T
+    li = _f64(logit_scale) * raw
     if logit_bias is not None:
         li = li + _f64(logit_bias)
     target = torch.arange(li.shape[0])
+    lt = li.T
+    if false_negative_margin is not None:
+        diag = raw.diagonal()
+        off = ~torch.eye(raw.shape[0], dtype=torch.bool)
+        li = li.masked_fill((raw > diag[:, None] + false_negative_margin) & off, float("-inf"))
+        lt = lt.masked_fill((raw.T > diag[:, None] + false_negative_margin) & off, float("-inf"))
     return (F.cross_entropy(li, target, label_smoothing=label_smoothing)
-            + F.cross_entropy(li.T, target, label_smoothing=label_smoothing)) / 2
+            + F.cross_entropy(lt, target, label_smoothing=label_smoothing)) / 2
 
 
 @_on_input_device

@@ -224,6 +224,34 @@ def _modes(name):
     return [m for m in MODES if m == "all_gather" or name not in ALL_GATHER_ONLY]
 
 
+def _with(case, **options):
+    """``case`` with more options, on every rank and in the single-process reference."""
+    def build(world, g):
+        fn, tensors, local_extra, glob_extra = case(world, g)
+        return fn, tensors, lambda r: {**local_extra(r), **options}, {**glob_extra, **options}
+    return build
+
+
+# the false-negative mask: each rank's thresholds come from its own rows' positives; in the ring
+# a symmetric loss's column thresholds travel with their key block
+CASES.update({
+    "clip_loss_false_negative_margin": _with(case_clip, false_negative_margin=0.05),
+    "info_nce_false_negative_margin_queue": _with(
+        lambda w, g: _info_nce_case(w, g, n_neg=4, neg_grad=True, positives="random"), false_negative_margin=0.1),
+    "info_nce_false_negative_margin_per_row_temperature": _with(
+        lambda w, g: _info_nce_case(w, g, key_extra=1, positives="random", per_row_t=True), false_negative_margin=0.0),
+    "info_nce_false_negative_margin_symmetric_exclude_self": _with(
+        lambda w, g: _info_nce_case(w, g, positives="shifted", symmetric=True, exclude_self=True),
+        false_negative_margin=-0.05),
+    # hard-negative reweighting: two statistics passes and two gradient passes per call
+    "info_nce_hardness_queue": _with(lambda w, g: _info_nce_case(w, g, n_neg=4, neg_grad=True, debias=0.2),
+                                     hardness=0.5),
+    "info_nce_hardness_symmetric_exclude_self": _with(
+        lambda w, g: _info_nce_case(w, g, positives="shifted", symmetric=True, exclude_self=True, debias=0.1),
+        hardness=1.5),
+})
+
+
 # ----------------------------------------------------------------------------------------------
 # Worker side
 

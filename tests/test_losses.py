@@ -329,6 +329,167 @@ def test_clip_loss_label_smoothing_is_pytorch_cross_entropy(dtype, backend):
                          lambda **kw: oracle.clip_loss(**kw, label_smoothing=0.1), inputs, dtype)
 
 
+FALSE_NEGATIVE_CASES = {
+    "default": dict(n=13, m=13, k=0, d=8, opts=lambda n, m, k: {}),
+    "queue_positive_index": dict(n=9, m=11, k=6, d=7, opts=lambda n, m, k: {
+        "positive_index": torch.randint(0, m + k, (n,), device=DEVICE)}),
+    "exclude_self": dict(n=10, m=12, k=3, d=6, opts=lambda n, m, k: {
+        "positive_index": (torch.arange(n, device=DEVICE) + 3) % n, "exclude_self": True}),
+    "rows_temperature": dict(n=12, m=15, k=0, d=8, opts=lambda n, m, k: {}, rows_scale=True),
+    "symmetric": dict(n=11, m=11, k=0, d=8, opts=lambda n, m, k: {"symmetric": True}),
+    "symmetric_n_lt_m_queue": dict(n=8, m=13, k=4, d=7, opts=lambda n, m, k: {
+        "symmetric": True, "positive_index": torch.randperm(m, device=DEVICE)[:n]}),
+    "symmetric_exclude_self": dict(n=10, m=10, k=0, d=6, opts=lambda n, m, k: {
+        "symmetric": True, "exclude_self": True, "positive_index": (torch.arange(n, device=DEVICE) + 1) % n}),
+}
+
+
+HARDNESS_CASES = {
+    "default": dict(n=13, m=13, k=0, d=8, opts=lambda n, m, k: {"debias": 0.1, "hardness": 0.5}),
+    "no_debias_queue": dict(n=9, m=11, k=6, d=7, opts=lambda n, m, k: {
+        "hardness": 1.0, "positive_index": torch.randint(0, m + k, (n,), device=DEVICE)}),
+    "exclude_self_low_temperature": dict(n=10, m=12, k=0, d=6, opts=lambda n, m, k: {
+        "debias": 0.2, "hardness": 2.0, "exclude_self": True, "positive_index": (torch.arange(n, device=DEVICE) + 3) % n},
+        temperature=0.02),
+    "rows_temperature": dict(n=12, m=15, k=3, d=8, opts=lambda n, m, k: {"debias": 0.05, "hardness": 0.3},
+                             rows_scale=True),
+    "symmetric_exclude_self": dict(n=10, m=10, k=0, d=6, opts=lambda n, m, k: {
+        "debias": 0.1, "hardness": 0.7, "symmetric": True, "exclude_self": True,
+        "positive_index": (torch.arange(n, device=DEVICE) + 1) % n}),
+    "symmetric_rows_temperature_queue": dict(n=8, m=13, k=4, d=7, opts=lambda n, m, k: {
+        "debias": 0.1, "hardness": 0.4, "symmetric": True, "positive_index": torch.randperm(m, device=DEVICE)[:n]},
+        rows_scale=True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(HARDNESS_CASES))
+def test_info_nce_hardness(case, dtype, backend):
+    """Hard-negative reweighting on the debiased loss, against the formula in float64."""
+    cfg = HARDNESS_CASES[case]
+    if dtype == torch.bfloat16 and case not in ("default", "symmetric_exclude_self"):
+        pytest.skip("bfloat16: the default and symmetric cases cover it")
+    n, m, k, d = cfg["n"], cfg["m"], cfg["k"], cfg["d"]
+    opts = cfg["opts"](n, m, k)
+    inputs = {"query": unit(n, d), "key": unit(m, d)}
+    if k:
+        inputs["negatives"] = unit(k, d)
+    t = cfg.get("temperature", 0.2)
+    inputs["temperature"] = (torch.rand(n, dtype=torch.float64, device=DEVICE) * 0.3 + 0.05 if cfg.get("rows_scale")
+                             else torch.tensor(t, dtype=torch.float64, device=DEVICE))
+    reduction = "none" if opts.get("symmetric") else "mean"
+    ref_opts = dict(opts, debias=opts.get("debias", 0.0))  # hardness alone means debias=0
+    check_against_oracle(lambda **kw: fastcl.info_nce(**kw, **opts, reduction=reduction, backend=backend),
+                         lambda **kw: oracle.info_nce(**kw, **ref_opts, reduction=reduction), inputs, dtype,
+                         grad_floor=1.0 / t)
+    # the tilt changes the loss (hardness 0 is the debiased loss)
+    plain = dict(ref_opts, hardness=None)
+    assert not torch.allclose(oracle.info_nce(**inputs, **ref_opts), oracle.info_nce(**inputs, **plain), rtol=1e-3)
+
+
+def test_hardness_zero_is_the_debiased_loss_and_bad_values_raise():
+    q, k = unit(9, 5), unit(9, 5)
+    assert torch.equal(fastcl.info_nce(q, k, debias=0.1, hardness=0.0, backend="torch"),
+                       fastcl.info_nce(q, k, debias=0.1, backend="torch"))
+    for bad, error in ((-0.5, ValueError), (float("inf"), TypeError), (True, TypeError)):
+        with pytest.raises(error, match="hardness"):
+            fastcl.info_nce(q, k, hardness=bad, backend="torch")
+    for other in ({"labels": torch.arange(9, device=DEVICE) % 3}, {"decoupled": True}):
+        with pytest.raises(ValueError, match=f"hardness .* cannot be combined with {next(iter(other))}"):
+            fastcl.info_nce(q, k, **other, hardness=0.5, backend="torch")
+    with pytest.raises(ValueError, match="label_smoothing and debias"):
+        fastcl.info_nce(q, k, hardness=0.5, label_smoothing=0.1, backend="torch")
+
+
+def _expect_unsupported_on_cuda(backend, call):
+    """The CUDA kernels have no false-negative mask: an explicit ``backend="cuda"`` must raise."""
+    if backend != "cuda":
+        return False
+    with pytest.raises(ValueError, match="false-negative mask"):
+        call()
+    return True
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("margin", [-0.15, 0.1])
+@pytest.mark.parametrize("case", sorted(FALSE_NEGATIVE_CASES))
+def test_info_nce_false_negative_margin(case, margin, dtype, backend):
+    cfg = FALSE_NEGATIVE_CASES[case]
+    if dtype in (torch.float16, torch.bfloat16) and case not in ("default", "symmetric"):
+        pytest.skip("half precision: the default and symmetric cases cover it")
+    n, m, k, d = cfg["n"], cfg["m"], cfg["k"], cfg["d"]
+    opts = dict(cfg["opts"](n, m, k), false_negative_margin=margin)
+    inputs = {"query": unit(n, d), "key": unit(m, d)}
+    if k:
+        inputs["negatives"] = unit(k, d)
+    inputs["temperature"] = (torch.rand(n, dtype=torch.float64, device=DEVICE) * 0.3 + 0.05 if cfg.get("rows_scale")
+                             else torch.tensor(0.2, dtype=torch.float64, device=DEVICE))
+    if _expect_unsupported_on_cuda(backend, lambda: fastcl.info_nce(**inputs, **opts, backend=backend)):
+        return
+    reduction = "none" if case == "symmetric" else "mean"
+    check_against_oracle(
+        lambda **kw: fastcl.info_nce(**kw, **opts, reduction=reduction, backend=backend),
+        lambda **kw: oracle.info_nce(**kw, **opts, reduction=reduction), inputs, dtype)
+    # the mask took something out: the loss differs from the unmasked one
+    plain = {k_: v for k_, v in opts.items() if k_ != "false_negative_margin"}
+    masked = oracle.info_nce(**inputs, **opts)
+    assert not torch.allclose(masked, oracle.info_nce(**inputs, **plain), rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clip_loss_false_negative_margin(dtype, backend):
+    """Against ``F.cross_entropy`` over logits with the masked pairs at -inf, both directions."""
+    n, d = 17, 12
+    inputs = {"image_features": unit(n, d), "text_features": unit(n, d),
+              "logit_scale": torch.tensor(14.3, dtype=torch.float64, device=DEVICE),
+              "logit_bias": torch.tensor(-2.0, dtype=torch.float64, device=DEVICE)}
+    if _expect_unsupported_on_cuda(backend, lambda: fastcl.clip_loss(**inputs, false_negative_margin=0.0,
+                                                                      backend=backend)):
+        return
+    check_against_oracle(lambda **kw: fastcl.clip_loss(**kw, false_negative_margin=0.0, backend=backend),
+                         lambda **kw: oracle.clip_loss(**kw, false_negative_margin=0.0), inputs, dtype,
+                         grad_floor=14.3)
+
+
+@pytest.mark.parametrize("other, value", [("labels", None), ("decoupled", True), ("debias", 0.1),
+                                          ("label_smoothing", 0.1)])
+def test_false_negative_margin_names_the_option_it_cannot_join(other, value):
+    q = unit(6, 3)
+    extra = {"labels": torch.arange(6, device=DEVICE) % 2} if other == "labels" else {other: value}
+    with pytest.raises(ValueError, match=f"false_negative_margin cannot be combined with {other}"):
+        fastcl.info_nce(q, q, false_negative_margin=0.1, **extra, backend="torch")
+
+
+def test_false_negative_margin_rejects_bad_values_and_scales():
+    q = unit(6, 3)
+    for bad in (float("nan"), True, "0.1"):
+        with pytest.raises(TypeError, match="false_negative_margin"):
+            fastcl.info_nce(q, q, false_negative_margin=bad, backend="torch")
+    with pytest.raises(ValueError, match="positive scale"):
+        fastcl.info_nce(q, q, scale=-2.0, false_negative_margin=0.1, backend="torch")
+    with pytest.raises(ValueError, match="positive logit_scale"):
+        fastcl.clip_loss(q, q, torch.tensor(0.0), false_negative_margin=0.1, backend="torch")
+    with pytest.raises(ValueError, match="scalar temperature"):
+        fastcl.info_nce(q, q, temperature=torch.full((6,), 0.1), symmetric=True, false_negative_margin=0.1,
+                        backend="torch")
+
+
+def test_auto_skips_a_backend_without_the_call_and_a_named_one_raises(monkeypatch):
+    """Dispatch by what a call needs: ``auto`` passes over a backend whose kernels lack it."""
+    from fastcl import _dispatch
+    from fastcl.backends import cuda
+
+    order = {"cpu": ("cuda", "torch")}
+    monkeypatch.setattr(_dispatch, "_AUTO_ORDER", order)
+    monkeypatch.setattr(cuda, "available", lambda device: None)
+    spec = fastcl._lower.towers(unit(4, 3), unit(4, 3), 10.0, None, sigmoid=False, false_negative_margin=0.1).spec
+    assert _dispatch.resolve("auto", torch.device("cpu"), spec).__name__ == "fastcl.backends.torch"
+    plain = fastcl._lower.towers(unit(4, 3), unit(4, 3), 10.0, None, sigmoid=False).spec
+    assert _dispatch.resolve("auto", torch.device("cpu"), plain).__name__ == "fastcl.backends.cuda"
+    with pytest.raises(ValueError, match="backend='cuda' does not support this call"):
+        _dispatch.resolve("cuda", torch.device("cpu"), spec)
+
+
 @pytest.mark.parametrize("value, error", [(-0.1, ValueError), (1.0, ValueError), (True, TypeError), ("0.1", TypeError)])
 def test_label_smoothing_rejects_bad_values(value, error):
     q = unit(4, 3)

@@ -155,6 +155,18 @@ def _tile_masks(rows, cols, N, C, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr
 
 
 @triton.jit
+def _false_negative_keep(t, keep, match, rows, cols, N, C, fn_row_ptr, fn_col_ptr, BY_ROW: tl.constexpr):
+    """``keep`` without the entries the false-negative mask takes out of the rows' (``BY_ROW``)
+    or the columns' denominators: logit above the line's threshold, not its one-hot positive.
+    ``~(t > thr)`` keeps a NaN logit, so non-finite inputs still give a non-finite loss."""
+    if BY_ROW:
+        thr = tl.load(fn_row_ptr + rows, mask=rows < N, other=0.0)
+    else:
+        thr = tl.load(fn_col_ptr + cols, mask=cols < C, other=0.0)
+    return keep & (match | ~(t > thr))
+
+
+@triton.jit
 def _log1p(x):
     # log(1 + x) with the rounding of 1 + x corrected (exact enough for tiny x, no libdevice)
     u = 1.0 + x
@@ -183,21 +195,30 @@ def _sigmoid_row_loss(t, keep, match):
 
 @triton.jit
 def _logit_grad(t, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
-                SIGMOID: tl.constexpr, DECOUPLED: tl.constexpr, SYMMETRIC: tl.constexpr, ACC: tl.constexpr):
+                fn_row_ptr, fn_col_ptr, SIGMOID: tl.constexpr, DECOUPLED: tl.constexpr, FN_MASK: tl.constexpr,
+                SYMMETRIC: tl.constexpr, ACC: tl.constexpr):
     """``G = d loss / d S`` on one tile of logits ``t``: sigmoid ``sigmoid(L_ij) - [j in P_i]``;
-    softmax ``w_i p_ij (+ w'_j p'_ij) - [j in P_i] coef_i`` from final LSEs."""
+    softmax ``w_i p_ij (+ w'_j p'_ij) - [j in P_i] coef_i`` from final LSEs. With ``FN_MASK`` the
+    row and column terms have their own denominators (each line's false-negative threshold)."""
     if SIGMOID:
         g = tl.where(keep, _sigmoid(t) - match.to(ACC), 0.0)
     else:
+        logits = t
+        keep_row = keep
+        if FN_MASK:
+            keep_row = _false_negative_keep(logits, keep, match, rows, cols, N, C, fn_row_ptr, fn_col_ptr, True)
         if DECOUPLED:
-            t = tl.where(keep & ~match, t, NEG_INF)
+            t = tl.where(keep_row & ~match, logits, NEG_INF)
         else:
-            t = tl.where(keep, t, NEG_INF)
+            t = tl.where(keep_row, logits, NEG_INF)
         in_row = rows < N
         w_row = tl.load(w_row_ptr + rows, mask=in_row, other=0.0)
         # where(w != 0): an anchor left out of the loss must not turn exp overflow into NaN
         g = tl.where(w_row != 0.0, w_row * tl.exp(t - tl.load(lse_row_ptr + rows, mask=in_row, other=0.0)), 0.0)
         if SYMMETRIC:
+            if FN_MASK:
+                keep_col = _false_negative_keep(logits, keep, match, rows, cols, N, C, fn_row_ptr, fn_col_ptr, False)
+                t = tl.where(keep_col, logits, NEG_INF)
             in_col = cols < C
             w_col = tl.load(w_col_ptr + cols, mask=in_col, other=0.0)
             lse_col = tl.load(lse_col_ptr + cols, mask=in_col, other=0.0)
@@ -208,11 +229,11 @@ def _logit_grad(t, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_p
 
 @triton.jit
 def softmax_stats_kernel(
-    a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
+    a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr, fn_row_ptr, fn_col_ptr,
     lse_ptr, pos_sum_ptr, pos_cnt_ptr,
     N, C, D,
     OWN_ROWS: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-    DECOUPLED: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    DECOUPLED: tl.constexpr, FN_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Per anchor of the owned axis: ``lse = LSE_{j in D} S``; with ``OWN_ROWS`` and ``LABELS``
@@ -248,6 +269,8 @@ def softmax_stats_kernel(
             pos_cnt += tl.sum(match.to(ACC), axis=1)
         if DECOUPLED:
             keep = keep & ~match
+        if FN_MASK:
+            keep = _false_negative_keep(t, keep, match, rows, cols, N, C, fn_row_ptr, fn_col_ptr, OWN_ROWS)
         t = tl.where(keep, t, NEG_INF)
         m_new = tl.maximum(m, tl.max(t, axis=1))
         # an all-masked line keeps max -inf; shifting by 0 there keeps exp(-inf - 0) = 0
@@ -264,13 +287,13 @@ def softmax_stats_kernel(
 
 @triton.jit
 def grad_kernel(
-    a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
+    a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr, fn_row_ptr, fn_col_ptr,
     lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr, gmax_ptr,
     out_ptr, gsum_ptr, loss_ptr,
     N, C, D, n_out,
     SIGMOID: tl.constexpr, OWN_ROWS: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr, DECOUPLED: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACCUMULATE: tl.constexpr, STORE_OUT: tl.constexpr, WRITE_GSUM: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, DECOUPLED: tl.constexpr, FN_MASK: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, STORE_OUT: tl.constexpr, WRITE_GSUM: tl.constexpr,
     WRITE_LOSS: tl.constexpr, G_SCALED: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -318,7 +341,7 @@ def grad_kernel(
         if SIGMOID and WRITE_LOSS:
             loss += _sigmoid_row_loss(t, keep, match)
         g = _logit_grad(t, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
-                        SIGMOID, DECOUPLED, SYMMETRIC, ACC)
+                        fn_row_ptr, fn_col_ptr, SIGMOID, DECOUPLED, FN_MASK, SYMMETRIC, ACC)
         if WRITE_GSUM:
             gsum += tl.sum(g, axis=1)
         if ACCUMULATE:
@@ -351,12 +374,13 @@ def grad_kernel(
 
 @triton.jit
 def logit_grad_kernel(
-    a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
+    a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr, fn_row_ptr, fn_col_ptr,
     lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr, gmax_ptr,
     g_ptr, loss_ptr, gsum_ptr,
     N, C, D, row0, row1, sums_stride,
     SIGMOID: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-    DECOUPLED: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_SUMS: tl.constexpr,
+    DECOUPLED: tl.constexpr, FN_MASK: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    WRITE_SUMS: tl.constexpr,
     G_SCALED: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -380,7 +404,7 @@ def logit_grad_kernel(
     keep = keep & in_chunk
     match = match & in_chunk
     g = _logit_grad(t, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
-                    SIGMOID, DECOUPLED, SYMMETRIC, ACC)
+                    fn_row_ptr, fn_col_ptr, SIGMOID, DECOUPLED, FN_MASK, SYMMETRIC, ACC)
     local = (offs_a - row0).to(tl.int64)
     if WRITE_SUMS:
         line_in = offs_a < row1
@@ -426,10 +450,10 @@ GRAD_CONFIGS = [
 ]
 
 # autotuning key: the width and the variant; the autotuner adds the tensors' dtypes itself
-STATS_KEY = ["D", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "PREC"]
-LOGIT_KEY = ["D", "SIGMOID", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "SYMMETRIC", "WRITE_SUMS", "G_SCALED", "PREC"]
-GRAD_KEY = ["D", "BLOCK_X", "SIGMOID", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "SYMMETRIC", "ACCUMULATE",
-            "G_SCALED", "PREC"]
+STATS_KEY = ["D", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "FN_MASK", "PREC"]
+LOGIT_KEY = ["D", "SIGMOID", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "FN_MASK", "SYMMETRIC", "WRITE_SUMS", "G_SCALED", "PREC"]
+GRAD_KEY = ["D", "BLOCK_X", "SIGMOID", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "FN_MASK", "SYMMETRIC",
+            "ACCUMULATE", "G_SCALED", "PREC"]
 _MAX_ACCUMULATOR = 64 * 256
 
 

@@ -176,6 +176,20 @@ def _masked_tile(a, b, spec: SoftmaxSpec, r0, r1, c0, c1, out):
     return tile
 
 
+def _false_negatives(tile, spec: SoftmaxSpec, r0, r1, c0, c1, shift=None):
+    """``(rows_out, cols_out or None)``: the entries of a tile holding ``S_ij - shift_i`` that the
+    false-negative mask takes out of row ``i``'s (and, symmetric, column ``j``'s) denominator:
+    above the line's threshold and not the line's one-hot positive."""
+    positive = spec.positive_index[r0:r1, None] == torch.arange(c0, c1, device=tile.device)[None, :]
+    row_thr = spec.fn_row[r0:r1, None]
+    col_thr = None if spec.fn_col is None else spec.fn_col[None, c0:c1]
+    if shift is not None:
+        row_thr = row_thr - shift[:, None]
+        col_thr = None if col_thr is None else col_thr - shift[:, None]
+    rows_out = (tile > row_thr) & ~positive
+    return rows_out, None if col_thr is None else (tile > col_thr) & ~positive
+
+
 class _LabelClasses:
     """Label positives as classes. A sum over a row's positive columns is the sum over its class
     minus its own column (with ``exclude_self``): one gather of per-class sums, O((N + C) * D),
@@ -297,7 +311,12 @@ def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
         for r0, r1, c0, c1 in _tiles(n, c, rows):
             tile = _masked_tile(qs, k, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
             work = work_buf.view(r1 - r0, c1 - c0)
-            if spec.symmetric:
+            if spec.fn_row is not None:  # the rows' and the columns' denominators differ: merge each exactly
+                rows_out, cols_out = _false_negatives(tile, spec, r0, r1, c0, c1)
+                if spec.symmetric:
+                    _merge_exact(col_ref[c0:c1], col_acc[c0:c1], tile.masked_fill(cols_out, NEG_INF), 0, work)
+                _merge_exact(row_ref[r0:r1], row_acc[r0:r1], tile.masked_fill_(rows_out, NEG_INF), 1, work)
+            elif spec.symmetric:
                 _merge_rows_and_cols(tile, row_ref[r0:r1], row_acc[r0:r1], col_ref[c0:c1], col_acc[c0:c1],
                                      work, _SAFE_LOG[cd])
             else:
@@ -342,7 +361,13 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
     def tile_grad(g, r0, r1, c0, c1, buf):
         """``g`` = the softmax terms of ``G`` on one tile (the target terms come later)."""
         tile = _masked_tile(qs_aug, k_aug, spec, r0, r1, c0, c1, buf.view(r1 - r0, c1 - c0))
-        if spec.symmetric:
+        if spec.fn_row is not None:
+            rows_out, cols_out = _false_negatives(tile, spec, r0, r1, c0, c1, shift=lse_safe[r0:r1])
+            torch.exp(tile.masked_fill(rows_out, NEG_INF), out=g).mul_(w_row[r0:r1, None])
+            if spec.symmetric:  # w'_j exp(S_ij - LSE'_j) over the columns' own denominators
+                tile.add_(lse_safe[r0:r1, None]).sub_(lse_col[None, c0:c1]).masked_fill_(cols_out, NEG_INF)
+                g.add_(tile.exp_().mul_(w_col[None, c0:c1]))
+        elif spec.symmetric:
             _symmetric_grad(g, tile, w_row[r0:r1], lse_safe[r0:r1], w_col[c0:c1], lse_col[c0:c1],
                             is_anchor[c0:c1], safe_log)
         else:

@@ -107,7 +107,8 @@ class _Launcher:
     """The tensors and compile-time flags shared by every kernel launch of one loss call."""
 
     def __init__(self, q, k, scale_rows, scalars, has_bias, positive_index, row_labels=None, col_labels=None,
-                 col_has_label=None, exclude_self=False, decoupled=False, symmetric=False, sigmoid=False):
+                 col_has_label=None, exclude_self=False, decoupled=False, symmetric=False, sigmoid=False,
+                 fn_row=None, fn_col=None):
         self.q, self.k = q, k
         self.n, self.c, self.d = q.shape[0], k.shape[0], q.shape[1]
         self.blocks = _fixed_blocks()
@@ -120,9 +121,12 @@ class _Launcher:
             row_labels if labels else dummy,
             col_labels if labels else dummy,
             col_has_label.to(torch.int32) if col_has_label is not None else dummy,
+            fn_row.contiguous() if fn_row is not None else dummy,
+            fn_col.contiguous() if fn_col is not None else dummy,
         )
         self.flags = dict(LABELS=labels, COL_MASK=col_has_label is not None, EXCLUDE_SELF=exclude_self,
-                          DECOUPLED=decoupled, HAS_BIAS=has_bias, **_type_args(q.dtype, q.device))
+                          DECOUPLED=decoupled, FN_MASK=fn_row is not None, HAS_BIAS=has_bias,
+                          **_type_args(q.dtype, q.device))
         self.symmetric, self.sigmoid = symmetric, sigmoid
 
     def _run(self, name, n_programs, split_d, args, flags):
@@ -203,7 +207,7 @@ def _launcher(query, key, scale_rows, spec: SoftmaxSpec) -> _Launcher:
     labels = (spec.row_labels.contiguous(), spec.col_labels.contiguous()) if spec.uses_labels else (None, None)
     return _Launcher(q, k, scale_rows, _scalars(None, scale_rows.dtype, q.device), False, pos, *labels,
                      col_has_label=spec.col_has_label, exclude_self=spec.exclude_self, decoupled=spec.decoupled,
-                     symmetric=spec.symmetric)
+                     symmetric=spec.symmetric, fn_row=spec.fn_row, fn_col=spec.fn_col)
 
 
 def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:

@@ -26,13 +26,16 @@ class Anchors(NamedTuple):
     term, the one-hot positive logit or the mean label-positive logit (bias excluded);
     ``n_den``: how many columns that denominator has; ``log_floor`` (debiased losses):
     ``log sum_{j in Neg} exp(-s_ij)``, the smallest the negatives' sum can be for unit vectors,
-    a function of the scale (so its scale gradient flows from here).
+    a function of the scale (so its scale gradient flows from here). With hardness ``beta``
+    (debiased losses), ``lse`` is the LSE of ``(1 + beta) L`` over the negatives and
+    ``lse_tilt`` that of ``beta L``.
     """
 
     lse: torch.Tensor
     pos: torch.Tensor
     n_den: torch.Tensor
     log_floor: Optional[torch.Tensor] = None
+    lse_tilt: Optional[torch.Tensor] = None
 
 
 def valid(spec: SoftmaxSpec, a: Anchors, has_positive: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -68,14 +71,19 @@ def _plain(a: Anchors, pos_weight, bias) -> torch.Tensor:
 
 def _debiased(a: Anchors, tau_plus: float) -> torch.Tensor:
     """Chuang et al. (2020): ``-p + log(e^p + Ng)`` with
-    ``Ng = max((sum_neg e^L - Q tau+ e^p) / (1 - tau+), sum_neg e^(-s))``, ``Q = n_den`` negatives.
+    ``Ng = max((sum_neg e^L - Q tau+ e^p) / (1 - tau+), sum_neg e^(-s))``, ``Q = n_den`` negatives;
+    with hardness, ``sum_neg e^L`` becomes ``Q sum_neg e^{(1+b)L} / sum_neg e^{bL}``.
 
     Evaluated relative to ``m = max(lse, p, log_floor)`` (no overflow at logit scale 100); ``m``
     is detached because the value does not depend on it. The bias cancels.
     """
-    m = torch.maximum(torch.maximum(a.lse, a.pos), a.log_floor).detach()
+    lse = a.lse
+    if a.lse_tilt is not None:
+        # hardness (Robinson et al. 2021): the negatives' sum is Q sum e^{(1+b)L} / sum e^{bL}
+        lse = torch.where(a.n_den > 0, torch.log(a.n_den) + a.lse - a.lse_tilt, a.lse)
+    m = torch.maximum(torch.maximum(lse, a.pos), a.log_floor).detach()
     e_pos = torch.exp(a.pos - m)
-    neg = torch.exp(a.lse - m)
+    neg = torch.exp(lse - m)
     floor = torch.exp(a.log_floor - m)
     ng = torch.maximum((neg - a.n_den * tau_plus * e_pos) / (1 - tau_plus), floor)
     return m - a.pos + torch.log(e_pos + ng)

@@ -12,6 +12,7 @@ term and of the target term of the tile gradient ``G``; one gradient pass turns 
 once, for every backend and for the ring.
 """
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -62,8 +63,15 @@ class LocalColumns:
     def _cat(key, negatives):
         return key if negatives is None else torch.cat([key, negatives])
 
+    @staticmethod
+    def _block_spec(spec: SoftmaxSpec, negatives) -> SoftmaxSpec:
+        """``spec`` over ``[key; negatives]``: the column thresholds (keys only) padded."""
+        if spec.fn_col is None or negatives is None:
+            return spec
+        return replace(spec, fn_col=pad_thresholds(spec.fn_col, negatives.shape[0]))
+
     def stats(self, query, key, negatives, s_rows, spec: SoftmaxSpec):
-        st = self.backend.softmax_stats(query, self._cat(key, negatives), s_rows, spec)
+        st = self.backend.softmax_stats(query, self._cat(key, negatives), s_rows, self._block_spec(spec, negatives))
         return st._replace(lse_col=None if st.lse_col is None else st.lse_col[: key.shape[0]])
 
     def grad(self, query, key, negatives, s_rows, spec: SoftmaxSpec, lse_row, w_row, coef, lse_col, w_col, *,
@@ -73,8 +81,9 @@ class LocalColumns:
         if lse_col is not None and negatives is not None:
             pad = lse_col.new_zeros(negatives.shape[0])
             lse_col, w_col = torch.cat([lse_col, pad]), torch.cat([w_col, pad])
-        acc_q, acc_k = self.backend.softmax_grad(query, self._cat(key, negatives), s_rows, spec, lse_row, w_row, coef,
-                                                 lse_col, w_col, rows=rows, cols=keys or negs)
+        acc_q, acc_k = self.backend.softmax_grad(query, self._cat(key, negatives), s_rows,
+                                                 self._block_spec(spec, negatives), lse_row, w_row, coef, lse_col,
+                                                 w_col, rows=rows, cols=keys or negs)
         if acc_k is None:
             return acc_q, None, None
         return acc_q, acc_k[:m], acc_k[m:]
@@ -93,6 +102,26 @@ def _positive_logits(query, key, negatives, s_rows, positive_index):
         in_negs = positive_index >= m
         cols = torch.where(in_negs[:, None], negatives[(positive_index - m).clamp(min=0)].to(cd), cols)
     return s_rows * (query.to(cd) * cols).sum(dim=1)
+
+
+def pad_thresholds(fn_col: torch.Tensor, n: int) -> torch.Tensor:
+    """Column thresholds for ``n`` more columns that are no anchor (``+inf``: never masked)."""
+    return torch.cat([fn_col, fn_col.new_full((n,), float("inf"))])
+
+
+def false_negative_thresholds(spec: SoftmaxSpec, pos, s_rows, n_keys: int) -> SoftmaxSpec:
+    """``spec`` with the false-negative mask's logit thresholds filled in (unchanged without a
+    margin): ``fn_row = p_i + s_i m`` for every row, and for a symmetric loss the same value on
+    each row's positive column (``+inf`` elsewhere: no anchor). ``S_ij > p_i + s_i m`` is
+    ``<q_i, k_j> > <q_i, k_pos(i)> + m`` for the positive scales the public layer requires."""
+    if spec.false_negative_margin is None:
+        return spec
+    fn_row = (pos + s_rows * spec.false_negative_margin).detach()
+    fn_col = None
+    if spec.symmetric:
+        fn_col = torch.full((n_keys,), float("inf"), dtype=fn_row.dtype, device=fn_row.device)
+        fn_col[spec.positive_index] = fn_row
+    return replace(spec, fn_row=fn_row, fn_col=fn_col)
 
 
 def _row_counts(spec: SoftmaxSpec, n_cols: int, pos_cnt) -> torch.Tensor:
@@ -123,25 +152,28 @@ def _column_log_floor(s_rows, spec: SoftmaxSpec, n_den_col, per_row: bool):
 
 
 class _Terms:
-    """Per-anchor statistics of one call, as the epilogue sees them (see :func:`_anchors`)."""
+    """Per-anchor statistics of one call, as the epilogue sees them (see :func:`_losses`).
+    ``tilt_row``/``tilt_col``: the hardness-tilted LSEs (``None`` without ``spec.hardness``)."""
 
-    def __init__(self, lse_row, pos, pos_cnt, lse_col, row_den, col_den, has_pos, per_row):
+    def __init__(self, lse_row, pos, pos_cnt, lse_col, row_den, col_den, has_pos, per_row, tilt_row=None,
+                 tilt_col=None):
         self.lse_row, self.pos, self.pos_cnt, self.lse_col = lse_row, pos, pos_cnt, lse_col
         self.row_den, self.col_den, self.has_pos, self.per_row = row_den, col_den, has_pos, per_row
+        self.tilt_row, self.tilt_col = tilt_row, tilt_col
 
 
 def _losses(spec: SoftmaxSpec, t: _Terms, s_rows, bias):
     """``(row_loss, col_loss, row_valid, col_valid)`` from the terms; differentiable in
-    ``t.lse_row``, ``t.pos``, ``t.lse_col``, ``s_rows`` and ``bias``."""
+    ``t.lse_row``, ``t.pos``, ``t.lse_col``, the tilted LSEs, ``s_rows`` and ``bias``."""
     debias = spec.debias is not None
-    rows = Anchors(t.lse_row, t.pos, t.row_den, torch.log(t.row_den) - s_rows if debias else None)
+    rows = Anchors(t.lse_row, t.pos, t.row_den, torch.log(t.row_den) - s_rows if debias else None, t.tilt_row)
     row_valid = epilogues.valid(spec, rows, t.has_pos)
     row_loss = _masked(epilogues.anchor_loss(spec, _safe(rows, row_valid), bias), row_valid)
     if t.lse_col is None:
         empty = row_loss[:0]
         return row_loss, empty, row_valid, row_valid[:0]
     col_floor = _column_log_floor(s_rows, spec, t.col_den, t.per_row) if debias else None
-    cols = Anchors(t.lse_col, t.pos, t.col_den, col_floor)
+    cols = Anchors(t.lse_col, t.pos, t.col_den, col_floor, t.tilt_col)
     col_valid = epilogues.valid(spec, cols)
     col_loss = _masked(epilogues.anchor_loss(spec, _safe(cols, col_valid), bias), col_valid)
     return row_loss, col_loss, row_valid, col_valid
@@ -150,8 +182,19 @@ def _losses(spec: SoftmaxSpec, t: _Terms, s_rows, bias):
 def _safe(a: Anchors, ok) -> Anchors:
     """Finite stand-ins on invalid anchors, so their (discarded) loss has no NaN gradient."""
     zero = torch.zeros_like(a.lse)
-    floor = None if a.log_floor is None else torch.where(ok, a.log_floor, zero)
-    return Anchors(torch.where(ok, a.lse, zero), torch.where(ok, a.pos, zero), a.n_den, floor)
+
+    def keep(x):
+        return None if x is None else torch.where(ok, x, zero)
+
+    return Anchors(keep(a.lse), keep(a.pos), a.n_den, keep(a.log_floor), keep(a.lse_tilt))
+
+
+def _tilted_scales(spec: SoftmaxSpec, s_rows):
+    """``(scale of the main statistics, scale of the tilted ones or None)``: with hardness
+    ``beta`` the passes run twice, at ``(1 + beta) s`` and at ``beta s`` (docs/design.md §4)."""
+    if spec.hardness is None:
+        return s_rows, None
+    return s_rows * (1 + spec.hardness), s_rows * spec.hardness
 
 
 def _masked(loss, ok):
@@ -172,25 +215,32 @@ class SoftmaxLoss(torch.autograd.Function):
         cd = compute_dtype(query.dtype)
         n = query.shape[0]
         s_rows = row_scale(scale, n, cd)
-        st = columns.stats(query, key, negatives, s_rows, spec)
+        pos = None
+        if not spec.uses_labels:
+            pos = _positive_logits(query, key, negatives, s_rows, spec.positive_index)
+            spec = false_negative_thresholds(spec, pos, s_rows, key.shape[0])
+        s_main, s_tilt = _tilted_scales(spec, s_rows)
+        st = columns.stats(query, key, negatives, s_main, spec)
+        st_tilt = None if s_tilt is None else columns.stats(query, key, negatives, s_tilt, spec)
         if spec.uses_labels:
             pos_cnt, has_pos = st.pos_cnt, st.pos_cnt > 0
             pos = st.pos_sum / pos_cnt.clamp(min=1)
         else:
             pos_cnt, has_pos = torch.ones(n, dtype=cd, device=query.device), None
-            pos = _positive_logits(query, key, negatives, s_rows, spec.positive_index)
-        lse_col = col_den = None
+        lse_col = col_den = tilt_col = None
         if spec.symmetric:
             lse_col = st.lse_col[spec.positive_index]
+            tilt_col = None if st_tilt is None else st_tilt.lse_col[spec.positive_index]
             col_den = torch.full_like(pos, float(columns.n_rows) - float(spec.decoupled))
             if spec.exclude_self:
                 col_den -= (spec.positive_index < n).to(cd)
         terms = _Terms(st.lse_row, pos, pos_cnt, lse_col, _row_counts(spec, columns.n_cols, pos_cnt), col_den, has_pos,
-                       scale.dim() == 1)
+                       scale.dim() == 1, None if st_tilt is None else st_tilt.lse_row, tilt_col)
         b = None if bias is None else bias.detach().to(cd).reshape(())
         row_loss, col_loss, row_valid, col_valid = _losses(spec, terms, s_rows, b)
 
         ctx.columns, ctx.spec, ctx.terms = columns, spec, terms
+        ctx.tilt_col_keys = None if st_tilt is None else st_tilt.lse_col
         ctx.save_for_backward(query, key, negatives, scale, bias, st.lse_col)
         ctx.mark_non_differentiable(row_valid, col_valid)
         return row_loss, col_loss, row_valid, col_valid
@@ -206,14 +256,19 @@ class SoftmaxLoss(torch.autograd.Function):
         s_rows = row_scale(scale, n, cd)
 
         # the epilogue again, under autograd: per-anchor weights of G and the direct terms
+        def leaf(x):
+            return None if x is None else x.detach().requires_grad_()
+
         with torch.enable_grad():
-            leaves = [x.detach().requires_grad_() for x in (t.lse_row, t.pos)]
-            lse_col = t.lse_col.detach().requires_grad_() if spec.symmetric else None
+            leaves = [leaf(t.lse_row), leaf(t.pos)]
+            lse_col, tilt_row, tilt_col = leaf(t.lse_col), leaf(t.tilt_row), leaf(t.tilt_col)
             s_leaf = s_rows.clone().requires_grad_(need_s and spec.debias is not None)
             b_leaf = None if bias is None else bias.detach().to(cd).reshape(()).requires_grad_(need_b)
-            terms = _Terms(leaves[0], leaves[1], t.pos_cnt, lse_col, t.row_den, t.col_den, t.has_pos, t.per_row)
+            terms = _Terms(leaves[0], leaves[1], t.pos_cnt, lse_col, t.row_den, t.col_den, t.has_pos, t.per_row,
+                           tilt_row, tilt_col)
             row_loss, col_loss, _, _ = _losses(spec, terms, s_leaf, b_leaf)
-            inputs = leaves + [x for x in (lse_col, s_leaf, b_leaf) if x is not None and x.requires_grad]
+            inputs = leaves + [x for x in (lse_col, tilt_row, tilt_col, s_leaf, b_leaf)
+                               if x is not None and x.requires_grad]
             outs, upstream = [row_loss], [grad_row.to(cd)]
             if spec.symmetric:
                 outs.append(col_loss)
@@ -222,18 +277,38 @@ class SoftmaxLoss(torch.autograd.Function):
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
         w_row, g_pos = grads[0], grads[1]
         rest = iter(grads[2:])
-        w_col_keys = None
+        w_col_keys = w_tilt_row = w_tilt_keys = None
+
+        def per_key(w):  # a column anchor's weight on its key
+            return torch.zeros_like(lse_col_keys).index_put_((spec.positive_index,), w)
+
         if spec.symmetric:
-            w_col_keys = torch.zeros_like(lse_col_keys).index_put_((spec.positive_index,), next(rest))
+            w_col_keys = per_key(next(rest))
+        if tilt_row is not None:
+            w_tilt_row = next(rest)
+            w_tilt_keys = per_key(next(rest)) if spec.symmetric else None
         ds_direct = next(rest) if s_leaf.requires_grad else None
         db = next(rest) if b_leaf is not None and b_leaf.requires_grad else None
         # d loss / d pos spreads over the positives: -coef_i on each of them in G
         coef = -g_pos / t.pos_cnt.clamp(min=1) if spec.uses_labels else -g_pos
 
-        acc_q, acc_k, acc_neg = ctx.columns.grad(
-            query, key, negatives, s_rows, spec, t.lse_row, w_row, coef,
-            None if lse_col_keys is None else finite_or_zero(lse_col_keys), w_col_keys,
-            rows=need_q or need_s, keys=need_k, negs=need_neg)
+        def grad_pass(scale_rows, lse_row, w, c, lse_col_all, w_col):
+            return ctx.columns.grad(query, key, negatives, scale_rows, spec, lse_row, w, c,
+                                    None if lse_col_all is None else finite_or_zero(lse_col_all), w_col,
+                                    rows=need_q or need_s, keys=need_k, negs=need_neg)
+
+        s_main, s_tilt = _tilted_scales(spec, s_rows)
+        if s_tilt is None:
+            acc_q, acc_k, acc_neg = grad_pass(s_rows, t.lse_row, w_row, coef, lse_col_keys, w_col_keys)
+        else:
+            # d loss / dS from both statistics; a pass at scale c s returns its sums per unit of
+            # c s (acc_q) or with c s applied (acc_k), and carries the target terms once
+            beta = spec.hardness
+            main = grad_pass(s_main, t.lse_row, w_row, coef / (1 + beta), lse_col_keys, w_col_keys)
+            tilt = grad_pass(s_tilt, finite_or_zero(t.tilt_row), w_tilt_row, torch.zeros_like(coef),
+                             ctx.tilt_col_keys, w_tilt_keys)
+            acc_q = None if main[0] is None else main[0] * (1 + beta) + tilt[0] * beta
+            acc_k, acc_neg = (None if a is None else a + b for a, b in zip(main[1:], tilt[1:]))
         grad_q = (acc_q * s_rows[:, None]).to(query.dtype) if need_q else None
         grad_s = None
         if need_s:
