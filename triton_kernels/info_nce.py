@@ -451,7 +451,8 @@ GRAD_CONFIGS = [
 
 # autotuning key: the width and the variant; the autotuner adds the tensors' dtypes itself
 STATS_KEY = ["D", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "FN_MASK", "PREC"]
-LOGIT_KEY = ["D", "SIGMOID", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "FN_MASK", "SYMMETRIC", "WRITE_SUMS", "G_SCALED", "PREC"]
+LOGIT_KEY = ["D", "SIGMOID", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "FN_MASK", "SYMMETRIC", "WRITE_SUMS",
+             "G_SCALED", "PREC"]
 GRAD_KEY = ["D", "BLOCK_X", "SIGMOID", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "FN_MASK", "SYMMETRIC",
             "ACCUMULATE", "G_SCALED", "PREC"]
 _MAX_ACCUMULATOR = 64 * 256
