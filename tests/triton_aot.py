@@ -49,6 +49,10 @@ def record_launches():
     fastcl.siglip_loss(q, k, 10.0, -10.0, backend="triton").backward()
     q, k = leaves(torch.bfloat16, (8, 768), (8, 768))
     fastcl.clip_loss(q, k, torch.tensor(10.0, requires_grad=True), backend="triton").backward()
+    # the false-negative mask at the resident width: two masks and two softmax terms per tile
+    q, k = leaves(torch.bfloat16, (8, 256), (8, 256))
+    fastcl.clip_loss(q, k, torch.tensor(10.0, requires_grad=True), false_negative_margin=0.1,
+                     backend="triton").backward()
     return launches
 
 
