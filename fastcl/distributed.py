@@ -593,7 +593,7 @@ def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSp
     else:
         anchors, t_pos = key[pos], torch.arange(n, device=pos.device)
     t_spec = SoftmaxSpec(positive_index=t_pos, pos_weight=pw, exclude_self=spec.exclude_self, decoupled=spec.decoupled,
-                         debias=spec.debias)
+                         debias=spec.debias, hardness=spec.hardness, false_negative_margin=spec.false_negative_margin)
     columns = ops.LocalColumns(backend, anchors.shape[0], queries.shape[0])
     loss, _, valid, _ = ops.softmax.softmax_loss(columns, anchors, queries, None, col_scale, bias, t_spec)
     if label_smoothing:  # the transposed problem's row term is the column term

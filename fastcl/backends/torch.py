@@ -180,7 +180,10 @@ def _false_negatives(tile, spec: SoftmaxSpec, r0, r1, c0, c1, shift=None):
     """``(rows_out, cols_out or None)``: the entries of a tile holding ``S_ij - shift_i`` that the
     false-negative mask takes out of row ``i``'s (and, symmetric, column ``j``'s) denominator:
     above the line's threshold and not the line's one-hot positive."""
-    positive = spec.positive_index[r0:r1, None] == torch.arange(c0, c1, device=tile.device)[None, :]
+    if spec.positive_index is None:  # a block without positives (another rank's, in the ring)
+        positive = torch.zeros(1, 1, dtype=torch.bool, device=tile.device)
+    else:
+        positive = spec.positive_index[r0:r1, None] == torch.arange(c0, c1, device=tile.device)[None, :]
     row_thr = spec.fn_row[r0:r1, None]
     col_thr = None if spec.fn_col is None else spec.fn_col[None, c0:c1]
     if shift is not None:
