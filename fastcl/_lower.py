@@ -95,8 +95,8 @@ def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: b
     bias = as_bias(_checks.optional_bias("logit_bias", logit_bias, device), image)
     pos = torch.arange(n, device=device)
     if sigmoid and labels is not None:
-        spec = SigmoidSpec(positive_index=None, n_rows_norm=n,
-                           labels=_checks.integer_vector("labels", labels, n, device))
+        labels = _checks.integer_vector("labels", labels, n, device)
+        spec = SigmoidSpec(positive_index=None, n_rows_norm=n, row_labels=labels, col_labels=labels)
     elif sigmoid:
         spec = SigmoidSpec(positive_index=pos, n_rows_norm=n)
     else:

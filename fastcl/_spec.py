@@ -71,10 +71,19 @@ class SigmoidSpec:
         positive_index: Long[N] column holding row ``i``'s positive; ``-1`` marks a row with no
             positive in these columns (a negatives-only block). ``None`` with ``labels``.
         n_rows_norm: the ``N`` the summed loss is divided by (the number of anchor rows).
-        labels: Long[N] group ids shared by the image and text of each pair, or ``None``: every
-            pair ``(i, j)`` with equal labels is a positive (``z_ij = +1``).
+        row_labels: Long[N] group ids of the rows (label positives), or ``None``: every pair
+            ``(i, j)`` with ``row_labels[i] == col_labels[j]`` is a positive (``z_ij = +1``).
+        col_labels: Long[C] group ids of the columns; with ``row_labels``. A single process
+            passes the same vector twice (image and text of a pair share a label); across ranks
+            the columns are the gathered (or travelling) keys' labels.
     """
 
     positive_index: Optional[torch.Tensor]
     n_rows_norm: int
-    labels: Optional[torch.Tensor] = None
+    row_labels: Optional[torch.Tensor] = None
+    col_labels: Optional[torch.Tensor] = None
+
+    @property
+    def uses_labels(self) -> bool:
+        """Positives come from label equality (not ``positive_index``)."""
+        return self.row_labels is not None

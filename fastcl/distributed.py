@@ -480,16 +480,21 @@ class RingColumns:
         return acc_q, acc_key, state["neg"]
 
     def sigmoid(self, query, key, s_rows, bias, positive_index, *, rows, cols, gsum, labels=None) -> SigmoidSums:
-        if labels is not None:  # the public layer refuses labels with a group before any collective
-            raise ValueError("siglip_loss: labels are not supported with group= yet")
+        """Sigmoid sums of this rank's rows over every rank's key block; ``dK`` partials travel
+        behind their block. ``labels = (row_labels, this rank's key labels)``: each block's labels
+        travel with it and every block may hold positives; else the one-hot positives are in the
+        local block only, so every (image, text) pair counts once."""
         cd, dev = s_rows.dtype, query.device
         acc_q = torch.zeros(query.shape, dtype=cd, device=dev) if rows else None
         total = {"loss": torch.zeros((), dtype=cd, device=dev), "g": torch.zeros((), dtype=cd, device=dev)}
 
         def step(t, block):
-            # positives only in the local block: every (image, text) pair counts once
-            sums = self.backend.sigmoid_pass(query, block[0], s_rows, bias, positive_index if t == 0 else None,
-                                             rows=rows, cols=cols, gsum=gsum)
+            if labels is not None:
+                pos, block_labels = None, (labels[0], block[1])
+            else:
+                pos, block_labels = positive_index if t == 0 else None, None
+            sums = self.backend.sigmoid_pass(query, block[0], s_rows, bias, pos, rows=rows, cols=cols, gsum=gsum,
+                                             labels=block_labels)
             total["loss"] = total["loss"] + sums.loss
             if gsum:
                 total["g"] = total["g"] + sums.g_sum
@@ -498,7 +503,8 @@ class RingColumns:
             return sums.acc_k
 
         carry = ((key.shape[1],), cd, _add) if cols else None
-        acc_k = _circulate(self.c, [key], step, carry)
+        payload = [key] if labels is None else [key, labels[1]]
+        acc_k = _circulate(self.c, payload, step, carry)
         return SigmoidSums(total["loss"], total["g"] if gsum else None, acc_q, acc_k)
 
 
@@ -585,11 +591,15 @@ def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSp
 
 def sigmoid_loss(c: Context, backend, query, key, scale, bias, spec: SigmoidSpec):
     """This rank's rows' share of the sigmoid loss over every rank's keys, normalised by the
-    global row count (so the shares sum to the single-process loss)."""
-    spec = SigmoidSpec(positive_index=spec.positive_index, n_rows_norm=c.total_rows)
+    global row count (so the shares sum to the single-process loss). Labels compare across
+    ranks: this rank's rows against the gathered keys' labels (all_gather, in the keys' own-first
+    order) or each travelling block's own (ring)."""
+    spec = replace(spec, n_rows_norm=c.total_rows)
     if c.mode == "ring":
         return ops.sigmoid.sigmoid_loss(RingColumns(c, backend, 0), query, key, scale, bias, spec)
     keys = _gather_own_first(key, c, c.key_sizes)
+    if spec.uses_labels:
+        spec = replace(spec, col_labels=_gather_own_first_nograd(spec.col_labels, c, c.key_sizes))
     return ops.sigmoid.sigmoid_loss(ops.LocalColumns(backend, query.shape[0], keys.shape[0]), query, keys, scale, bias,
                                     spec)
 

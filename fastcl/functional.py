@@ -263,20 +263,19 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, label
         logit_bias: float or tensor ``()`` / ``(1,)``.
         labels: optional Long ``[N]`` group ids of the pairs (several captions of one image,
             duplicates): ``z_ij = +1`` whenever ``labels[i] == labels[j]``, the diagonal
-            included. Not with ``group`` yet.
+            included. With ``group``, each rank passes its own pairs' labels and they compare
+            across ranks: a rank's images are positives with any rank's texts of an equal label.
         backend: see :func:`info_nce`.
         group, gather, local_loss: cross-rank negatives, see :func:`info_nce`. With ``group``,
             every (image, text) pair of the global batch is counted exactly once (open_clip's
-            neighbour exchange): a rank's images meet their own texts with the positives and
-            every other rank's texts as negatives only; the sum is divided by the global N.
+            neighbour exchange): without ``labels`` a rank's images meet their own texts with the
+            positives and every other rank's texts as negatives only; the sum is divided by the
+            global N. The loss and gradients equal the single process's over the concatenated
+            batch (labels included), under the convention of :func:`info_nce`.
     """
-    def lower():
-        if labels is not None and group is not None:
-            raise ValueError("siglip_loss: labels are not supported with group= yet (they would be compared "
-                             "across ranks); pass them per process or leave them out")
-        return _lower.towers(image_features, text_features, logit_scale, logit_bias, sigmoid=True, labels=labels)
-
-    call, module = _checked("siglip_loss", group, gather, local_loss, backend, lower)
+    call, module = _checked("siglip_loss", group, gather, local_loss, backend,
+                            lambda: _lower.towers(image_features, text_features, logit_scale, logit_bias, sigmoid=True,
+                                                  labels=labels))
     query, key, _, scale, bias, spec = call
     dist = _prepare(call, group, gather, local_loss, "siglip_loss")
     if dist is None:
