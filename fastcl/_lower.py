@@ -84,9 +84,11 @@ def two_towers(names, a, b):
     return a, b
 
 
-def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: bool, labels=None) -> Lowered:
-    """CLIP (symmetric softmax, diagonal positives) or SigLIP (sigmoid, diagonal positives, or
-    every equal-label pair with ``labels``)."""
+def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: bool, labels=None,
+           label_smoothing=0.0) -> Lowered:
+    """CLIP (symmetric softmax, diagonal positives, optionally label-smoothed) or SigLIP (sigmoid,
+    diagonal positives, or every equal-label pair with ``labels``)."""
+    eps = 0.0 if sigmoid else _label_smoothing(label_smoothing, None)
     image, text = two_towers(("image_features", "text_features"), image_features, text_features)
     n, device = image.shape[0], image.device
     if sigmoid and logit_bias is None:
@@ -100,7 +102,7 @@ def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: b
     elif sigmoid:
         spec = SigmoidSpec(positive_index=pos, n_rows_norm=n)
     else:
-        spec = SoftmaxSpec(positive_index=pos, symmetric=True)
+        spec = SoftmaxSpec(positive_index=pos, symmetric=True, label_smoothing=eps)
     return Lowered(image, text, None, s, bias, spec)
 
 
@@ -155,17 +157,14 @@ def _debias(value, labels, decoupled: bool) -> Optional[float]:
     return float(value)
 
 
-def label_smoothing(value, debias, group, gather) -> float:
-    """``label_smoothing`` validated: a float in ``[0, 1)`` (0: none)."""
+def _label_smoothing(value, debias) -> float:
+    """``label_smoothing`` validated: a float in ``[0, 1)`` (0: none), not with ``debias``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"label_smoothing must be a float in [0, 1); got {type(value).__name__}")
     if not 0 <= float(value) < 1:
         raise ValueError(f"label_smoothing must lie in [0, 1); got {value}")
     if value and debias is not None:
         raise ValueError("label_smoothing and debias cannot be combined (the debiased loss has its own denominator)")
-    if value and group is not None and gather != "all_gather":
-        raise ValueError("label_smoothing across ranks needs gather='all_gather' (its mean logit needs every rank's "
-                         "columns at once; the ring never holds them)")
     return float(value)
 
 
@@ -209,7 +208,7 @@ def _one_hot_positives(positive_index, n, m, n_neg, exclude_self, symmetric, dev
 
 
 def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labels, negatives, negative_labels,
-             exclude_self, decoupled, symmetric, debias) -> Lowered:
+             exclude_self, decoupled, symmetric, debias, label_smoothing=0.0) -> Lowered:
     """Validate :func:`fastcl.info_nce`'s arguments and lower them to a spec."""
     query = _checks.features("query", query)
     key = _checks.features("key", key)
@@ -239,6 +238,7 @@ def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labe
     if exclude_self and m < n:
         raise ValueError(f"exclude_self needs key to hold the N={n} query samples first; key has M={m} rows")
     tau_plus = _debias(debias, labels, decoupled)
+    eps = _label_smoothing(label_smoothing, debias)
 
     row_labels = col_labels = col_has_label = pos = None
     if labels is not None:
@@ -255,5 +255,5 @@ def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labe
 
     spec = SoftmaxSpec(positive_index=pos, row_labels=row_labels, col_labels=col_labels, col_has_label=col_has_label,
                        exclude_self=exclude_self, decoupled=decoupled or tau_plus is not None, symmetric=symmetric,
-                       n_grad_cols=n_grad_cols, debias=tau_plus)
+                       n_grad_cols=n_grad_cols, debias=tau_plus, label_smoothing=eps)
     return Lowered(query, key, negatives, s, None, spec)

@@ -17,8 +17,8 @@ Every public loss is lowered to one of two specs (docs/design.md §2):
 
 A spec holds only non-differentiable configuration; the differentiable tensors (query, key,
 scale, bias) travel beside it. Backends trust a spec: the public functions validate inputs.
-The backends' passes read the mask fields; ``pos_weight`` and ``debias`` belong to the
-per-anchor epilogue (``fastcl/ops/epilogues.py``).
+The backends' passes read the mask fields; ``pos_weight``, ``debias`` and ``label_smoothing``
+belong to the per-anchor epilogue (``fastcl/ops/epilogues.py``).
 """
 
 from dataclasses import dataclass
@@ -45,6 +45,8 @@ class SoftmaxSpec:
         n_grad_cols: columns ``>= n_grad_cols`` get no gradient (a detached queue).
         debias: ``tau_plus`` of the debiased loss (Chuang et al. 2020), else ``None``. Lowered
             with ``decoupled=True``, so the passes' LSE runs over the negatives only.
+        label_smoothing: ``eps`` of ``F.cross_entropy(label_smoothing=eps)`` over each anchor's
+            denominator columns (0: none); an epilogue variant (``fastcl/ops/smoothing.py``).
     """
 
     positive_index: Optional[torch.Tensor] = None
@@ -57,6 +59,7 @@ class SoftmaxSpec:
     symmetric: bool = False
     n_grad_cols: Optional[int] = None
     debias: Optional[float] = None
+    label_smoothing: float = 0.0
 
     @property
     def uses_labels(self) -> bool:

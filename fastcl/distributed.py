@@ -423,6 +423,10 @@ class RingColumns:
         self.c, self.backend = c, backend
         self.n_rows, self.n_cols = c.total_rows, sum(c.key_sizes) + n_negatives
 
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks, differentiably (label smoothing's column and row sums)."""
+        return _AllReduceSum.apply(x, self.c.group)
+
     def _payload(self, key, spec: SoftmaxSpec, *extra):
         return [key] + ([spec.col_labels[: key.shape[0]]] if spec.uses_labels else []) + list(extra)
 
@@ -512,21 +516,18 @@ class RingColumns:
 # Entry points for fastcl.functional
 
 
-def softmax_loss(c: Context, backend, query, key, negatives, scale, bias, spec: SoftmaxSpec,
-                 label_smoothing: float = 0.0):
+def softmax_loss(c: Context, backend, query, key, negatives, scale, bias, spec: SoftmaxSpec):
     """Per-anchor losses ``(row_loss, col_loss, row_valid, col_valid)`` of this rank's rows over
     every rank's keys followed by this rank's ``negatives``.
 
     ``spec`` is written as for a local call over ``[key; negatives]`` (local indices);
-    ``backend`` runs the passes in either mode. ``label_smoothing`` (all_gather mode) adds
-    :mod:`fastcl.ops.smoothing`'s terms over the gathered columns (and, symmetric, rows), whose
-    gradients reach every rank through the gathers.
+    ``backend`` runs the passes in either mode. Label smoothing's column sums
+    (:mod:`fastcl.ops.smoothing`) are the gathered columns' (and, symmetric, rows') sums in
+    all_gather mode, and a ``[D]`` all-reduce in ring mode; their gradients reach every rank
+    through the gathers or the all-reduce.
     """
     n_neg = 0 if negatives is None else negatives.shape[0]
     if c.mode == "ring":
-        if label_smoothing:
-            raise ValueError("label_smoothing across ranks needs gather='all_gather' (the ring never holds every "
-                             "rank's columns at once)")
         return ops.softmax.softmax_loss(RingColumns(c, backend, n_neg), query, key, negatives, scale, bias, spec)
     m, m_all = key.shape[0], sum(c.key_sizes)
     keys = _gather_own_first(key, c, c.key_sizes)
@@ -543,16 +544,13 @@ def softmax_loss(c: Context, backend, query, key, negatives, scale, bias, spec: 
     columns = ops.LocalColumns(backend, query.shape[0], m_all + n_neg)
     row_loss, col_loss, row_valid, col_valid = ops.softmax.softmax_loss(columns, query, keys, negatives, scale, bias,
                                                                         row_spec)
-    if label_smoothing:
-        term, _ = ops.smoothing.terms(query, keys, negatives, scale, row_spec, label_smoothing)
-        row_loss = ops.smoothing.add(row_loss, row_valid, term)
     if not spec.symmetric:
         return row_loss, col_loss, row_valid, col_valid
-    col_loss, col_valid = _column_losses(c, backend, query, key, scale, bias, spec, label_smoothing)
+    col_loss, col_valid = _column_losses(c, backend, query, key, scale, bias, spec)
     return row_loss, col_loss, row_valid, col_valid
 
 
-def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSpec, label_smoothing: float = 0.0):
+def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSpec):
     """Symmetric losses, all_gather mode: each local positive column as an anchor over every
     rank's rows, computed as a row-direction loss of the transposed problem."""
     n = query.shape[0]
@@ -578,12 +576,9 @@ def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSp
     else:
         anchors, t_pos = key[pos], torch.arange(n, device=pos.device)
     t_spec = SoftmaxSpec(positive_index=t_pos, pos_weight=pw, exclude_self=spec.exclude_self, decoupled=spec.decoupled,
-                         debias=spec.debias)
+                         debias=spec.debias, label_smoothing=spec.label_smoothing)
     columns = ops.LocalColumns(backend, anchors.shape[0], queries.shape[0])
     loss, _, valid, _ = ops.softmax.softmax_loss(columns, anchors, queries, None, col_scale, bias, t_spec)
-    if label_smoothing:  # the transposed problem's row term is the column term
-        term, _ = ops.smoothing.terms(anchors, queries, None, col_scale, t_spec, label_smoothing)
-        loss = ops.smoothing.add(loss, valid, term)
     if spec.exclude_self:
         loss, valid = loss[pos], valid[pos]
     return loss, valid

@@ -212,6 +212,10 @@ CASES = {
         w, g, key_extra=2, positives="perm", per_row_t=True, symmetric=True, label_smoothing=0.15),
     "info_nce_label_smoothing_symmetric_exclude_self_decoupled": lambda w, g: _info_nce_case(
         w, g, positives="shifted", symmetric=True, exclude_self=True, decoupled=True, label_smoothing=0.1),
+    "info_nce_label_smoothing_labels_decoupled_key_labels_labelled_queue": lambda w, g: _info_nce_case(
+        w, g, labels=3, key_extra=2, decoupled=True, n_neg=4, neg_labels=True, label_smoothing=0.25),
+    "info_nce_label_smoothing_queue_positive_in_queue_decoupled_sum": lambda w, g: _info_nce_case(
+        w, g, n_neg=5, neg_grad=True, positives="random", decoupled=True, reduction="sum", label_smoothing=0.3),
     "nt_xent": case_nt_xent,
     "supcon": case_supcon,
     "supcon_one_no_labels": lambda w, g: case_supcon(w, g, contrast_mode="one", labels=False),
@@ -222,8 +226,8 @@ CASES = {
 }
 
 
-# cases the ring cannot run (it raises, saying so): they need every rank's columns at once
-ALL_GATHER_ONLY = {name for name in CASES if "label_smoothing" in name}
+# cases the ring cannot run (it raises, saying so): none at present
+ALL_GATHER_ONLY = set()
 
 
 def _modes(name):
@@ -399,7 +403,6 @@ def _bad_setups(world, rank):
         "backend": lambda: fastcl.clip_loss(x, x, 10.0, backend="numpy" if rank == 0 else "torch", group=group),
         "string_flag": lambda: fastcl.nt_xent(x, x, normalize="False" if rank == 0 else False, group=group),
         "label_smoothing": lambda: fastcl.clip_loss(x, x, 10.0, label_smoothing=0.1 * (rank == 0), group=group),
-        "label_smoothing_ring": lambda: fastcl.clip_loss(x, x, 10.0, label_smoothing=0.1, group=group, gather="ring"),
         # every rank alike: all_gather's transposed pass needs this layout (ring does not)
         "layout": lambda: fastcl.info_nce(x, torch.randn(6, 6, dtype=torch.float64), symmetric=True, exclude_self=True,
                                           positive_index=torch.tensor([1, 2, 3, 5]), group=group),
@@ -567,9 +570,8 @@ def test_ring_memory_does_not_grow_with_world_size(reports, op):
                                             ("labels", "ValueError: info_nce: ranks disagree on labels"),
                                             ("siglip_labels", "ValueError: siglip_loss: ranks disagree on row_labels"),
                                             ("layout", "ValueError: symmetric with exclude_self across ranks"),
-                                            ("label_smoothing", "ValueError: clip_loss: label_smoothing differs"),
-                                            ("label_smoothing_ring", "ValueError: label_smoothing across ranks needs "
-                                                                     "gather='all_gather'")])
+                                            ("label_smoothing",
+                                             "ValueError: clip_loss: ranks disagree on label_smoothing")])
 def test_bad_setups_raise_on_every_rank(reports, world, setup, expected):
     for rank, messages in enumerate(reports[world]["bad_setups"]):
         assert messages[setup].startswith(expected), f"rank {rank}: {messages[setup]}"
