@@ -146,9 +146,8 @@ def _scalar_value(x) -> float:
 def _call_fields(query, key, negatives, scale, bias, spec, reduction) -> dict:
     """What every rank must agree on, derived from the call: the spec's flags and values, which
     tensors take part and which need gradients (the backward's collectives depend on both)."""
-    out = {}
+    out = {"labels": spec.uses_labels}  # first, so that a labels mismatch is named as one
     if isinstance(spec, SoftmaxSpec):
-        out["labels"] = spec.uses_labels
         out["negatives"] = 0 if negatives is None else negatives.shape[0]
         out["negatives_require_grad"] = negatives is not None and negatives.requires_grad
         # the all_gather layout of a symmetric exclude_self loss (checked on every rank alike)

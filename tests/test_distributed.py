@@ -568,7 +568,7 @@ def test_ring_memory_does_not_grow_with_world_size(reports, op):
                                             ("scale", "ValueError: clip_loss: logit_scale differs across ranks"),
                                             ("gather", "ValueError: info_nce: ranks disagree on gather"),
                                             ("labels", "ValueError: info_nce: ranks disagree on labels"),
-                                            ("siglip_labels", "ValueError: siglip_loss: ranks disagree on row_labels"),
+                                            ("siglip_labels", "ValueError: siglip_loss: ranks disagree on labels"),
                                             ("layout", "ValueError: symmetric with exclude_self across ranks"),
                                             ("label_smoothing",
                                              "ValueError: clip_loss: ranks disagree on label_smoothing")])
