@@ -86,9 +86,12 @@ def two_towers(names, a, b):
 
 
 def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: bool, labels=None,
-           false_negative_margin=None) -> Lowered:
-    """CLIP (symmetric softmax, diagonal positives) or SigLIP (sigmoid, diagonal positives, or
-    every equal-label pair with ``labels``)."""
+           label_smoothing=0.0, false_negative_margin=None) -> Lowered:
+    """CLIP (symmetric softmax, diagonal positives, optionally label-smoothed or with a
+    false-negative margin) or SigLIP (sigmoid, diagonal positives, or every equal-label pair
+    with ``labels``)."""
+    eps = 0.0 if sigmoid else _label_smoothing(label_smoothing, None)
+    margin = None if sigmoid else false_negative_margin_value(false_negative_margin, label_smoothing=eps)
     image, text = two_towers(("image_features", "text_features"), image_features, text_features)
     n, device = image.shape[0], image.device
     if sigmoid and logit_bias is None:
@@ -97,14 +100,14 @@ def towers(image_features, text_features, logit_scale, logit_bias, *, sigmoid: b
     bias = as_bias(_checks.optional_bias("logit_bias", logit_bias, device), image)
     pos = torch.arange(n, device=device)
     if sigmoid and labels is not None:
-        spec = SigmoidSpec(positive_index=None, n_rows_norm=n,
-                           labels=_checks.integer_vector("labels", labels, n, device))
+        labels = _checks.integer_vector("labels", labels, n, device)
+        spec = SigmoidSpec(positive_index=None, n_rows_norm=n, row_labels=labels, col_labels=labels)
     elif sigmoid:
         spec = SigmoidSpec(positive_index=pos, n_rows_norm=n)
     else:
-        if false_negative_margin is not None:
+        if margin is not None:
             positive_scale(s, "logit_scale")
-        spec = SoftmaxSpec(positive_index=pos, symmetric=True, false_negative_margin=false_negative_margin)
+        spec = SoftmaxSpec(positive_index=pos, symmetric=True, label_smoothing=eps, false_negative_margin=margin)
     return Lowered(image, text, None, s, bias, spec)
 
 
@@ -175,21 +178,18 @@ def hardness(value, debias, labels=None, decoupled=False):
     return (0.0 if debias is None else debias), (float(value) or None)
 
 
-def label_smoothing(value, debias, group, gather) -> float:
-    """``label_smoothing`` validated: a float in ``[0, 1)`` (0: none)."""
+def _label_smoothing(value, debias) -> float:
+    """``label_smoothing`` validated: a float in ``[0, 1)`` (0: none), not with ``debias``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"label_smoothing must be a float in [0, 1); got {type(value).__name__}")
     if not 0 <= float(value) < 1:
         raise ValueError(f"label_smoothing must lie in [0, 1); got {value}")
     if value and debias is not None:
         raise ValueError("label_smoothing and debias cannot be combined (the debiased loss has its own denominator)")
-    if value and group is not None and gather != "all_gather":
-        raise ValueError("label_smoothing across ranks needs gather='all_gather' (its mean logit needs every rank's "
-                         "columns at once; the ring never holds them)")
     return float(value)
 
 
-def false_negative_margin(value, *, labels=None, decoupled=False, debias=None, label_smoothing=0.0):
+def false_negative_margin_value(value, *, labels=None, decoupled=False, debias=None, label_smoothing=0.0):
     """``false_negative_margin`` validated: ``None``, or a finite float ``m`` (any sign)."""
     if value is None:
         return None
@@ -250,7 +250,8 @@ def _one_hot_positives(positive_index, n, m, n_neg, exclude_self, symmetric, dev
 
 
 def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labels, negatives, negative_labels,
-             exclude_self, decoupled, symmetric, debias, false_negative_margin=None, hardness=None) -> Lowered:
+             exclude_self, decoupled, symmetric, debias, label_smoothing=0.0, false_negative_margin=None,
+             hardness=None) -> Lowered:
     """Validate :func:`fastcl.info_nce`'s arguments and lower them to a spec."""
     query = _checks.features("query", query)
     key = _checks.features("key", key)
@@ -280,6 +281,9 @@ def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labe
     if exclude_self and m < n:
         raise ValueError(f"exclude_self needs key to hold the N={n} query samples first; key has M={m} rows")
     tau_plus = _debias(debias, labels, decoupled)
+    eps = _label_smoothing(label_smoothing, debias)
+    margin = false_negative_margin_value(false_negative_margin, labels=labels, decoupled=decoupled, debias=tau_plus,
+                                         label_smoothing=eps)
 
     row_labels = col_labels = col_has_label = pos = None
     if labels is not None:
@@ -294,13 +298,13 @@ def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labe
             raise ValueError("key_labels / negative_labels need labels")
         pos = _one_hot_positives(positive_index, n, m, n_neg, exclude_self, symmetric, device)
 
-    if false_negative_margin is not None:
+    if margin is not None:
         positive_scale(s, "scale" if scale is not None else "temperature")
         if symmetric and s.dim() == 1:
             raise ValueError("false_negative_margin with symmetric=True needs a scalar temperature/scale (a "
                              "column's rows would compare similarities at different scales)")
     spec = SoftmaxSpec(positive_index=pos, row_labels=row_labels, col_labels=col_labels, col_has_label=col_has_label,
                        exclude_self=exclude_self, decoupled=decoupled or tau_plus is not None, symmetric=symmetric,
-                       n_grad_cols=n_grad_cols, debias=tau_plus, hardness=hardness,
-                       false_negative_margin=false_negative_margin)
+                       n_grad_cols=n_grad_cols, debias=tau_plus, label_smoothing=eps, hardness=hardness,
+                       false_negative_margin=margin)
     return Lowered(query, key, negatives, s, None, spec)

@@ -17,8 +17,8 @@ Every public loss is lowered to one of two specs (docs/design.md §2):
 
 A spec holds only non-differentiable configuration; the differentiable tensors (query, key,
 scale, bias) travel beside it. Backends trust a spec: the public functions validate inputs.
-The backends' passes read the mask fields; ``pos_weight`` and ``debias`` belong to the
-per-anchor epilogue (``fastcl/ops/epilogues.py``).
+The backends' passes read the mask fields; ``pos_weight``, ``debias`` and ``label_smoothing``
+belong to the per-anchor epilogue (``fastcl/ops/epilogues.py``).
 """
 
 from dataclasses import dataclass
@@ -45,6 +45,8 @@ class SoftmaxSpec:
         n_grad_cols: columns ``>= n_grad_cols`` get no gradient (a detached queue).
         debias: ``tau_plus`` of the debiased loss (Chuang et al. 2020), else ``None``. Lowered
             with ``decoupled=True``, so the passes' LSE runs over the negatives only.
+        label_smoothing: ``eps`` of ``F.cross_entropy(label_smoothing=eps)`` over each anchor's
+            denominator columns (0: none); an epilogue variant (``fastcl/ops/smoothing.py``).
         hardness: ``beta > 0`` of hard-negative reweighting on the debiased loss (Robinson et
             al. 2021), else ``None``: :mod:`fastcl.ops.softmax` runs the passes at the scales
             ``(1 + beta) s`` and ``beta s`` (the tilted statistic). Set only with ``debias``.
@@ -68,6 +70,7 @@ class SoftmaxSpec:
     symmetric: bool = False
     n_grad_cols: Optional[int] = None
     debias: Optional[float] = None
+    label_smoothing: float = 0.0
     hardness: Optional[float] = None
     false_negative_margin: Optional[float] = None
     fn_row: Optional[torch.Tensor] = None
@@ -86,10 +89,19 @@ class SigmoidSpec:
         positive_index: Long[N] column holding row ``i``'s positive; ``-1`` marks a row with no
             positive in these columns (a negatives-only block). ``None`` with ``labels``.
         n_rows_norm: the ``N`` the summed loss is divided by (the number of anchor rows).
-        labels: Long[N] group ids shared by the image and text of each pair, or ``None``: every
-            pair ``(i, j)`` with equal labels is a positive (``z_ij = +1``).
+        row_labels: Long[N] group ids of the rows (label positives), or ``None``: every pair
+            ``(i, j)`` with ``row_labels[i] == col_labels[j]`` is a positive (``z_ij = +1``).
+        col_labels: Long[C] group ids of the columns; with ``row_labels``. A single process
+            passes the same vector twice (image and text of a pair share a label); across ranks
+            the columns are the gathered (or travelling) keys' labels.
     """
 
     positive_index: Optional[torch.Tensor]
     n_rows_norm: int
-    labels: Optional[torch.Tensor] = None
+    row_labels: Optional[torch.Tensor] = None
+    col_labels: Optional[torch.Tensor] = None
+
+    @property
+    def uses_labels(self) -> bool:
+        """Positives come from label equality (not ``positive_index``)."""
+        return self.row_labels is not None

@@ -146,9 +146,8 @@ def _scalar_value(x) -> float:
 def _call_fields(query, key, negatives, scale, bias, spec, reduction) -> dict:
     """What every rank must agree on, derived from the call: the spec's flags and values, which
     tensors take part and which need gradients (the backward's collectives depend on both)."""
-    out = {}
+    out = {"labels": spec.uses_labels}  # first, so that a labels mismatch is named as one
     if isinstance(spec, SoftmaxSpec):
-        out["labels"] = spec.uses_labels
         out["negatives"] = 0 if negatives is None else negatives.shape[0]
         out["negatives_require_grad"] = negatives is not None and negatives.requires_grad
         # the all_gather layout of a symmetric exclude_self loss (checked on every rank alike)
@@ -432,6 +431,10 @@ class RingColumns:
         self.c, self.backend = c, backend
         self.n_rows, self.n_cols = c.total_rows, sum(c.key_sizes) + n_negatives
 
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks, differentiably (label smoothing's column and row sums)."""
+        return _AllReduceSum.apply(x, self.c.group)
+
     def _payload(self, key, spec: SoftmaxSpec, *extra):
         """``[key, (labels), (column thresholds), *extra]``: what travels with a key block."""
         labels = [spec.col_labels[: key.shape[0]]] if spec.uses_labels else []
@@ -501,16 +504,21 @@ class RingColumns:
         return acc_q, acc_key, state["neg"]
 
     def sigmoid(self, query, key, s_rows, bias, positive_index, *, rows, cols, gsum, labels=None) -> SigmoidSums:
-        if labels is not None:  # the public layer refuses labels with a group before any collective
-            raise ValueError("siglip_loss: labels are not supported with group= yet")
+        """Sigmoid sums of this rank's rows over every rank's key block; ``dK`` partials travel
+        behind their block. ``labels = (row_labels, this rank's key labels)``: each block's labels
+        travel with it and every block may hold positives; else the one-hot positives are in the
+        local block only, so every (image, text) pair counts once."""
         cd, dev = s_rows.dtype, query.device
         acc_q = torch.zeros(query.shape, dtype=cd, device=dev) if rows else None
         total = {"loss": torch.zeros((), dtype=cd, device=dev), "g": torch.zeros((), dtype=cd, device=dev)}
 
         def step(t, block):
-            # positives only in the local block: every (image, text) pair counts once
-            sums = self.backend.sigmoid_pass(query, block[0], s_rows, bias, positive_index if t == 0 else None,
-                                             rows=rows, cols=cols, gsum=gsum)
+            if labels is not None:
+                pos, block_labels = None, (labels[0], block[1])
+            else:
+                pos, block_labels = positive_index if t == 0 else None, None
+            sums = self.backend.sigmoid_pass(query, block[0], s_rows, bias, pos, rows=rows, cols=cols, gsum=gsum,
+                                             labels=block_labels)
             total["loss"] = total["loss"] + sums.loss
             if gsum:
                 total["g"] = total["g"] + sums.g_sum
@@ -519,7 +527,8 @@ class RingColumns:
             return sums.acc_k
 
         carry = ((key.shape[1],), cd, _add) if cols else None
-        acc_k = _circulate(self.c, [key], step, carry)
+        payload = [key] if labels is None else [key, labels[1]]
+        acc_k = _circulate(self.c, payload, step, carry)
         return SigmoidSums(total["loss"], total["g"] if gsum else None, acc_q, acc_k)
 
 
@@ -527,21 +536,18 @@ class RingColumns:
 # Entry points for fastcl.functional
 
 
-def softmax_loss(c: Context, backend, query, key, negatives, scale, bias, spec: SoftmaxSpec,
-                 label_smoothing: float = 0.0):
+def softmax_loss(c: Context, backend, query, key, negatives, scale, bias, spec: SoftmaxSpec):
     """Per-anchor losses ``(row_loss, col_loss, row_valid, col_valid)`` of this rank's rows over
     every rank's keys followed by this rank's ``negatives``.
 
     ``spec`` is written as for a local call over ``[key; negatives]`` (local indices);
-    ``backend`` runs the passes in either mode. ``label_smoothing`` (all_gather mode) adds
-    :mod:`fastcl.ops.smoothing`'s terms over the gathered columns (and, symmetric, rows), whose
-    gradients reach every rank through the gathers.
+    ``backend`` runs the passes in either mode. Label smoothing's column sums
+    (:mod:`fastcl.ops.smoothing`) are the gathered columns' (and, symmetric, rows') sums in
+    all_gather mode, and a ``[D]`` all-reduce in ring mode; their gradients reach every rank
+    through the gathers or the all-reduce.
     """
     n_neg = 0 if negatives is None else negatives.shape[0]
     if c.mode == "ring":
-        if label_smoothing:
-            raise ValueError("label_smoothing across ranks needs gather='all_gather' (the ring never holds every "
-                             "rank's columns at once)")
         return ops.softmax.softmax_loss(RingColumns(c, backend, n_neg), query, key, negatives, scale, bias, spec)
     m, m_all = key.shape[0], sum(c.key_sizes)
     keys = _gather_own_first(key, c, c.key_sizes)
@@ -558,16 +564,13 @@ def softmax_loss(c: Context, backend, query, key, negatives, scale, bias, spec: 
     columns = ops.LocalColumns(backend, query.shape[0], m_all + n_neg)
     row_loss, col_loss, row_valid, col_valid = ops.softmax.softmax_loss(columns, query, keys, negatives, scale, bias,
                                                                         row_spec)
-    if label_smoothing:
-        term, _ = ops.smoothing.terms(query, keys, negatives, scale, row_spec, label_smoothing)
-        row_loss = ops.smoothing.add(row_loss, row_valid, term)
     if not spec.symmetric:
         return row_loss, col_loss, row_valid, col_valid
-    col_loss, col_valid = _column_losses(c, backend, query, key, scale, bias, spec, label_smoothing)
+    col_loss, col_valid = _column_losses(c, backend, query, key, scale, bias, spec)
     return row_loss, col_loss, row_valid, col_valid
 
 
-def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSpec, label_smoothing: float = 0.0):
+def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSpec):
     """Symmetric losses, all_gather mode: each local positive column as an anchor over every
     rank's rows, computed as a row-direction loss of the transposed problem."""
     n = query.shape[0]
@@ -593,12 +596,10 @@ def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSp
     else:
         anchors, t_pos = key[pos], torch.arange(n, device=pos.device)
     t_spec = SoftmaxSpec(positive_index=t_pos, pos_weight=pw, exclude_self=spec.exclude_self, decoupled=spec.decoupled,
-                         debias=spec.debias, hardness=spec.hardness, false_negative_margin=spec.false_negative_margin)
+                         debias=spec.debias, label_smoothing=spec.label_smoothing, hardness=spec.hardness,
+                         false_negative_margin=spec.false_negative_margin)
     columns = ops.LocalColumns(backend, anchors.shape[0], queries.shape[0])
     loss, _, valid, _ = ops.softmax.softmax_loss(columns, anchors, queries, None, col_scale, bias, t_spec)
-    if label_smoothing:  # the transposed problem's row term is the column term
-        term, _ = ops.smoothing.terms(anchors, queries, None, col_scale, t_spec, label_smoothing)
-        loss = ops.smoothing.add(loss, valid, term)
     if spec.exclude_self:
         loss, valid = loss[pos], valid[pos]
     return loss, valid
@@ -606,11 +607,15 @@ def _column_losses(c: Context, backend, query, key, scale, bias, spec: SoftmaxSp
 
 def sigmoid_loss(c: Context, backend, query, key, scale, bias, spec: SigmoidSpec):
     """This rank's rows' share of the sigmoid loss over every rank's keys, normalised by the
-    global row count (so the shares sum to the single-process loss)."""
-    spec = SigmoidSpec(positive_index=spec.positive_index, n_rows_norm=c.total_rows)
+    global row count (so the shares sum to the single-process loss). Labels compare across
+    ranks: this rank's rows against the gathered keys' labels (all_gather, in the keys' own-first
+    order) or each travelling block's own (ring)."""
+    spec = replace(spec, n_rows_norm=c.total_rows)
     if c.mode == "ring":
         return ops.sigmoid.sigmoid_loss(RingColumns(c, backend, 0), query, key, scale, bias, spec)
     keys = _gather_own_first(key, c, c.key_sizes)
+    if spec.uses_labels:
+        spec = replace(spec, col_labels=_gather_own_first_nograd(spec.col_labels, c, c.key_sizes))
     return ops.sigmoid.sigmoid_loss(ops.LocalColumns(backend, query.shape[0], keys.shape[0]), query, keys, scale, bias,
                                     spec)
 

@@ -54,27 +54,19 @@ def _prepare(call: Lowered, group, gather, local_loss, op: str, reduction: str =
                          scale=call.scale, bias=call.bias, spec=call.spec, reduction=reduction, scalars=scalars)
 
 
-def _softmax(call: Lowered, module, reduction: str, dist, op: str, label_smoothing: float = 0.0):
+def _softmax(call: Lowered, module, reduction: str, dist, op: str):
     """Per-anchor losses of ``call`` on the chosen backend, reduced; with a distributed context,
-    over every rank's keys (followed by this rank's negatives). ``label_smoothing`` adds its term
-    (:mod:`fastcl.ops.smoothing`) to every valid anchor."""
+    over every rank's keys (followed by this rank's negatives)."""
     query, key, negatives, scale, bias, spec = call
     if dist is None:
         n_cols = key.shape[0] + (0 if negatives is None else negatives.shape[0])
         columns = ops.LocalColumns(module, query.shape[0], n_cols)
         outs = ops.softmax.softmax_loss(columns, query, key, negatives, scale, bias, spec)
-        if label_smoothing:
-            row_loss, col_loss, row_valid, col_valid = outs
-            row_term, col_term = ops.smoothing.terms(query, key, negatives, scale, spec, label_smoothing)
-            row_loss = ops.smoothing.add(row_loss, row_valid, row_term)
-            if spec.symmetric:
-                col_loss = ops.smoothing.add(col_loss, col_valid, col_term)
-            outs = (row_loss, col_loss, row_valid, col_valid)
     else:
         if spec.debias is not None and spec.symmetric and scale.dim() == 1:
             raise ValueError(f"{op}: debias with symmetric=True and a per-row temperature/scale is not supported "
                              "across ranks (its column floor sums every rank's scales); use a scalar scale")
-        outs = _dist.softmax_loss(dist, module, query, key, negatives, scale, bias, spec, label_smoothing)
+        outs = _dist.softmax_loss(dist, module, query, key, negatives, scale, bias, spec)
     return _reduce(*outs, spec.symmetric, reduction, dist)
 
 
@@ -171,8 +163,8 @@ def info_nce(
         label_smoothing: ``eps`` in ``[0, 1)``, ``F.cross_entropy(label_smoothing=eps)`` over each
             anchor's denominator columns: ``(1 - eps) (LSE_i - p_i) + eps (LSE_i - mean_{j in
             D_i} L_ij)``, with ``p_i`` the positive logit (labels: the SupCon row term). Costs
-            O((N + M + K) D) beside the fused loss. Not with ``debias``; with ``group``, only with
-            ``gather="all_gather"``.
+            O((N + M + K) D) beside the fused loss. Not with ``debias``. With ``group``, both gather
+            modes (the ring adds one ``[D]`` all-reduce, ``[2, D]`` for ``symmetric``, per call).
         false_negative_margin: ``m`` (a float), or ``None``: mask likely false negatives (the
             Qwen3-Embedding / GTE recipe). Column ``j``, not row ``i``'s positive, leaves row
             ``i``'s denominator when ``<q_i, k_j> > <q_i, k_pos(i)> + m``; with ``symmetric``,
@@ -215,23 +207,18 @@ def info_nce(
         The loss, float32 (float64 for float64 inputs). If no anchor has a positive the mean is
         0 with zero gradients.
     """
-    eps = 0.0
-
     def lower():
-        nonlocal eps
         _checks.choice("reduction", reduction, _REDUCTIONS)
         tau_plus, beta = _lower.hardness(hardness, debias, labels, decoupled)
-        eps = _lower.label_smoothing(label_smoothing, tau_plus, group, gather)
-        margin = _lower.false_negative_margin(false_negative_margin, labels=labels, decoupled=decoupled,
-                                              debias=tau_plus, label_smoothing=eps)
         return _lower.info_nce(query, key, temperature=temperature, scale=scale, positive_index=positive_index,
                                labels=labels, key_labels=key_labels, negatives=negatives,
                                negative_labels=negative_labels, exclude_self=exclude_self, decoupled=decoupled,
-                               symmetric=symmetric, debias=tau_plus, false_negative_margin=margin, hardness=beta)
+                               symmetric=symmetric, debias=tau_plus, label_smoothing=label_smoothing,
+                               false_negative_margin=false_negative_margin, hardness=beta)
 
     call, module = _checked("info_nce", group, gather, local_loss, backend, lower)
-    dist = _prepare(call, group, gather, local_loss, "info_nce", reduction, scalars={"label_smoothing": eps})
-    return _softmax(call, module, reduction, dist, "info_nce", eps)
+    dist = _prepare(call, group, gather, local_loss, "info_nce", reduction)
+    return _softmax(call, module, reduction, dist, "info_nce")
 
 
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, label_smoothing=0.0,
@@ -247,8 +234,7 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, la
         logit_scale: the already-exponentiated scale: float or tensor ``()`` / ``(1,)``.
         logit_bias: optional float or tensor ``()`` / ``(1,)``.
         label_smoothing: ``eps`` in ``[0, 1)``: both cross-entropies as
-            ``F.cross_entropy(label_smoothing=eps)``; see :func:`info_nce` (``group`` with
-            ``gather="all_gather"`` only).
+            ``F.cross_entropy(label_smoothing=eps)``; see :func:`info_nce`.
         false_negative_margin: ``m``: in both directions, a pair other than the positive leaves
             the denominator when its similarity exceeds the positive's by more than ``m``; see
             :func:`info_nce` (not with ``label_smoothing``).
@@ -260,18 +246,12 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, la
             the gradients of the features, ``logit_scale`` and ``logit_bias`` are the
             single-process ones (not W times too large).
     """
-    eps = 0.0
-
-    def lower():
-        nonlocal eps
-        eps = _lower.label_smoothing(label_smoothing, None, group, gather)
-        margin = _lower.false_negative_margin(false_negative_margin, label_smoothing=eps)
-        return _lower.towers(image_features, text_features, logit_scale, logit_bias, sigmoid=False,
-                             false_negative_margin=margin)
-
-    call, module = _checked("clip_loss", group, gather, local_loss, backend, lower)
-    dist = _prepare(call, group, gather, local_loss, "clip_loss", scalars={"label_smoothing": eps})
-    return _softmax(call, module, "mean", dist, "clip_loss", eps)
+    call, module = _checked("clip_loss", group, gather, local_loss, backend,
+                            lambda: _lower.towers(image_features, text_features, logit_scale, logit_bias, sigmoid=False,
+                                                  label_smoothing=label_smoothing,
+                                                  false_negative_margin=false_negative_margin))
+    dist = _prepare(call, group, gather, local_loss, "clip_loss")
+    return _softmax(call, module, "mean", dist, "clip_loss")
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, labels=None, backend=None, group=None,
@@ -288,20 +268,19 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, label
         logit_bias: float or tensor ``()`` / ``(1,)``.
         labels: optional Long ``[N]`` group ids of the pairs (several captions of one image,
             duplicates): ``z_ij = +1`` whenever ``labels[i] == labels[j]``, the diagonal
-            included. Not with ``group`` yet.
+            included. With ``group``, each rank passes its own pairs' labels and they compare
+            across ranks: a rank's images are positives with any rank's texts of an equal label.
         backend: see :func:`info_nce`.
         group, gather, local_loss: cross-rank negatives, see :func:`info_nce`. With ``group``,
             every (image, text) pair of the global batch is counted exactly once (open_clip's
-            neighbour exchange): a rank's images meet their own texts with the positives and
-            every other rank's texts as negatives only; the sum is divided by the global N.
+            neighbour exchange): without ``labels`` a rank's images meet their own texts with the
+            positives and every other rank's texts as negatives only; the sum is divided by the
+            global N. The loss and gradients equal the single process's over the concatenated
+            batch (labels included), under the convention of :func:`info_nce`.
     """
-    def lower():
-        if labels is not None and group is not None:
-            raise ValueError("siglip_loss: labels are not supported with group= yet (they would be compared "
-                             "across ranks); pass them per process or leave them out")
-        return _lower.towers(image_features, text_features, logit_scale, logit_bias, sigmoid=True, labels=labels)
-
-    call, module = _checked("siglip_loss", group, gather, local_loss, backend, lower)
+    call, module = _checked("siglip_loss", group, gather, local_loss, backend,
+                            lambda: _lower.towers(image_features, text_features, logit_scale, logit_bias, sigmoid=True,
+                                                  labels=labels))
     query, key, _, scale, bias, spec = call
     dist = _prepare(call, group, gather, local_loss, "siglip_loss")
     if dist is None:

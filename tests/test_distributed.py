@@ -73,12 +73,15 @@ def case_clip(world, g, bias=True, label_smoothing=0.0):
     return fastcl.clip_loss, tensors, lambda r: extra, extra
 
 
-def case_siglip(world, g):
+def case_siglip(world, g, classes=0):
+    """SigLIP; ``classes``: multi-positive labels drawn from that many classes (0: none)."""
     sizes = _shards(world, 3)
     n, d = sum(sizes), 6
     tensors = {"image_features": (_unit(g, n, d), sizes, True), "text_features": (_unit(g, n, d), sizes, True),
                "logit_scale": (torch.tensor(6.0, dtype=torch.float64), None, True),
                "logit_bias": (torch.tensor(-2.5, dtype=torch.float64), None, True)}
+    if classes:
+        tensors["labels"] = (torch.randint(0, classes, (n,), generator=g), sizes, False)
     import fastcl
     return fastcl.siglip_loss, tensors, lambda r: {}, {}
 
@@ -177,6 +180,9 @@ CASES = {
     "clip_loss": case_clip,
     "clip_loss_no_bias": lambda w, g: case_clip(w, g, bias=False),
     "siglip_loss": case_siglip,
+    # few classes: most positives cross ranks; many: mostly the diagonal and a few duplicates
+    "siglip_loss_labels_3_classes": lambda w, g: case_siglip(w, g, classes=3),
+    "siglip_loss_labels_many_classes": lambda w, g: case_siglip(w, g, classes=40),
     "info_nce": lambda w, g: _info_nce_case(w, g),
     "info_nce_positive_index_m_gt_n": lambda w, g: _info_nce_case(w, g, key_extra=2, positives="random"),
     "info_nce_per_row_temperature": lambda w, g: _info_nce_case(w, g, key_extra=1, positives="random", per_row_t=True),
@@ -206,6 +212,10 @@ CASES = {
         w, g, key_extra=2, positives="perm", per_row_t=True, symmetric=True, label_smoothing=0.15),
     "info_nce_label_smoothing_symmetric_exclude_self_decoupled": lambda w, g: _info_nce_case(
         w, g, positives="shifted", symmetric=True, exclude_self=True, decoupled=True, label_smoothing=0.1),
+    "info_nce_label_smoothing_labels_decoupled_key_labels_labelled_queue": lambda w, g: _info_nce_case(
+        w, g, labels=3, key_extra=2, decoupled=True, n_neg=4, neg_labels=True, label_smoothing=0.25),
+    "info_nce_label_smoothing_queue_positive_in_queue_decoupled_sum": lambda w, g: _info_nce_case(
+        w, g, n_neg=5, neg_grad=True, positives="random", decoupled=True, reduction="sum", label_smoothing=0.3),
     "nt_xent": case_nt_xent,
     "supcon": case_supcon,
     "supcon_one_no_labels": lambda w, g: case_supcon(w, g, contrast_mode="one", labels=False),
@@ -216,8 +226,8 @@ CASES = {
 }
 
 
-# cases the ring cannot run (it raises, saying so): they need every rank's columns at once
-ALL_GATHER_ONLY = {name for name in CASES if "label_smoothing" in name}
+# cases the ring cannot run (it raises, saying so): none at present
+ALL_GATHER_ONLY = set()
 
 
 def _modes(name):
@@ -266,7 +276,7 @@ def _rel_err(got, want, floor):
 
 # the ring and all_gather through the kernels of the other backends (Triton's interpreter, the
 # CUDA kernels emulated on CPU threads): a subset that covers every pass and carry
-BACKEND_CASES = ("clip_loss", "siglip_loss", "info_nce_labels_exclude_self_decoupled",
+BACKEND_CASES = ("clip_loss", "siglip_loss", "siglip_loss_labels_3_classes", "info_nce_labels_exclude_self_decoupled",
                  "info_nce_queue_with_grad_positive_in_queue", "info_nce_symmetric_per_row_temperature",
                  "info_nce_debias_symmetric_exclude_self")
 KERNEL_BACKENDS = ("triton", "cuda")
@@ -413,13 +423,14 @@ def _bad_setups(world, rank):
         "scale": lambda: fastcl.clip_loss(x, x, 10.0 + (rank == 0), group=group),
         "gather": lambda: fastcl.info_nce(x, x, group=group, gather="ring" if rank == 0 else "all_gather"),
         "labels": lambda: fastcl.info_nce(x, x, labels=torch.zeros(4, dtype=torch.long) if rank else None, group=group),
+        "siglip_labels": lambda: fastcl.siglip_loss(x, x, 10.0, -5.0, labels=torch.zeros(4, dtype=torch.long) if rank
+                                                    else None, group=group, gather="ring"),
         # one rank's own inputs are bad: every rank must raise, not wait in the next collective
         "empty_shard": lambda: fastcl.info_nce(x[:0] if rank == 0 else x, x, group=group),
         "temperature": lambda: fastcl.info_nce(x, x, temperature=-1.0 if rank == 0 else 0.1, group=group),
         "backend": lambda: fastcl.clip_loss(x, x, 10.0, backend="numpy" if rank == 0 else "torch", group=group),
         "string_flag": lambda: fastcl.nt_xent(x, x, normalize="False" if rank == 0 else False, group=group),
         "label_smoothing": lambda: fastcl.clip_loss(x, x, 10.0, label_smoothing=0.1 * (rank == 0), group=group),
-        "label_smoothing_ring": lambda: fastcl.clip_loss(x, x, 10.0, label_smoothing=0.1, group=group, gather="ring"),
         # every rank alike: all_gather's transposed pass needs this layout (ring does not)
         "layout": lambda: fastcl.info_nce(x, torch.randn(6, 6, dtype=torch.float64), symmetric=True, exclude_self=True,
                                           positive_index=torch.tensor([1, 2, 3, 5]), group=group),
@@ -585,10 +596,10 @@ def test_ring_memory_does_not_grow_with_world_size(reports, op):
                                             ("scale", "ValueError: clip_loss: logit_scale differs across ranks"),
                                             ("gather", "ValueError: info_nce: ranks disagree on gather"),
                                             ("labels", "ValueError: info_nce: ranks disagree on labels"),
+                                            ("siglip_labels", "ValueError: siglip_loss: ranks disagree on labels"),
                                             ("layout", "ValueError: symmetric with exclude_self across ranks"),
-                                            ("label_smoothing", "ValueError: clip_loss: label_smoothing differs"),
-                                            ("label_smoothing_ring", "ValueError: label_smoothing across ranks needs "
-                                                                     "gather='all_gather'")])
+                                            ("label_smoothing",
+                                             "ValueError: clip_loss: ranks disagree on label_smoothing")])
 def test_bad_setups_raise_on_every_rank(reports, world, setup, expected):
     for rank, messages in enumerate(reports[world]["bad_setups"]):
         assert messages[setup].startswith(expected), f"rank {rank}: {messages[setup]}"

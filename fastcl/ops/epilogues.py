@@ -26,15 +26,20 @@ class Anchors(NamedTuple):
     term, the one-hot positive logit or the mean label-positive logit (bias excluded);
     ``n_den``: how many columns that denominator has; ``log_floor`` (debiased losses):
     ``log sum_{j in Neg} exp(-s_ij)``, the smallest the negatives' sum can be for unit vectors,
-    a function of the scale (so its scale gradient flows from here). With hardness ``beta``
-    (debiased losses), ``lse`` is the LSE of ``(1 + beta) L`` over the negatives and
-    ``lse_tilt`` that of ``beta L``.
+    a function of the scale (so its scale gradient flows from here); ``n_pos`` (label
+    smoothing): how many positives ``pos`` is the mean of; ``logit_sum`` (label smoothing): the
+    sum of the anchor's logits over its columns, the excluded self column left out (bias
+    excluded), from :func:`fastcl.ops.smoothing.logit_sums`. With hardness ``beta`` (debiased
+    losses), ``lse`` is the LSE of ``(1 + beta) L`` over the negatives and ``lse_tilt`` that of
+    ``beta L``.
     """
 
     lse: torch.Tensor
     pos: torch.Tensor
     n_den: torch.Tensor
     log_floor: Optional[torch.Tensor] = None
+    n_pos: Optional[torch.Tensor] = None
+    logit_sum: Optional[torch.Tensor] = None
     lse_tilt: Optional[torch.Tensor] = None
 
 
@@ -54,6 +59,8 @@ def anchor_loss(spec: SoftmaxSpec, a: Anchors, bias: Optional[torch.Tensor]) -> 
     """The loss of each anchor (no masking: :mod:`fastcl.ops.softmax` zeroes invalid anchors)."""
     if spec.debias is not None:
         return _debiased(a, spec.debias)
+    if spec.label_smoothing:
+        return _smoothed(a, spec.label_smoothing, spec.decoupled)
     return _plain(a, spec.pos_weight, bias)
 
 
@@ -67,6 +74,15 @@ def _plain(a: Anchors, pos_weight, bias) -> torch.Tensor:
     if bias is not None:
         loss = loss + bias * (1 - w)
     return loss
+
+
+def _smoothed(a: Anchors, eps: float, decoupled: bool) -> torch.Tensor:
+    """``F.cross_entropy(label_smoothing=eps)`` over the denominator ``D``:
+    ``lse - (1 - eps) pos - eps m`` with ``m`` the mean logit over ``D``. ``logit_sum`` covers
+    every column but self; a decoupled ``D`` also leaves out the ``n_pos`` positives, whose sum
+    is ``n_pos * pos``. The bias cancels (softmax is shift-invariant)."""
+    den_sum = a.logit_sum - a.n_pos * a.pos if decoupled else a.logit_sum
+    return a.lse - (1 - eps) * a.pos - eps * den_sum / a.n_den.clamp(min=1)
 
 
 def _debiased(a: Anchors, tau_plus: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ class SigmoidLoss(torch.autograd.Function):
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[1:5]
         s_rows = row_scale(scale, query.shape[0], cd)
         b = None if bias is None else bias.detach().to(cd).reshape(())
-        labels = None if spec.labels is None else (spec.labels, spec.labels)
+        labels = (spec.row_labels, spec.col_labels) if spec.uses_labels else None
         sums = columns.sigmoid(query, key, s_rows, b, spec.positive_index, rows=need_q or need_s, cols=need_k,
                                gsum=need_b, labels=labels)
         inv_n = 1.0 / spec.n_rows_norm

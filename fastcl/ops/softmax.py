@@ -19,7 +19,7 @@ import torch
 
 from .._spec import SoftmaxSpec
 from ..backends.common import compute_dtype, finite_or_zero
-from . import epilogues
+from . import epilogues, smoothing
 from .epilogues import Anchors
 
 
@@ -88,7 +88,13 @@ class LocalColumns:
             return acc_q, None, None
         return acc_q, acc_k[:m], acc_k[m:]
 
+    @staticmethod
+    def reduce(x):
+        """Sums of the rows' (and keys') vectors are already global: the identity."""
+        return x
+
     def sigmoid(self, query, key, s_rows, bias, positive_index, *, rows, cols, gsum, labels=None):
+        """The sigmoid pass over the one block."""
         return self.backend.sigmoid_pass(query, key, s_rows, bias, positive_index, rows=rows, cols=cols, gsum=gsum,
                                          labels=labels)
 
@@ -152,28 +158,31 @@ def _column_log_floor(s_rows, spec: SoftmaxSpec, n_den_col, per_row: bool):
 
 
 class _Terms:
-    """Per-anchor statistics of one call, as the epilogue sees them (see :func:`_losses`).
-    ``tilt_row``/``tilt_col``: the hardness-tilted LSEs (``None`` without ``spec.hardness``)."""
+    """Per-anchor statistics of one call, as the epilogue sees them (see :func:`_losses`);
+    ``sum_row``/``sum_col``: the label-smoothing logit sums, ``tilt_row``/``tilt_col``: the
+    hardness-tilted LSEs (each ``None`` when the spec has no such term)."""
 
-    def __init__(self, lse_row, pos, pos_cnt, lse_col, row_den, col_den, has_pos, per_row, tilt_row=None,
-                 tilt_col=None):
+    def __init__(self, lse_row, pos, pos_cnt, lse_col, row_den, col_den, has_pos, per_row, sum_row=None,
+                 sum_col=None, tilt_row=None, tilt_col=None):
         self.lse_row, self.pos, self.pos_cnt, self.lse_col = lse_row, pos, pos_cnt, lse_col
         self.row_den, self.col_den, self.has_pos, self.per_row = row_den, col_den, has_pos, per_row
+        self.sum_row, self.sum_col = sum_row, sum_col
         self.tilt_row, self.tilt_col = tilt_row, tilt_col
 
 
 def _losses(spec: SoftmaxSpec, t: _Terms, s_rows, bias):
     """``(row_loss, col_loss, row_valid, col_valid)`` from the terms; differentiable in
-    ``t.lse_row``, ``t.pos``, ``t.lse_col``, the tilted LSEs, ``s_rows`` and ``bias``."""
+    ``t.lse_row``, ``t.pos``, ``t.lse_col``, the logit sums, the tilted LSEs, ``s_rows`` and ``bias``."""
     debias = spec.debias is not None
-    rows = Anchors(t.lse_row, t.pos, t.row_den, torch.log(t.row_den) - s_rows if debias else None, t.tilt_row)
+    rows = Anchors(t.lse_row, t.pos, t.row_den, torch.log(t.row_den) - s_rows if debias else None, t.pos_cnt,
+                   t.sum_row, t.tilt_row)
     row_valid = epilogues.valid(spec, rows, t.has_pos)
     row_loss = _masked(epilogues.anchor_loss(spec, _safe(rows, row_valid), bias), row_valid)
     if t.lse_col is None:
         empty = row_loss[:0]
         return row_loss, empty, row_valid, row_valid[:0]
     col_floor = _column_log_floor(s_rows, spec, t.col_den, t.per_row) if debias else None
-    cols = Anchors(t.lse_col, t.pos, t.col_den, col_floor, t.tilt_col)
+    cols = Anchors(t.lse_col, t.pos, t.col_den, col_floor, torch.ones_like(t.pos), t.sum_col, t.tilt_col)
     col_valid = epilogues.valid(spec, cols)
     col_loss = _masked(epilogues.anchor_loss(spec, _safe(cols, col_valid), bias), col_valid)
     return row_loss, col_loss, row_valid, col_valid
@@ -186,7 +195,8 @@ def _safe(a: Anchors, ok) -> Anchors:
     def keep(x):
         return None if x is None else torch.where(ok, x, zero)
 
-    return Anchors(keep(a.lse), keep(a.pos), a.n_den, keep(a.log_floor), keep(a.lse_tilt))
+    return Anchors(keep(a.lse), keep(a.pos), a.n_den, keep(a.log_floor), a.n_pos, keep(a.logit_sum),
+                   keep(a.lse_tilt))
 
 
 def _tilted_scales(spec: SoftmaxSpec, s_rows):
@@ -207,11 +217,14 @@ class SoftmaxLoss(torch.autograd.Function):
 
     ``col_loss[i]`` is the loss of column ``positive_index[i]`` as an anchor (symmetric specs).
     Invalid anchors (no positive, or an empty denominator) have loss 0 and no gradient.
-    ``columns`` runs the passes: :class:`LocalColumns`, or the ring.
+    ``columns`` runs the passes: :class:`LocalColumns`, or the ring. ``sum_row``/``sum_col``
+    (label smoothing, else ``None``): the anchors' logit sums ``[N]``, differentiable inputs
+    computed outside the tiles (:func:`fastcl.ops.smoothing.logit_sums`); the backward returns
+    their gradients and autograd takes them on to the features.
     """
 
     @staticmethod
-    def forward(ctx, columns, query, key, negatives, scale, bias, spec: SoftmaxSpec):
+    def forward(ctx, columns, query, key, negatives, scale, bias, spec: SoftmaxSpec, sum_row, sum_col):
         cd = compute_dtype(query.dtype)
         n = query.shape[0]
         s_rows = row_scale(scale, n, cd)
@@ -234,8 +247,9 @@ class SoftmaxLoss(torch.autograd.Function):
             col_den = torch.full_like(pos, float(columns.n_rows) - float(spec.decoupled))
             if spec.exclude_self:
                 col_den -= (spec.positive_index < n).to(cd)
+        sum_row, sum_col = [None if x is None else x.detach() for x in (sum_row, sum_col)]
         terms = _Terms(st.lse_row, pos, pos_cnt, lse_col, _row_counts(spec, columns.n_cols, pos_cnt), col_den, has_pos,
-                       scale.dim() == 1, None if st_tilt is None else st_tilt.lse_row, tilt_col)
+                       scale.dim() == 1, sum_row, sum_col, None if st_tilt is None else st_tilt.lse_row, tilt_col)
         b = None if bias is None else bias.detach().to(cd).reshape(())
         row_loss, col_loss, row_valid, col_valid = _losses(spec, terms, s_rows, b)
 
@@ -252,6 +266,7 @@ class SoftmaxLoss(torch.autograd.Function):
         spec: SoftmaxSpec = ctx.spec
         t: _Terms = ctx.terms
         need_q, need_k, need_neg, need_s, need_b = ctx.needs_input_grad[1:6]
+        need_sums = ctx.needs_input_grad[7:9]
         n, cd = query.shape[0], t.lse_row.dtype
         s_rows = row_scale(scale, n, cd)
 
@@ -264,10 +279,12 @@ class SoftmaxLoss(torch.autograd.Function):
             lse_col, tilt_row, tilt_col = leaf(t.lse_col), leaf(t.tilt_row), leaf(t.tilt_col)
             s_leaf = s_rows.clone().requires_grad_(need_s and spec.debias is not None)
             b_leaf = None if bias is None else bias.detach().to(cd).reshape(()).requires_grad_(need_b)
+            sums = [None if x is None else x.detach().requires_grad_(need)
+                    for x, need in zip((t.sum_row, t.sum_col), need_sums)]
             terms = _Terms(leaves[0], leaves[1], t.pos_cnt, lse_col, t.row_den, t.col_den, t.has_pos, t.per_row,
-                           tilt_row, tilt_col)
+                           *sums, tilt_row, tilt_col)
             row_loss, col_loss, _, _ = _losses(spec, terms, s_leaf, b_leaf)
-            inputs = leaves + [x for x in (lse_col, tilt_row, tilt_col, s_leaf, b_leaf)
+            inputs = leaves + [x for x in (lse_col, tilt_row, tilt_col, s_leaf, b_leaf, *sums)
                                if x is not None and x.requires_grad]
             outs, upstream = [row_loss], [grad_row.to(cd)]
             if spec.symmetric:
@@ -289,6 +306,7 @@ class SoftmaxLoss(torch.autograd.Function):
             w_tilt_keys = per_key(next(rest)) if spec.symmetric else None
         ds_direct = next(rest) if s_leaf.requires_grad else None
         db = next(rest) if b_leaf is not None and b_leaf.requires_grad else None
+        grad_sums = [next(rest) if x is not None and x.requires_grad else None for x in sums]
         # d loss / d pos spreads over the positives: -coef_i on each of them in G
         coef = -g_pos / t.pos_cnt.clamp(min=1) if spec.uses_labels else -g_pos
 
@@ -322,9 +340,14 @@ class SoftmaxLoss(torch.autograd.Function):
         if need_b:
             grad_b = (torch.zeros((), dtype=cd, device=query.device) if db is None else db).to(bias.dtype)
             grad_b = grad_b.reshape(bias.shape)
-        return None, grad_q, grad_k, grad_neg, grad_s, grad_b, None
+        return None, grad_q, grad_k, grad_neg, grad_s, grad_b, None, *grad_sums
 
 
 def softmax_loss(columns, query, key, negatives, scale, bias: Optional[torch.Tensor], spec: SoftmaxSpec):
-    """Per-anchor losses of ``query`` over ``[key; negatives]``; see :class:`SoftmaxLoss`."""
-    return SoftmaxLoss.apply(columns, query, key, negatives, scale, bias, spec)
+    """Per-anchor losses of ``query`` over ``[key; negatives]``; see :class:`SoftmaxLoss`.
+    Label smoothing's logit sums are formed here, their column sums summed over whatever
+    ``columns`` spans (``columns.reduce``)."""
+    sums = (None, None)
+    if spec.label_smoothing:
+        sums = smoothing.logit_sums(query, key, negatives, scale, spec, columns.reduce)
+    return SoftmaxLoss.apply(columns, query, key, negatives, scale, bias, spec, *sums)
