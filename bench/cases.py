@@ -21,6 +21,8 @@ SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # SigLIP's initialisation
 TEMPERATURE = 0.1
 NT_XENT_TEMPERATURE = 0.5
 LABEL_SMOOTHING = 0.1
+FALSE_NEGATIVE_MARGIN = 0.0  # mask every pair more similar than the positive (random features: about half)
+DEBIAS, HARDNESS = 0.1, 1.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,11 @@ def _make_labels(n, d, dtype, device, grad, gen):
     return dict(q=q, k=k, labels=_classes(n, device, gen)), _leaves([q, k], grad)
 
 
+def _make_pairs(n, d, dtype, device, grad, gen):
+    q, k = _unit(n, d, dtype, device, gen), _unit(n, d, dtype, device, gen)
+    return dict(q=q, k=k), _leaves([q, k], grad)
+
+
 def _make_queue(n, d, dtype, device, grad, gen):
     q, k = _unit(n, d, dtype, device, gen), _unit(n, d, dtype, device, gen)
     queue = _unit(n, d, dtype, device, gen)  # a MoCo queue: no gradient
@@ -148,6 +155,12 @@ CASES: Dict[str, Case] = {
         Case("siglip_labels", "SigLIP, every equal-label pair positive, ~4 pairs per label", _square,
              _make_siglip_labels,
              lambda i, b: fastcl.siglip_loss(i["x"], i["y"], i["scale"], i["bias"], labels=i["labels"], backend=b)),
+        Case("clip_loss_false_negative", "CLIP, pairs more similar than the positive masked (margin 0)", _square,
+             _make_clip, lambda i, b: fastcl.clip_loss(i["x"], i["y"], i["scale"],
+                                                       false_negative_margin=FALSE_NEGATIVE_MARGIN, backend=b)),
+        Case("info_nce_hardness", "Debiased InfoNCE (tau+ 0.1) with hard-negative reweighting (beta 1)", _square,
+             _make_pairs, lambda i, b: fastcl.info_nce(i["q"], i["k"], debias=DEBIAS, hardness=HARDNESS,
+                                                       temperature=TEMPERATURE, backend=b)),
         Case("info_nce_labels", "InfoNCE, label positives (SupCon row loss), ~4 per class", _square, _make_labels,
              lambda i, b: fastcl.info_nce(i["q"], i["k"], labels=i["labels"], temperature=TEMPERATURE, backend=b)),
         Case("info_nce_queue", "InfoNCE with a MoCo queue of K=N detached negatives",

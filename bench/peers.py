@@ -26,7 +26,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .cases import LABEL_SMOOTHING, NT_XENT_TEMPERATURE, TEMPERATURE, Inputs
+from .cases import DEBIAS, FALSE_NEGATIVE_MARGIN, HARDNESS, LABEL_SMOOTHING, NT_XENT_TEMPERATURE, TEMPERATURE, Inputs
 
 PEERS = ("naive", "open_clip", "inf_cl", "siglip_kernel", "memeff")
 
@@ -40,6 +40,30 @@ def naive_clip_loss(x, y, scale, bias=None, label_smoothing=0.0):
     labels = torch.arange(x.shape[0], device=x.device)
     return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
             + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
+
+
+def naive_clip_false_negative(x, y, scale, margin):
+    """CLIP with the pairs more similar than the row's (column's) positive by ``margin`` at -inf."""
+    sim = x @ y.T
+    diag = sim.diagonal()
+    off = ~torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+    labels = torch.arange(x.shape[0], device=x.device)
+    rows = (scale * sim).masked_fill((sim > diag[:, None] + margin) & off, float("-inf"))
+    cols = (scale * sim.T).masked_fill((sim.T > diag[:, None] + margin) & off, float("-inf"))
+    return (F.cross_entropy(rows, labels) + F.cross_entropy(cols, labels)) / 2
+
+
+def naive_info_nce_hardness(q, k, tau_plus, beta):
+    """Robinson et al.'s hard-negative loss on the debiased denominator, materialised."""
+    logits = q @ k.T / TEMPERATURE
+    n = q.shape[0]
+    pos = logits.diagonal()
+    neg = ~torch.eye(n, dtype=torch.bool, device=q.device)
+    reweighted = (n - 1) * (torch.where(neg, ((1 + beta) * logits).exp(), 0).sum(1)
+                            / torch.where(neg, (beta * logits).exp(), 0).sum(1))
+    floor = (n - 1) * torch.exp(torch.tensor(-1 / TEMPERATURE, device=q.device))
+    ng = torch.maximum((reweighted - (n - 1) * tau_plus * pos.exp()) / (1 - tau_plus), floor)
+    return (-pos + torch.log(pos.exp() + ng)).mean()
 
 
 def naive_siglip_loss(x, y, scale, bias, labels=None):
@@ -109,6 +133,8 @@ NAIVE: Dict[str, Callable[[Inputs], torch.Tensor]] = {
     "siglip_loss": lambda i: naive_siglip_loss(i["x"], i["y"], i["scale"], i["bias"]),
     "clip_loss_smoothed": lambda i: naive_clip_loss(i["x"], i["y"], i["scale"], label_smoothing=LABEL_SMOOTHING),
     "siglip_labels": lambda i: naive_siglip_loss(i["x"], i["y"], i["scale"], i["bias"], i["labels"]),
+    "clip_loss_false_negative": lambda i: naive_clip_false_negative(i["x"], i["y"], i["scale"], FALSE_NEGATIVE_MARGIN),
+    "info_nce_hardness": lambda i: naive_info_nce_hardness(i["q"], i["k"], DEBIAS, HARDNESS),
     "info_nce_labels": lambda i: naive_info_nce_labels(i["q"], i["k"], i["labels"]),
     "info_nce_queue": lambda i: naive_info_nce_queue(i["q"], i["k"], i["queue"]),
     "info_nce_hardneg": lambda i: naive_info_nce_hardneg(i["q"], i["k"], i["pos"]),

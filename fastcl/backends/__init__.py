@@ -13,7 +13,11 @@ of every statistic and accumulator the pass returns. The logits of the block are
 softmax cancels (the epilogues add it where a loss keeps it). A :class:`fastcl._spec.SoftmaxSpec`
 describes the block's masks: ``positive_index`` (``None``: the block holds no one-hot positive),
 labels, ``exclude_self`` (column ``i`` leaves row ``i``), ``decoupled`` (positives leave the
-denominator), ``symmetric`` (column statistics wanted) and ``n_grad_cols``.
+denominator), ``symmetric`` (column statistics wanted), ``n_grad_cols`` and the false-negative
+thresholds ``fn_row [N]`` / ``fn_col [C]`` (``None``: no mask): entry ``(i, j)``, unless it is
+the line's one-hot positive, leaves row ``i``'s denominator when ``S_ij > fn_row[i]`` and column
+``j``'s when ``S_ij > fn_col[j]``, so a symmetric block's two denominators may differ. A
+backend whose kernels lack a mask defines ``unsupported(spec)`` (``fastcl._dispatch``).
 
 ``softmax_stats(query, key, scale_rows, spec) -> SoftmaxStats``
     ``lse_row [N]``: ``LSE_{j in D_i} S_ij`` over the block (``-inf`` if the block holds none of
