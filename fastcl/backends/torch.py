@@ -176,21 +176,23 @@ def _masked_tile(a, b, spec: SoftmaxSpec, r0, r1, c0, c1, out):
     return tile
 
 
-def _false_negatives(tile, spec: SoftmaxSpec, r0, r1, c0, c1, shift=None):
-    """``(rows_out, cols_out or None)``: the entries of a tile holding ``S_ij - shift_i`` that the
-    false-negative mask takes out of row ``i``'s (and, symmetric, column ``j``'s) denominator:
-    above the line's threshold and not the line's one-hot positive."""
-    if spec.positive_index is None:  # a block without positives (another rank's, in the ring)
-        positive = torch.zeros(1, 1, dtype=torch.bool, device=tile.device)
-    else:
-        positive = spec.positive_index[r0:r1, None] == torch.arange(c0, c1, device=tile.device)[None, :]
-    row_thr = spec.fn_row[r0:r1, None]
-    col_thr = None if spec.fn_col is None else spec.fn_col[None, c0:c1]
-    if shift is not None:
-        row_thr = row_thr - shift[:, None]
-        col_thr = None if col_thr is None else col_thr - shift[:, None]
-    rows_out = (tile > row_thr) & ~positive
-    return rows_out, None if col_thr is None else (tile > col_thr) & ~positive
+# Half the most negative finite value of each dtype: added twice to a finite logit it gives -inf,
+# multiplied by 0 it gives -0.0 (masked_fill_ with a bool mask costs about 3x as much on a CPU).
+_HALF_MIN = {torch.float32: -1.7e38, torch.float64: -8.9e307}
+
+
+def _drop_above(tile, thr, spec: SoftmaxSpec, r0, r1, c0, c1, work, target=None) -> None:
+    """The false-negative mask, in place: ``target`` (default ``tile``) at -inf wherever ``tile >
+    thr`` (``thr`` broadcast: ``[R, 1]`` row or ``[1, C]`` column thresholds), except on each row's
+    one-hot positive, which is also each column's positive. ``work`` (tile-shaped) holds the
+    mask; a NaN logit stays NaN."""
+    target = tile if target is None else target
+    mask = torch.gt(tile, thr, out=work)  # 1 where masked, as a float
+    if spec.positive_index is not None:
+        idx, in_tile = _positive_in_tile(spec.positive_index[r0:r1], c0, c1)
+        mask.scatter_(1, idx, torch.where(in_tile, 0.0, mask.gather(1, idx)))
+    mask.mul_(_HALF_MIN[mask.dtype])
+    target.add_(mask).add_(mask)
 
 
 class _LabelClasses:
@@ -315,10 +317,12 @@ def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
             tile = _masked_tile(qs, k, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
             work = work_buf.view(r1 - r0, c1 - c0)
             if spec.fn_row is not None:  # the rows' and the columns' denominators differ: merge each exactly
-                rows_out, cols_out = _false_negatives(tile, spec, r0, r1, c0, c1)
                 if spec.symmetric:
-                    _merge_exact(col_ref[c0:c1], col_acc[c0:c1], tile.masked_fill(cols_out, NEG_INF), 0, work)
-                _merge_exact(row_ref[r0:r1], row_acc[r0:r1], tile.masked_fill_(rows_out, NEG_INF), 1, work)
+                    cols_tile = tile.clone()
+                    _drop_above(tile, spec.fn_col[None, c0:c1], spec, r0, r1, c0, c1, work, target=cols_tile)
+                    _merge_exact(col_ref[c0:c1], col_acc[c0:c1], cols_tile, 0, work)
+                _drop_above(tile, spec.fn_row[r0:r1, None], spec, r0, r1, c0, c1, work)
+                _merge_exact(row_ref[r0:r1], row_acc[r0:r1], tile, 1, work)
             elif spec.symmetric:
                 _merge_rows_and_cols(tile, row_ref[r0:r1], row_acc[r0:r1], col_ref[c0:c1], col_acc[c0:c1],
                                      work, _SAFE_LOG[cd])
@@ -364,12 +368,17 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
     def tile_grad(g, r0, r1, c0, c1, buf):
         """``g`` = the softmax terms of ``G`` on one tile (the target terms come later)."""
         tile = _masked_tile(qs_aug, k_aug, spec, r0, r1, c0, c1, buf.view(r1 - r0, c1 - c0))
-        if spec.fn_row is not None:
-            rows_out, cols_out = _false_negatives(tile, spec, r0, r1, c0, c1, shift=lse_safe[r0:r1])
-            torch.exp(tile.masked_fill(rows_out, NEG_INF), out=g).mul_(w_row[r0:r1, None])
-            if spec.symmetric:  # w'_j exp(S_ij - LSE'_j) over the columns' own denominators
-                tile.add_(lse_safe[r0:r1, None]).sub_(lse_col[None, c0:c1]).masked_fill_(cols_out, NEG_INF)
-                g.add_(tile.exp_().mul_(w_col[None, c0:c1]))
+        if spec.fn_row is not None and not spec.symmetric:  # tile = S - LSE_i: shift the thresholds alike
+            _drop_above(tile, (spec.fn_row[r0:r1] - lse_safe[r0:r1])[:, None], spec, r0, r1, c0, c1, g)
+            torch.mul(tile.exp_(), w_row[r0:r1, None], out=g)
+        elif spec.fn_row is not None:  # each direction over its own denominator, from S itself
+            logits = tile.add_(lse_safe[r0:r1, None])
+            work = torch.empty_like(logits)
+            torch.sub(logits, lse_safe[r0:r1, None], out=g)
+            _drop_above(logits, spec.fn_row[r0:r1, None], spec, r0, r1, c0, c1, work, target=g)
+            g.exp_().mul_(w_row[r0:r1, None])
+            _drop_above(logits, spec.fn_col[None, c0:c1], spec, r0, r1, c0, c1, work)
+            g.add_(logits.sub_(lse_col[None, c0:c1]).exp_().mul_(w_col[None, c0:c1]))
         elif spec.symmetric:
             _symmetric_grad(g, tile, w_row[r0:r1], lse_safe[r0:r1], w_col[c0:c1], lse_col[c0:c1],
                             is_anchor[c0:c1], safe_log)
