@@ -14,6 +14,7 @@ Usage (from the repository root)::
     python -m bench summary FILE.json ...       # short table: fastcl against each peer
     python -m bench profile --loss clip_loss --n 4096 --d 256 [--backend torch]
     python -m bench contention [--loss clip_loss] [--n 4096] [--d 256] [--rounds 6] [--busy 1]
+    python -m bench compile [--loss clip_loss] [--n 2048] [--d 256] [--rounds 7] [--backend inductor]
 
 Suites:
   quick     The README's main job; runs on whatever device exists. clip_loss and siglip_loss,
@@ -35,6 +36,8 @@ Suites:
   profile   torch.profiler table of one fastcl call (where the time goes).
   contention  CPU: fastcl (torch backend) against open_clip with --busy cores kept busy by
             spinning processes and with none, alternating within each round (bench/contention.py).
+  compile   CPU: torch.compile against eager, interleaved: a two-tower training step with a
+            fastcl loss, and the loss alone (bench/compile_step.py).
 
 Losses: clip_loss, siglip_loss, info_nce_labels, info_nce_queue, info_nce_hardneg, nt_xent,
 supcon, dcl (see bench/cases.py; N is the batch size as passed, so the two-view losses have a
@@ -172,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--out", default=results.RESULTS_DIR)
     ct.add_argument("--tag", default="")
     ct.add_argument("--note", default="")
+    from . import compile_step
+
+    compile_step.add_parser(sub)
     pr = sub.add_parser("profile", help="torch.profiler table of one fastcl call")
     pr.add_argument("--loss", default="clip_loss", choices=ALL_LOSSES)
     pr.add_argument("--n", type=int, default=4096)
@@ -364,6 +370,12 @@ def cmd_contention(args, argv):
     contention.run(args, argv)
 
 
+def cmd_compile(args, argv):
+    from . import compile_step
+
+    compile_step.run(args, argv)
+
+
 def cmd_profile(args, argv):
     from . import profile
 
@@ -377,7 +389,8 @@ def main(argv=None):
         argv = ["quick"] + argv
     args = parser.parse_args(argv)
     commands = dict(quick=cmd_quick, full=cmd_full, maxbatch=cmd_maxbatch, plot=cmd_plot, check=cmd_check,
-                    summary=cmd_summary, contention=cmd_contention, profile=cmd_profile)
+                    summary=cmd_summary, contention=cmd_contention, profile=cmd_profile,
+                    compile=cmd_compile)
     return commands[args.suite](args, argv)
 
 

@@ -11,9 +11,11 @@ _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def values_readable(device: torch.device) -> bool:
     """Whether checks may read tensor values on the host: not while a CUDA graph is being
-    captured on ``device`` (a host read is forbidden then). The value checks (ranges, signs) are
-    skipped during a capture; they ran on the eager calls before it, and a graph replays
-    whatever values its input buffers hold."""
+    captured on ``device`` (a host read is forbidden then), nor while ``torch.compile`` traces
+    (a data-dependent branch would break the graph). The value checks (ranges, signs) are
+    skipped then; they run on eager calls, and a graph replays whatever values its inputs hold."""
+    if torch.compiler.is_compiling():  # a data-dependent branch would break the compiled graph
+        return False
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 

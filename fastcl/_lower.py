@@ -244,7 +244,7 @@ def _one_hot_positives(positive_index, n, m, n_neg, exclude_self, symmetric, dev
             raise ValueError(f"positive_index values must lie in [0, {m + n_neg}) (M={m} keys + K={n_neg} negatives)")
         if exclude_self and bool((pos == torch.arange(n, device=device)).any()):
             raise ValueError("positive_index points a row at its own column, which exclude_self removes")
-    if symmetric and (bool((pos >= m).any()) or torch.unique(pos).numel() != n):
+    if symmetric and _checks.values_readable(device) and (bool((pos >= m).any()) or torch.unique(pos).numel() != n):
         raise ValueError("symmetric needs one-to-one positives: positive_index must be distinct key columns (< M)")
     return pos
 

@@ -40,7 +40,11 @@ def _checked(op: str, group, gather, local_loss, backend, lower):
         _dist.check_options(gather, local_loss)
         call = lower()  # a Lowered, or (Lowered, extras...)
         lowered = call if isinstance(call, Lowered) else call[0]
-        module = resolve(backend, lowered.query.device, lowered.spec)
+        if torch.compiler.is_compiling() and group is None:
+            # chosen inside the operators at run time (a compiled graph holds the name only)
+            module = backend or ""
+        else:
+            module = resolve(backend, lowered.query.device, lowered.spec)
     except (ValueError, TypeError, RuntimeError) as exc:
         if group is not None:
             _dist.share_failure(group, op, exc)

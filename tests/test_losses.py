@@ -318,13 +318,17 @@ def test_info_nce_label_smoothing(case, reduction, dtype, backend):
         lambda **kw: oracle.info_nce(**kw, **opts, label_smoothing=0.15, reduction=reduction), inputs, dtype)
 
 
+def _clip_inputs(n=17, d=12):
+    """CLIP features with a logit scale and a bias, float64 (cast by ``check_against_oracle``)."""
+    return {"image_features": unit(n, d), "text_features": unit(n, d),
+            "logit_scale": torch.tensor(14.3, dtype=torch.float64, device=DEVICE),
+            "logit_bias": torch.tensor(-2.0, dtype=torch.float64, device=DEVICE)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_clip_loss_label_smoothing_is_pytorch_cross_entropy(dtype, backend):
     """Against ``F.cross_entropy(label_smoothing=)`` itself (the oracle's clip_loss calls it)."""
-    n, d = 17, 12
-    inputs = {"image_features": unit(n, d), "text_features": unit(n, d),
-              "logit_scale": torch.tensor(14.3, dtype=torch.float64, device=DEVICE),
-              "logit_bias": torch.tensor(-2.0, dtype=torch.float64, device=DEVICE)}
+    inputs = _clip_inputs()
     check_against_oracle(lambda **kw: fastcl.clip_loss(**kw, label_smoothing=0.1, backend=backend),
                          lambda **kw: oracle.clip_loss(**kw, label_smoothing=0.1), inputs, dtype)
 
@@ -439,10 +443,7 @@ def test_info_nce_false_negative_margin(case, margin, dtype, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_clip_loss_false_negative_margin(dtype, backend):
     """Against ``F.cross_entropy`` over logits with the masked pairs at -inf, both directions."""
-    n, d = 17, 12
-    inputs = {"image_features": unit(n, d), "text_features": unit(n, d),
-              "logit_scale": torch.tensor(14.3, dtype=torch.float64, device=DEVICE),
-              "logit_bias": torch.tensor(-2.0, dtype=torch.float64, device=DEVICE)}
+    inputs = _clip_inputs()
     if _expect_unsupported_on_cuda(backend, lambda: fastcl.clip_loss(**inputs, false_negative_margin=0.0,
                                                                       backend=backend)):
         return

@@ -4,10 +4,15 @@
 object -- :class:`LocalColumns` for a single process (one block of columns, one call of each
 pass), or the ring of :mod:`fastcl.distributed` (one block per rank, partials merged) -- and
 assemble every gradient once. :mod:`fastcl.ops.epilogues` holds the per-anchor math.
+
+A single process runs the passes as PyTorch custom operators (:mod:`fastcl.ops.library`): the
+statistics pass is differentiable (its backward is the gradient pass), so the epilogue runs under
+ordinary autograd and ``torch.compile`` traces the whole loss. The ring keeps the Functions,
+whose backward circulates the key blocks once more.
 """
 
-from . import smoothing
+from . import library, smoothing
 from .sigmoid import SigmoidLoss
 from .softmax import LocalColumns, SoftmaxLoss
 
-__all__ = ["LocalColumns", "SigmoidLoss", "SoftmaxLoss", "smoothing"]
+__all__ = ["LocalColumns", "SigmoidLoss", "SoftmaxLoss", "library", "smoothing"]

@@ -13,7 +13,7 @@ once, for every backend and for the ring.
 """
 
 from dataclasses import replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -23,14 +23,19 @@ from . import epilogues, smoothing
 from .epilogues import Anchors
 
 
+def refuse_double_backward() -> None:
+    """One clear error under ``create_graph=True``: the tile gradients are computed without a
+    graph, so a second-order gradient would be silently wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("fastcl losses do not support double backward (create_graph=True, higher-order "
+                           "gradients); compute the gradient penalty with a materialised loss")
+
+
 def first_order_only(backward):
-    """Backward of a fused loss: one clear error under ``create_graph=True`` (the tile gradients
-    are computed without a graph, so a second-order gradient would be silently wrong)."""
+    """Backward of a fused loss, behind :func:`refuse_double_backward`."""
 
     def wrapped(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError("fastcl losses do not support double backward (create_graph=True, higher-order "
-                               "gradients); compute the gradient penalty with a materialised loss")
+        refuse_double_backward()
         return backward(ctx, *grads)
 
     wrapped.__doc__ = backward.__doc__
@@ -58,6 +63,14 @@ class LocalColumns:
 
     def __init__(self, backend, n_rows: int, n_cols: int):
         self.backend, self.n_rows, self.n_cols = backend, n_rows, n_cols
+
+    @property
+    def backend_name(self) -> str:
+        """The backend as the custom operators take it: a module's short name, or ``""`` (the
+        usual choice, made inside the operator: what a compiled graph holds)."""
+        if isinstance(self.backend, str):
+            return self.backend
+        return self.backend.__name__.rsplit(".", 1)[-1]
 
     @staticmethod
     def _cat(key, negatives):
@@ -211,6 +224,189 @@ def _masked(loss, ok):
     return torch.where(ok, loss, torch.zeros_like(loss))
 
 
+class Saved(NamedTuple):
+    """What a backward needs from its forward besides the inputs: the final statistics (``None``
+    where the spec has no such term). ``lse_col_keys``/``tilt_col_keys`` cover every key."""
+
+    lse_row: torch.Tensor
+    pos: torch.Tensor
+    pos_cnt: torch.Tensor
+    lse_col_keys: Optional[torch.Tensor]
+    tilt_row: Optional[torch.Tensor]
+    tilt_col_keys: Optional[torch.Tensor]
+
+
+def _terms(columns, spec: SoftmaxSpec, saved: Saved, n: int, per_row: bool, sum_row, sum_col) -> _Terms:
+    """The epilogue's view of ``saved`` (``spec`` with its false-negative thresholds, if any)."""
+    cd = saved.lse_row.dtype
+    has_pos = saved.pos_cnt > 0 if spec.uses_labels else None
+    lse_col = col_den = tilt_col = None
+    if spec.symmetric:
+        lse_col = saved.lse_col_keys[spec.positive_index]
+        tilt_col = None if saved.tilt_col_keys is None else saved.tilt_col_keys[spec.positive_index]
+        col_den = torch.full_like(saved.pos, float(columns.n_rows) - float(spec.decoupled))
+        if spec.exclude_self:
+            col_den -= (spec.positive_index < n).to(cd)
+    return _Terms(saved.lse_row, saved.pos, saved.pos_cnt, lse_col, _row_counts(spec, columns.n_cols, saved.pos_cnt),
+                  col_den, has_pos, per_row, sum_row, sum_col, saved.tilt_row, tilt_col)
+
+
+def with_thresholds(spec: SoftmaxSpec, query, key, negatives, scale, pos=None) -> SoftmaxSpec:
+    """``spec`` as the passes see it: the false-negative thresholds from the positive logits
+    (``pos``, computed when not given)."""
+    if spec.false_negative_margin is None:
+        return spec
+    s_rows = row_scale(scale, query.shape[0], compute_dtype(query.dtype))
+    if pos is None:
+        pos = _positive_logits(query, key, negatives, s_rows, spec.positive_index)
+    return false_negative_thresholds(spec, pos, s_rows, key.shape[0])
+
+
+def forward(columns, query, key, negatives, scale, bias, spec: SoftmaxSpec, sum_row=None, sum_col=None):
+    """``((row_loss, col_loss, row_valid, col_valid), saved)``: the statistics passes and the
+    epilogue, no autograd (:class:`SoftmaxLoss` and the custom operator of
+    :mod:`fastcl.ops.library` both run this)."""
+    cd = compute_dtype(query.dtype)
+    n = query.shape[0]
+    s_rows = row_scale(scale, n, cd)
+    pos = None
+    if not spec.uses_labels:
+        pos = _positive_logits(query, key, negatives, s_rows, spec.positive_index)
+        spec = with_thresholds(spec, query, key, negatives, scale, pos)
+    s_main, s_tilt = _tilted_scales(spec, s_rows)
+    st = columns.stats(query, key, negatives, s_main, spec)
+    st_tilt = None if s_tilt is None else columns.stats(query, key, negatives, s_tilt, spec)
+    if spec.uses_labels:
+        pos_cnt = st.pos_cnt
+        pos = st.pos_sum / pos_cnt.clamp(min=1)
+    else:
+        pos_cnt = torch.ones(n, dtype=cd, device=query.device)
+    saved = Saved(st.lse_row, pos, pos_cnt, st.lse_col, None if st_tilt is None else st_tilt.lse_row,
+                  None if st_tilt is None else st_tilt.lse_col)
+    sum_row, sum_col = [None if x is None else x.detach() for x in (sum_row, sum_col)]
+    terms = _terms(columns, spec, saved, n, scale.dim() == 1, sum_row, sum_col)
+    b = None if bias is None else bias.detach().to(cd).reshape(())
+    return _losses(spec, terms, s_rows, b), saved
+
+
+def differentiable_losses(columns, query, key, negatives, scale, bias, spec: SoftmaxSpec, sum_row=None,
+                          sum_col=None):
+    """:func:`forward` under ordinary autograd: ``columns.stats_and_positives`` is
+    differentiable (the operators of :mod:`fastcl.ops.library`, whose backward is the gradient
+    pass), so the epilogue's derivatives reach the features through it, with no hand-written
+    backward; what ``torch.compile`` traces."""
+    cd = compute_dtype(query.dtype)
+    n = query.shape[0]
+    s_rows = scale.to(cd).reshape(-1).expand(n).contiguous()
+    if not spec.uses_labels:
+        spec = with_thresholds(spec, query.detach(), key.detach(), None if negatives is None else negatives.detach(),
+                               scale.detach())
+    s_main, s_tilt = _tilted_scales(spec, s_rows)
+    st, pos = columns.stats_and_positives(query, key, negatives, s_main, spec)
+    st_tilt = None if s_tilt is None else columns.stats_and_positives(query, key, negatives, s_tilt, spec)[0]
+    if spec.uses_labels:
+        pos_cnt = st.pos_cnt.detach()
+        pos = st.pos_sum / pos_cnt.clamp(min=1)
+    else:
+        pos_cnt = torch.ones(n, dtype=cd, device=query.device)
+        if spec.hardness is not None:  # the logits of the main pass are (1 + beta) S
+            pos = pos / (1 + spec.hardness)
+    saved = Saved(st.lse_row, pos, pos_cnt, st.lse_col, None if st_tilt is None else st_tilt.lse_row,
+                  None if st_tilt is None else st_tilt.lse_col)
+    terms = _terms(columns, spec, saved, n, scale.dim() == 1, sum_row, sum_col)
+    b = None if bias is None else bias.to(cd).reshape(())
+    row_loss, col_loss, row_valid, col_valid = _losses(spec, terms, s_rows, b)
+    if b is not None:  # a bias every softmax cancels still gets its (zero) gradient, as in eager
+        row_loss = row_loss + b * 0
+    return row_loss, col_loss, row_valid, col_valid
+
+
+def backward(columns, spec: SoftmaxSpec, saved: Saved, query, key, negatives, scale, bias, sum_row, sum_col,
+             needs, grad_row, grad_col):
+    """Gradients ``(query, key, negatives, scale, bias, sum_row, sum_col)`` (``None`` where
+    ``needs`` -- seven flags in that order -- is False) of the losses :func:`forward` returned,
+    given their upstream gradients. ``spec`` is the one given to :func:`forward`."""
+    need_q, need_k, need_neg, need_s, need_b = needs[:5]
+    need_sums = needs[5:]
+    spec = with_thresholds(spec, query, key, negatives, scale, None if spec.uses_labels else saved.pos)
+    n, cd = query.shape[0], saved.lse_row.dtype
+    s_rows = row_scale(scale, n, cd)
+    t = _terms(columns, spec, saved, n, scale.dim() == 1, sum_row, sum_col)
+    lse_col_keys = saved.lse_col_keys
+
+    # the epilogue again, under autograd: per-anchor weights of G and the direct terms
+    def leaf(x):
+        return None if x is None else x.detach().requires_grad_()
+
+    with torch.enable_grad():
+        leaves = [leaf(t.lse_row), leaf(t.pos)]
+        lse_col, tilt_row, tilt_col = leaf(t.lse_col), leaf(t.tilt_row), leaf(t.tilt_col)
+        s_leaf = s_rows.clone().requires_grad_(need_s and spec.debias is not None)
+        b_leaf = None if bias is None else bias.detach().to(cd).reshape(()).requires_grad_(need_b)
+        sums = [None if x is None else x.detach().requires_grad_(need)
+                for x, need in zip((t.sum_row, t.sum_col), need_sums)]
+        terms = _Terms(leaves[0], leaves[1], t.pos_cnt, lse_col, t.row_den, t.col_den, t.has_pos, t.per_row,
+                       *sums, tilt_row, tilt_col)
+        row_loss, col_loss, _, _ = _losses(spec, terms, s_leaf, b_leaf)
+        inputs = leaves + [x for x in (lse_col, tilt_row, tilt_col, s_leaf, b_leaf, *sums)
+                           if x is not None and x.requires_grad]
+        outs, upstream = [row_loss], [grad_row.to(cd)]
+        if spec.symmetric:
+            outs.append(col_loss)
+            upstream.append(grad_col.to(cd))
+        grads = list(torch.autograd.grad(outs, inputs, upstream, allow_unused=True))
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+    w_row, g_pos = grads[0], grads[1]
+    rest = iter(grads[2:])
+    w_col_keys = w_tilt_row = w_tilt_keys = None
+
+    def per_key(w):  # a column anchor's weight on its key
+        return torch.zeros_like(lse_col_keys).index_put_((spec.positive_index,), w)
+
+    if spec.symmetric:
+        w_col_keys = per_key(next(rest))
+    if tilt_row is not None:
+        w_tilt_row = next(rest)
+        w_tilt_keys = per_key(next(rest)) if spec.symmetric else None
+    ds_direct = next(rest) if s_leaf.requires_grad else None
+    db = next(rest) if b_leaf is not None and b_leaf.requires_grad else None
+    grad_sums = [next(rest) if x is not None and x.requires_grad else None for x in sums]
+    # d loss / d pos spreads over the positives: -coef_i on each of them in G
+    coef = -g_pos / t.pos_cnt.clamp(min=1) if spec.uses_labels else -g_pos
+
+    def grad_pass(scale_rows, lse_row, w, c, lse_col_all, w_col):
+        return columns.grad(query, key, negatives, scale_rows, spec, lse_row, w, c,
+                            None if lse_col_all is None else finite_or_zero(lse_col_all), w_col,
+                            rows=need_q or need_s, keys=need_k, negs=need_neg)
+
+    s_main, s_tilt = _tilted_scales(spec, s_rows)
+    if s_tilt is None:
+        acc_q, acc_k, acc_neg = grad_pass(s_rows, t.lse_row, w_row, coef, lse_col_keys, w_col_keys)
+    else:
+        # d loss / dS from both statistics; a pass at scale c s returns its sums per unit of
+        # c s (acc_q) or with c s applied (acc_k), and carries the target terms once
+        beta = spec.hardness
+        main = grad_pass(s_main, t.lse_row, w_row, coef / (1 + beta), lse_col_keys, w_col_keys)
+        tilt = grad_pass(s_tilt, finite_or_zero(t.tilt_row), w_tilt_row, torch.zeros_like(coef),
+                         saved.tilt_col_keys, w_tilt_keys)
+        acc_q = None if main[0] is None else main[0] * (1 + beta) + tilt[0] * beta
+        acc_k, acc_neg = (None if a is None else a + b for a, b in zip(main[1:], tilt[1:]))
+    grad_q = (acc_q * s_rows[:, None]).to(query.dtype) if need_q else None
+    grad_s = None
+    if need_s:
+        ds_rows = (acc_q * query.to(cd)).sum(dim=1)
+        if ds_direct is not None:
+            ds_rows = ds_rows + ds_direct
+        grad_s = sum_to_scale(ds_rows, scale)
+    grad_k = acc_k.to(key.dtype) if need_k else None
+    grad_neg = acc_neg.to(negatives.dtype) if need_neg else None
+    grad_b = None
+    if need_b:
+        grad_b = (torch.zeros((), dtype=cd, device=query.device) if db is None else db).to(bias.dtype)
+        grad_b = grad_b.reshape(bias.shape)
+    return grad_q, grad_k, grad_neg, grad_s, grad_b, *grad_sums
+
+
 class SoftmaxLoss(torch.autograd.Function):
     """Per-anchor softmax-family losses ``(row_loss[N], col_loss[N] or empty, row_valid[N],
     col_valid[N] or empty)`` in the compute dtype, over the columns ``[key; negatives]``.
@@ -225,129 +421,33 @@ class SoftmaxLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, columns, query, key, negatives, scale, bias, spec: SoftmaxSpec, sum_row, sum_col):
-        cd = compute_dtype(query.dtype)
-        n = query.shape[0]
-        s_rows = row_scale(scale, n, cd)
-        pos = None
-        if not spec.uses_labels:
-            pos = _positive_logits(query, key, negatives, s_rows, spec.positive_index)
-            spec = false_negative_thresholds(spec, pos, s_rows, key.shape[0])
-        s_main, s_tilt = _tilted_scales(spec, s_rows)
-        st = columns.stats(query, key, negatives, s_main, spec)
-        st_tilt = None if s_tilt is None else columns.stats(query, key, negatives, s_tilt, spec)
-        if spec.uses_labels:
-            pos_cnt, has_pos = st.pos_cnt, st.pos_cnt > 0
-            pos = st.pos_sum / pos_cnt.clamp(min=1)
-        else:
-            pos_cnt, has_pos = torch.ones(n, dtype=cd, device=query.device), None
-        lse_col = col_den = tilt_col = None
-        if spec.symmetric:
-            lse_col = st.lse_col[spec.positive_index]
-            tilt_col = None if st_tilt is None else st_tilt.lse_col[spec.positive_index]
-            col_den = torch.full_like(pos, float(columns.n_rows) - float(spec.decoupled))
-            if spec.exclude_self:
-                col_den -= (spec.positive_index < n).to(cd)
-        sum_row, sum_col = [None if x is None else x.detach() for x in (sum_row, sum_col)]
-        terms = _Terms(st.lse_row, pos, pos_cnt, lse_col, _row_counts(spec, columns.n_cols, pos_cnt), col_den, has_pos,
-                       scale.dim() == 1, sum_row, sum_col, None if st_tilt is None else st_tilt.lse_row, tilt_col)
-        b = None if bias is None else bias.detach().to(cd).reshape(())
-        row_loss, col_loss, row_valid, col_valid = _losses(spec, terms, s_rows, b)
-
-        ctx.columns, ctx.spec, ctx.terms = columns, spec, terms
-        ctx.tilt_col_keys = None if st_tilt is None else st_tilt.lse_col
-        ctx.save_for_backward(query, key, negatives, scale, bias, st.lse_col)
-        ctx.mark_non_differentiable(row_valid, col_valid)
-        return row_loss, col_loss, row_valid, col_valid
+        outs, saved = forward(columns, query, key, negatives, scale, bias, spec, sum_row, sum_col)
+        ctx.columns, ctx.spec, ctx.saved = columns, spec, saved
+        ctx.save_for_backward(query, key, negatives, scale, bias, sum_row, sum_col)
+        ctx.mark_non_differentiable(outs[2], outs[3])
+        return outs
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_row, grad_col, _grad_row_valid, _grad_col_valid):
-        query, key, negatives, scale, bias, lse_col_keys = ctx.saved_tensors
-        spec: SoftmaxSpec = ctx.spec
-        t: _Terms = ctx.terms
-        need_q, need_k, need_neg, need_s, need_b = ctx.needs_input_grad[1:6]
-        need_sums = ctx.needs_input_grad[7:9]
-        n, cd = query.shape[0], t.lse_row.dtype
-        s_rows = row_scale(scale, n, cd)
-
-        # the epilogue again, under autograd: per-anchor weights of G and the direct terms
-        def leaf(x):
-            return None if x is None else x.detach().requires_grad_()
-
-        with torch.enable_grad():
-            leaves = [leaf(t.lse_row), leaf(t.pos)]
-            lse_col, tilt_row, tilt_col = leaf(t.lse_col), leaf(t.tilt_row), leaf(t.tilt_col)
-            s_leaf = s_rows.clone().requires_grad_(need_s and spec.debias is not None)
-            b_leaf = None if bias is None else bias.detach().to(cd).reshape(()).requires_grad_(need_b)
-            sums = [None if x is None else x.detach().requires_grad_(need)
-                    for x, need in zip((t.sum_row, t.sum_col), need_sums)]
-            terms = _Terms(leaves[0], leaves[1], t.pos_cnt, lse_col, t.row_den, t.col_den, t.has_pos, t.per_row,
-                           *sums, tilt_row, tilt_col)
-            row_loss, col_loss, _, _ = _losses(spec, terms, s_leaf, b_leaf)
-            inputs = leaves + [x for x in (lse_col, tilt_row, tilt_col, s_leaf, b_leaf, *sums)
-                               if x is not None and x.requires_grad]
-            outs, upstream = [row_loss], [grad_row.to(cd)]
-            if spec.symmetric:
-                outs.append(col_loss)
-                upstream.append(grad_col.to(cd))
-            grads = list(torch.autograd.grad(outs, inputs, upstream, allow_unused=True))
-        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-        w_row, g_pos = grads[0], grads[1]
-        rest = iter(grads[2:])
-        w_col_keys = w_tilt_row = w_tilt_keys = None
-
-        def per_key(w):  # a column anchor's weight on its key
-            return torch.zeros_like(lse_col_keys).index_put_((spec.positive_index,), w)
-
-        if spec.symmetric:
-            w_col_keys = per_key(next(rest))
-        if tilt_row is not None:
-            w_tilt_row = next(rest)
-            w_tilt_keys = per_key(next(rest)) if spec.symmetric else None
-        ds_direct = next(rest) if s_leaf.requires_grad else None
-        db = next(rest) if b_leaf is not None and b_leaf.requires_grad else None
-        grad_sums = [next(rest) if x is not None and x.requires_grad else None for x in sums]
-        # d loss / d pos spreads over the positives: -coef_i on each of them in G
-        coef = -g_pos / t.pos_cnt.clamp(min=1) if spec.uses_labels else -g_pos
-
-        def grad_pass(scale_rows, lse_row, w, c, lse_col_all, w_col):
-            return ctx.columns.grad(query, key, negatives, scale_rows, spec, lse_row, w, c,
-                                    None if lse_col_all is None else finite_or_zero(lse_col_all), w_col,
-                                    rows=need_q or need_s, keys=need_k, negs=need_neg)
-
-        s_main, s_tilt = _tilted_scales(spec, s_rows)
-        if s_tilt is None:
-            acc_q, acc_k, acc_neg = grad_pass(s_rows, t.lse_row, w_row, coef, lse_col_keys, w_col_keys)
-        else:
-            # d loss / dS from both statistics; a pass at scale c s returns its sums per unit of
-            # c s (acc_q) or with c s applied (acc_k), and carries the target terms once
-            beta = spec.hardness
-            main = grad_pass(s_main, t.lse_row, w_row, coef / (1 + beta), lse_col_keys, w_col_keys)
-            tilt = grad_pass(s_tilt, finite_or_zero(t.tilt_row), w_tilt_row, torch.zeros_like(coef),
-                             ctx.tilt_col_keys, w_tilt_keys)
-            acc_q = None if main[0] is None else main[0] * (1 + beta) + tilt[0] * beta
-            acc_k, acc_neg = (None if a is None else a + b for a, b in zip(main[1:], tilt[1:]))
-        grad_q = (acc_q * s_rows[:, None]).to(query.dtype) if need_q else None
-        grad_s = None
-        if need_s:
-            ds_rows = (acc_q * query.to(cd)).sum(dim=1)
-            if ds_direct is not None:
-                ds_rows = ds_rows + ds_direct
-            grad_s = sum_to_scale(ds_rows, scale)
-        grad_k = acc_k.to(key.dtype) if need_k else None
-        grad_neg = acc_neg.to(negatives.dtype) if need_neg else None
-        grad_b = None
-        if need_b:
-            grad_b = (torch.zeros((), dtype=cd, device=query.device) if db is None else db).to(bias.dtype)
-            grad_b = grad_b.reshape(bias.shape)
-        return None, grad_q, grad_k, grad_neg, grad_s, grad_b, None, *grad_sums
+        query, key, negatives, scale, bias, sum_row, sum_col = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:6] + ctx.needs_input_grad[7:9]
+        grads = backward(ctx.columns, ctx.spec, ctx.saved, query, key, negatives, scale, bias, sum_row, sum_col, needs,
+                         grad_row, grad_col)
+        return (None, *grads[:5], None, *grads[5:])
 
 
 def softmax_loss(columns, query, key, negatives, scale, bias: Optional[torch.Tensor], spec: SoftmaxSpec):
     """Per-anchor losses of ``query`` over ``[key; negatives]``; see :class:`SoftmaxLoss`.
     Label smoothing's logit sums are formed here, their column sums summed over whatever
-    ``columns`` spans (``columns.reduce``)."""
+    ``columns`` spans (``columns.reduce``). A single process (:class:`LocalColumns`) goes
+    through the custom operator of :mod:`fastcl.ops.library` (what ``torch.compile`` sees);
+    the ring through the Function directly."""
     sums = (None, None)
     if spec.label_smoothing:
         sums = smoothing.logit_sums(query, key, negatives, scale, spec, columns.reduce)
+    if isinstance(columns, LocalColumns):
+        from . import library
+
+        return library.softmax_loss(columns.backend_name, query, key, negatives, scale, bias, spec, *sums)
     return SoftmaxLoss.apply(columns, query, key, negatives, scale, bias, spec, *sums)
