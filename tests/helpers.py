@@ -74,3 +74,24 @@ def check_against_oracle(fast, oracle, inputs: dict, dtype: torch.dtype, differe
             assert_close(f"d{k}", g_fast, g_ref, RTOL[dtype], floor=grad_floor)
         else:
             assert_close(f"d{k}", g_fast, g_ref, max(RTOL[dtype], LOSS_RTOL[dtype]), floor=1.0)
+
+
+class InsideOperators(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that also sees the tensors fastcl's custom operators create inside: their
+    Python implementations (``fastcl.ops.library.IMPLEMENTATIONS``) run under the mode instead of
+    as one opaque call. Subclasses override :meth:`seen` (called with every op's output)."""
+
+    def seen(self, func, out) -> None:
+        raise NotImplementedError
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from fastcl.ops.library import IMPLEMENTATIONS
+
+        impl = IMPLEMENTATIONS.get(func._schema.name) if func.namespace == "fastcl" else None
+        if impl is not None:
+            with self:
+                out = impl(*args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
+        self.seen(func, out)
+        return out

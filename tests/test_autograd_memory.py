@@ -4,7 +4,7 @@ import oracle
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import InsideOperators
 from torch.utils._pytree import tree_flatten
 
 import fastcl
@@ -62,24 +62,30 @@ def test_gradcheck_clip_siglip_supcon_dcl(torch_blocks):
     assert torch.autograd.gradcheck(lambda a, c: fastcl.nt_xent(a, c, 0.5, backend=BACKEND), (img, txt))
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces while active."""
+class LargestTensor(InsideOperators):
+    """Records the largest tensor any op produces while active, inside fastcl's custom
+    operators too."""
 
     def __init__(self):
         super().__init__()
         self.largest, self.op = 0, None
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+    def seen(self, func, out):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.numel() > self.largest:
                 self.largest, self.op = t.numel(), func
-        return out
 
 
 def _largest_during(fn):
-    with LargestTensor() as mode:
-        fn()
+    """The largest tensor ``fn`` creates. One intra-op thread: the torch backend then runs its
+    tile pieces in this thread, where the (thread-local) dispatch mode sees them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with LargestTensor() as mode:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
     return mode
 
 

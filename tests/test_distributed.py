@@ -25,6 +25,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import InsideOperators
 from spawn import leave, run_ranks
 
 if __name__ != "__main__":
@@ -349,31 +350,30 @@ def _check_all_gather_helper(world, rank):
             "grad": _rel_err(mine.grad, weights.sum(0)[start: start + sizes[rank]], 1.0)}
 
 
-class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the mode and still alive."""
+class _LiveBytes(InsideOperators):
+    """Peak bytes of tensor storages created inside the mode (inside fastcl's custom operators
+    too) and still alive."""
 
     def __init__(self):
         super().__init__()
         self.live = self.peak = 0
-        self.seen = set()
+        self.storages = set()
 
     def _free(self, key, nbytes):
         self.live -= nbytes
-        self.seen.discard(key)
+        self.storages.discard(key)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+    def seen(self, func, out):
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
                 key = id(st)
-                if key in self.seen:
+                if key in self.storages:
                     continue
-                self.seen.add(key)
+                self.storages.add(key)
                 self.live += st.nbytes()
                 self.peak = max(self.peak, self.live)
                 weakref.finalize(st, self._free, key, st.nbytes())
-        return out
 
 
 MEMORY_ROWS, MEMORY_DIM = 256, 64

@@ -64,8 +64,7 @@ def _pass_args(spec: SoftmaxSpec) -> list:
             spec.exclude_self, spec.decoupled, spec.symmetric, -1 if spec.n_grad_cols is None else spec.n_grad_cols]
 
 
-@torch.library.custom_op("fastcl::softmax_stats", mutates_args=())
-def softmax_stats_op(
+def _softmax_stats(
     query: Tensor, cols: Tensor, scale_rows: Tensor, positive_index: Optional[Tensor], row_labels: Optional[Tensor],
     col_labels: Optional[Tensor], col_has_label: Optional[Tensor], fn_row: Optional[Tensor], fn_col: Optional[Tensor],
     exclude_self: bool, decoupled: bool, symmetric: bool, n_grad_cols: int, backend: str,
@@ -85,6 +84,9 @@ def softmax_stats_op(
             _or_empty(st.pos_cnt, like), pos)
 
 
+softmax_stats_op = torch.library.custom_op("fastcl::softmax_stats", mutates_args=())(_softmax_stats)
+
+
 @softmax_stats_op.register_fake
 def _(query, cols, scale_rows, positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, exclude_self,
       decoupled, symmetric, n_grad_cols, backend):
@@ -98,8 +100,7 @@ def _(query, cols, scale_rows, positive_index, row_labels, col_labels, col_has_l
             vec(0 if labels or positive_index is None else n))
 
 
-@torch.library.custom_op("fastcl::softmax_grad", mutates_args=())
-def softmax_grad_op(
+def _softmax_grad(
     query: Tensor, cols: Tensor, scale_rows: Tensor, lse_row: Tensor, w_row: Tensor, coef: Tensor, lse_col: Tensor,
     w_col: Tensor, positive_index: Optional[Tensor], row_labels: Optional[Tensor], col_labels: Optional[Tensor],
     col_has_label: Optional[Tensor], fn_row: Optional[Tensor], fn_col: Optional[Tensor], exclude_self: bool,
@@ -114,6 +115,9 @@ def softmax_grad_op(
         query, cols, scale_rows, spec, lse_row, w_row, coef, _or_none(lse_col) if symmetric else None,
         _or_none(w_col) if symmetric else None, rows=rows, cols=columns)
     return _or_empty(acc_q, lse_row), _or_empty(acc_k, lse_row)
+
+
+softmax_grad_op = torch.library.custom_op("fastcl::softmax_grad", mutates_args=())(_softmax_grad)
 
 
 @softmax_grad_op.register_fake
@@ -183,8 +187,7 @@ def softmax_loss(backend: str, query, key, negatives, scale, bias, spec: Softmax
 # Sigmoid family
 
 
-@torch.library.custom_op("fastcl::sigmoid_loss", mutates_args=())
-def sigmoid_loss_op(
+def _sigmoid_loss(
     query: Tensor, key: Tensor, scale: Tensor, bias: Optional[Tensor], positive_index: Optional[Tensor],
     row_labels: Optional[Tensor], col_labels: Optional[Tensor], n_rows_norm: int, needs: List[bool], backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -196,6 +199,9 @@ def sigmoid_loss_op(
     loss, grads = _sigmoid.forward(_softmax.LocalColumns(module, query.shape[0], key.shape[0]), query, key, scale,
                                    bias, spec, needs)
     return (loss, *(_or_empty(g, query) for g in grads))
+
+
+sigmoid_loss_op = torch.library.custom_op("fastcl::sigmoid_loss", mutates_args=())(_sigmoid_loss)
 
 
 @sigmoid_loss_op.register_fake
@@ -231,3 +237,9 @@ def sigmoid_loss(backend: str, query, key, scale, bias, spec: SigmoidSpec):
 def registered_ops() -> Sequence:
     """The operators, for ``torch.library.opcheck``."""
     return (softmax_stats_op, softmax_grad_op, sigmoid_loss_op)
+
+
+# each operator's Python implementation by its name: a dispatch mode that must see the tensors an
+# operator creates inside (the tests' memory checks) runs it through these
+IMPLEMENTATIONS = {"fastcl::softmax_stats": _softmax_stats, "fastcl::softmax_grad": _softmax_grad,
+                   "fastcl::sigmoid_loss": _sigmoid_loss}
