@@ -1,45 +1,61 @@
-// pybind11 bindings of the extension fastcl._C (the module name comes from the build:
-// TORCH_EXTENSION_NAME = _C). The wrappers in fastcl/backends/cuda.py are the intended callers;
-// every entry point checks its inputs (ops.cpp) before it touches CUDA.
+// The extension fastcl._C (the module name comes from the build: TORCH_EXTENSION_NAME = _C).
+//
+// The four kernel entry points are PyTorch operators, registered with TORCH_LIBRARY under the
+// namespace fastcl_cuda (fastcl_emulated in the CPU emulation build, so both can live in one
+// process): torch.ops.fastcl_cuda.softmax_stats and so on, with schemas the dispatcher,
+// torch.library.opcheck and torch.compile understand (fake implementations: fastcl/backends/cuda.py).
+// pybind11 keeps only the build queries and the namespace's name. The wrappers in
+// fastcl/backends/cuda.py are the intended callers; every entry point checks its inputs (ops.cpp)
+// before it touches CUDA.
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include "ops.h"
 
+#ifdef FASTCL_EMULATION_HOST
+#define FASTCL_OPS_NAMESPACE fastcl_emulated
+#else
+#define FASTCL_OPS_NAMESPACE fastcl_cuda
+#endif
+#define FASTCL_STRINGIFY_(x) #x
+#define FASTCL_STRINGIFY(x) FASTCL_STRINGIFY_(x)
+
+TORCH_LIBRARY(FASTCL_OPS_NAMESPACE, m) {
+  // Softmax-family statistics: (lse [n_own], pos_sum, pos_cnt); rows when own_rows, else columns
+  m.def("softmax_stats(Tensor query, Tensor key, Tensor scale_rows, Tensor? positive_index, Tensor? row_labels, "
+        "Tensor? col_labels, Tensor? col_has_label, bool own_rows, bool exclude_self, bool decoupled, "
+        "bool allow_tf32, int n_split) -> Tensor[]");
+  // Softmax-family gradient accumulator [n_own, D]: sum_j G_ij k_j (rows) or sum_i G_ij s_i q_i (columns)
+  m.def("softmax_grad(Tensor query, Tensor key, Tensor scale_rows, Tensor? positive_index, Tensor? row_labels, "
+        "Tensor? col_labels, Tensor? col_has_label, Tensor lse_row, Tensor w_row, Tensor? coef_row, "
+        "Tensor? lse_col, Tensor? w_col, bool own_rows, int n_own, bool exclude_self, bool decoupled, "
+        "Tensor? g_scale, bool allow_tf32, int n_split) -> Tensor");
+  // The chunked pass: G of query rows [row0, row0 + R) written into g [R, C]; sigmoid also
+  // returns (loss_rows, gsum_rows)
+  m.def("logit_grad(Tensor query, Tensor key, Tensor scale_rows, Tensor? positive_index, Tensor? row_labels, "
+        "Tensor? col_labels, Tensor? col_has_label, Tensor? lse_row, Tensor? w_row, Tensor? coef_row, "
+        "Tensor? lse_col, Tensor? w_col, Tensor? bias, Tensor? g_scale, Tensor(a!) g, int row0, bool sigmoid, "
+        "bool exclude_self, bool decoupled, bool allow_tf32, int n_split) -> Tensor[]");
+  // Sigmoid family: (acc [n_own, D] or empty, sum_j softplus(-z_ij L_ij) [N], sum_j G_ij [N])
+  m.def("sigmoid_pass(Tensor query, Tensor key, Tensor scale_rows, Tensor? positive_index, Tensor? bias, "
+        "bool own_rows, int n_own, bool accumulate, Tensor? row_labels, Tensor? col_labels, bool allow_tf32, "
+        "int n_split) -> Tensor[]");
+}
+
+// One kernel for every device the tensors may be on (CUDA, or the CPU of the emulation build); no
+// autograd formula: the callers run them where autograd is off (inside fastcl's own operators).
+TORCH_LIBRARY_IMPL(FASTCL_OPS_NAMESPACE, CompositeExplicitAutograd, m) {
+  m.impl("softmax_stats", &fastcl::softmax_stats);
+  m.impl("softmax_grad", &fastcl::softmax_grad);
+  m.impl("logit_grad", &fastcl::logit_grad);
+  m.impl("sigmoid_pass", &fastcl::sigmoid_pass);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace py = pybind11;
   m.doc() = "fastcl CUDA kernels: fused contrastive-loss tiles that never materialise S = Q K^T";
 
   m.def("built_with_cuda", &fastcl::built_with_cuda, "True when the CUDA tile kernels were compiled in");
   m.def("cuda_archs", &fastcl::cuda_archs, "The SM architectures the kernels were compiled for, e.g. ['80', '90']");
-
-  m.def("softmax_stats", &fastcl::softmax_stats,
-        "Softmax-family statistics: (lse [n_own], pos_sum, pos_cnt); rows when own_rows, else columns",
-        py::arg("query"), py::arg("key"), py::arg("scale_rows"), py::arg("positive_index") = py::none(),
-        py::arg("row_labels") = py::none(), py::arg("col_labels") = py::none(),
-        py::arg("col_has_label") = py::none(), py::arg("own_rows") = true, py::arg("exclude_self") = false,
-        py::arg("decoupled") = false, py::arg("allow_tf32") = false, py::arg("n_split") = 0);
-
-  m.def("softmax_grad", &fastcl::softmax_grad,
-        "Softmax-family gradient accumulator [n_own, D]: sum_j G_ij k_j (rows) or sum_i G_ij s_i q_i (columns)",
-        py::arg("query"), py::arg("key"), py::arg("scale_rows"), py::arg("positive_index"),
-        py::arg("row_labels"), py::arg("col_labels"),
-        py::arg("col_has_label"), py::arg("lse_row"), py::arg("w_row"),
-        py::arg("coef_row"), py::arg("lse_col"), py::arg("w_col"),
-        py::arg("own_rows"), py::arg("n_own"), py::arg("exclude_self"),
-        py::arg("decoupled"), py::arg("g_scale") = py::none(), py::arg("allow_tf32") = false,
-        py::arg("n_split") = 0);
-
-  m.def("logit_grad", &fastcl::logit_grad,
-        "The chunked pass: G of query rows [row0, row0 + R) into g [R, C]; sigmoid also returns (loss_rows, gsum_rows)",
-        py::arg("query"), py::arg("key"), py::arg("scale_rows"), py::arg("positive_index"),
-        py::arg("row_labels"), py::arg("col_labels"), py::arg("col_has_label"), py::arg("lse_row"),
-        py::arg("w_row"), py::arg("coef_row"), py::arg("lse_col"), py::arg("w_col"), py::arg("bias"),
-        py::arg("g_scale"), py::arg("g"), py::arg("row0"), py::arg("sigmoid"), py::arg("exclude_self"),
-        py::arg("decoupled"), py::arg("allow_tf32") = false, py::arg("n_split") = 0);
-
-  m.def("sigmoid_pass", &fastcl::sigmoid_pass,
-        "Sigmoid family: (acc [n_own, D] or empty, sum_j softplus(-z_ij L_ij) [N], sum_j G_ij [N])",
-        py::arg("query"), py::arg("key"), py::arg("scale_rows"), py::arg("positive_index"), py::arg("bias"),
-        py::arg("own_rows"), py::arg("n_own"), py::arg("accumulate"), py::arg("row_labels") = py::none(),
-        py::arg("col_labels") = py::none(), py::arg("allow_tf32") = false, py::arg("n_split") = 0);
+  m.def("ops_namespace", [] { return std::string(FASTCL_STRINGIFY(FASTCL_OPS_NAMESPACE)); },
+        "The torch.ops namespace of the kernel operators (fastcl_cuda, or fastcl_emulated)");
 }

@@ -213,10 +213,11 @@ at::Tensor alloc_acc(TileParams& p, const at::TensorOptions& opts) {
   return acc;
 }
 
-// Sum the split partials in a fixed order and crop the padding: [n_own, D].
+// Sum the split partials in a fixed order and crop the padding: [n_own, D], contiguous (the
+// operator's schema promises a plain tensor, and the padded buffer is freed at once).
 at::Tensor finish_acc(const at::Tensor& acc, const TileParams& p) {
   const at::Tensor total = p.n_split == 1 ? acc.select(0, 0) : acc.sum(0);
-  return total.narrow(0, 0, p.n_own).narrow(1, 0, p.d);
+  return total.narrow(0, 0, p.n_own).narrow(1, 0, p.d).contiguous();
 }
 
 }  // namespace

@@ -41,6 +41,55 @@ def _ext():
     return _C
 
 
+_faked = set()
+
+
+def _kernels():
+    """The extension's kernel operators: ``torch.ops.fastcl_cuda`` (``torch.ops.fastcl_emulated``
+    for the CPU emulation build), registered in C++ with ``TORCH_LIBRARY``; their fake
+    implementations are registered here on first use."""
+    name = _ext().ops_namespace()
+    if name not in _faked:
+        register_fakes(name)
+        _faked.add(name)
+    return getattr(torch.ops, name)
+
+
+def register_fakes(namespace: str) -> None:
+    """Shapes without data for the kernel operators of ``namespace`` (``csrc/ops.h`` states
+    them): what ``torch.library.opcheck``, FakeTensor and ``torch.compile`` use."""
+
+    def acc_dtype(t):
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    def vec(like, size):
+        return like.new_empty(size, dtype=acc_dtype(like))
+
+    @torch.library.register_fake(f"{namespace}::softmax_stats")
+    def _(query, key, scale_rows, positive_index, row_labels, col_labels, col_has_label, own_rows, exclude_self,
+          decoupled, allow_tf32, n_split):
+        n_own = query.shape[0] if own_rows else key.shape[0]
+        sums = n_own if row_labels is not None and own_rows else 0
+        return [vec(query, n_own), vec(query, sums), vec(query, sums)]
+
+    @torch.library.register_fake(f"{namespace}::softmax_grad")
+    def _(query, key, scale_rows, positive_index, row_labels, col_labels, col_has_label, lse_row, w_row, coef_row,
+          lse_col, w_col, own_rows, n_own, exclude_self, decoupled, g_scale, allow_tf32, n_split):
+        return query.new_empty((n_own, query.shape[1]), dtype=acc_dtype(query))
+
+    @torch.library.register_fake(f"{namespace}::logit_grad")
+    def _(query, key, scale_rows, positive_index, row_labels, col_labels, col_has_label, lse_row, w_row, coef_row,
+          lse_col, w_col, bias, g_scale, g, row0, sigmoid, exclude_self, decoupled, allow_tf32, n_split):
+        return [vec(query, g.shape[0]), vec(query, g.shape[0])] if sigmoid else []
+
+    @torch.library.register_fake(f"{namespace}::sigmoid_pass")
+    def _(query, key, scale_rows, positive_index, bias, own_rows, n_own, accumulate, row_labels, col_labels,
+          allow_tf32, n_split):
+        acc = query.new_empty((n_own, query.shape[1]), dtype=acc_dtype(query)) if accumulate else vec(query, 0)
+        rows = query.shape[0] if own_rows else 0
+        return [acc, vec(query, rows), vec(query, rows)]
+
+
 def _launch_options(dtype: torch.dtype) -> dict:
     split = _config.cuda_split()
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
@@ -72,7 +121,7 @@ def _masks(spec: SoftmaxSpec) -> dict:
 
 def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
     """Row (and, for symmetric specs, column) LSE of the block, and label-positive sums."""
-    C = _ext()
+    C = _kernels()
     q, k = query.contiguous(), key.contiguous()
     masks, launch = _masks(spec), _launch_options(q.dtype)
     lse_row, pos_sum, pos_cnt = C.softmax_stats(q, k, scale_rows, **masks, own_rows=True, **launch)
@@ -87,7 +136,7 @@ def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
 def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef, lse_col=None, w_col=None, *,
                  rows: bool = True, cols: bool = True):
     """``(sum_j G_ij k_j, sum_i G_ij s_i q_i)`` of the block from final statistics."""
-    C = _ext()
+    C = _kernels()
     q, k = query.contiguous(), key.contiguous()
     n, c, d = q.shape[0], k.shape[0], q.shape[1]
     args = dict(_masks(spec), lse_row=finite_or_zero(lse_row).contiguous(), w_row=w_row.contiguous(),
@@ -118,7 +167,7 @@ def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = T
                  gsum: bool = True, labels=None) -> SigmoidSums:
     """Sigmoid loss and gradient sums of the block (the row kernel also sums the loss); label
     positives are compared inside the tiles."""
-    C = _ext()
+    C = _kernels()
     q, k = query.contiguous(), key.contiguous()
     launch = _launch_options(q.dtype)
     pos = None if positive_index is None else positive_index.to(torch.long).contiguous()
