@@ -176,9 +176,10 @@ def _masked_tile(a, b, spec: SoftmaxSpec, r0, r1, c0, c1, out):
     return tile
 
 
-# Half the most negative finite value of each dtype: added twice to a finite logit it gives -inf,
-# multiplied by 0 it gives -0.0 (masked_fill_ with a bool mask costs about 3x as much on a CPU).
-_HALF_MIN = {torch.float32: -1.7e38, torch.float64: -8.9e307}
+# More than half the most negative finite value of each dtype: added twice to a finite logit it
+# overflows to -inf, multiplied by 0 it gives -0.0 (masked_fill_ with a bool mask costs about 3x
+# as much on a CPU).
+_HALF_MIN = {torch.float32: -2.0e38, torch.float64: -1.0e308}
 
 
 def _drop_above(tile, thr, spec: SoftmaxSpec, r0, r1, c0, c1, work, target=None) -> None:
@@ -191,8 +192,31 @@ def _drop_above(tile, thr, spec: SoftmaxSpec, r0, r1, c0, c1, work, target=None)
     if spec.positive_index is not None:
         idx, in_tile = _positive_in_tile(spec.positive_index[r0:r1], c0, c1)
         mask.scatter_(1, idx, torch.where(in_tile, 0.0, mask.gather(1, idx)))
-    mask.mul_(_HALF_MIN[mask.dtype])
-    target.add_(mask).add_(mask)
+    target.add_(mask, alpha=_HALF_MIN[mask.dtype]).add_(mask, alpha=_HALF_MIN[mask.dtype])
+
+
+# A CPU's vectorised exp takes a slow path, about 10x, for arguments that underflow, -inf
+# included. The masked (-inf) entries of a false-negative tile are many, so their exponentials
+# are taken at this floor and then multiplied by 0 (exactly 0 again); entries that underflow for
+# real contribute exp(floor) (1.6e-38 in fp32) instead of less, below the resolution of any sum
+# that holds an entry at the reference.
+_EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
+
+
+def _masked_exp_(shifted, masked_logits, keep):
+    """``exp(shifted)`` in place with every entry where ``masked_logits`` is -inf exactly 0
+    (``keep`` is a tile-shaped buffer); the fast path of exp for the rest."""
+    torch.ne(masked_logits, NEG_INF, out=keep)
+    return shifted.clamp_(min=_EXP_FLOOR[shifted.dtype]).exp_().mul_(keep)
+
+
+def _merge_masked(ref, acc, tile, dim: int, work, keep) -> None:
+    """:func:`_merge_exact` for a tile with many -inf entries (the false-negative mask)."""
+    new = torch.maximum(ref, tile.amax(dim=dim))
+    safe = finite_or_zero(new)
+    shifted = torch.sub(tile, safe.unsqueeze(dim), out=work)
+    acc.mul_(torch.exp(ref - safe)).add_(_masked_exp_(shifted, tile, keep).sum(dim=dim))
+    ref.copy_(new)
 
 
 class _LabelClasses:
@@ -310,6 +334,7 @@ def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
     def piece(rows):
         """Row statistics of these rows (written in place) and their own column statistics."""
         tile_buf, work_buf = _Buffer(n, c, cd, dev), _Buffer(n, c, cd, dev)
+        keep_buf = _Buffer(n, c, cd, dev) if spec.fn_row is not None else None
         if spec.symmetric:
             col_ref = torch.full((c,), NEG_INF, dtype=cd, device=dev)
             col_acc = torch.zeros(c, dtype=cd, device=dev)
@@ -317,12 +342,13 @@ def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
             tile = _masked_tile(qs, k, spec, r0, r1, c0, c1, tile_buf.view(r1 - r0, c1 - c0))
             work = work_buf.view(r1 - r0, c1 - c0)
             if spec.fn_row is not None:  # the rows' and the columns' denominators differ: merge each exactly
+                keep = keep_buf.view(r1 - r0, c1 - c0)
                 if spec.symmetric:
                     cols_tile = tile.clone()
                     _drop_above(tile, spec.fn_col[None, c0:c1], spec, r0, r1, c0, c1, work, target=cols_tile)
-                    _merge_exact(col_ref[c0:c1], col_acc[c0:c1], cols_tile, 0, work)
+                    _merge_masked(col_ref[c0:c1], col_acc[c0:c1], cols_tile, 0, work, keep)
                 _drop_above(tile, spec.fn_row[r0:r1, None], spec, r0, r1, c0, c1, work)
-                _merge_exact(row_ref[r0:r1], row_acc[r0:r1], tile, 1, work)
+                _merge_masked(row_ref[r0:r1], row_acc[r0:r1], tile, 1, work, keep)
             elif spec.symmetric:
                 _merge_rows_and_cols(tile, row_ref[r0:r1], row_acc[r0:r1], col_ref[c0:c1], col_acc[c0:c1],
                                      work, _SAFE_LOG[cd])
@@ -369,16 +395,19 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
         """``g`` = the softmax terms of ``G`` on one tile (the target terms come later)."""
         tile = _masked_tile(qs_aug, k_aug, spec, r0, r1, c0, c1, buf.view(r1 - r0, c1 - c0))
         if spec.fn_row is not None and not spec.symmetric:  # tile = S - LSE_i: shift the thresholds alike
+            keep = torch.empty_like(tile)
             _drop_above(tile, (spec.fn_row[r0:r1] - lse_safe[r0:r1])[:, None], spec, r0, r1, c0, c1, g)
-            torch.mul(tile.exp_(), w_row[r0:r1, None], out=g)
+            torch.mul(_masked_exp_(tile, tile, keep), w_row[r0:r1, None], out=g)
         elif spec.fn_row is not None:  # each direction over its own denominator, from S itself
             logits = tile.add_(lse_safe[r0:r1, None])
-            work = torch.empty_like(logits)
+            work, keep = torch.empty_like(logits), torch.empty_like(logits)
             torch.sub(logits, lse_safe[r0:r1, None], out=g)
             _drop_above(logits, spec.fn_row[r0:r1, None], spec, r0, r1, c0, c1, work, target=g)
-            g.exp_().mul_(w_row[r0:r1, None])
+            _masked_exp_(g, g, keep).mul_(w_row[r0:r1, None])
             _drop_above(logits, spec.fn_col[None, c0:c1], spec, r0, r1, c0, c1, work)
-            g.add_(logits.sub_(lse_col[None, c0:c1]).exp_().mul_(w_col[None, c0:c1]))
+            torch.ne(logits, NEG_INF, out=work)  # the column mask, before LSE'_j (+inf off the anchors) shifts it
+            logits.sub_(lse_col[None, c0:c1]).clamp_(min=_EXP_FLOOR[logits.dtype]).exp_().mul_(work)
+            g.add_(logits.mul_(w_col[None, c0:c1]))
         elif spec.symmetric:
             _symmetric_grad(g, tile, w_row[r0:r1], lse_safe[r0:r1], w_col[c0:c1], lse_col[c0:c1],
                             is_anchor[c0:c1], safe_log)
