@@ -9,7 +9,13 @@ term and of the target term of the tile gradient ``G``; one gradient pass turns 
     dQ_i = s_i sum_j G_ij k_j      dK_j = sum_i G_ij s_i q_i
     ds_i = <q_i, sum_j G_ij k_j> (+ the epilogue's direct term)      db = the epilogue's term
 
-once, for every backend and for the ring.
+once, for every backend and for the ring (:class:`SoftmaxLoss`, over :func:`forward` and
+:func:`backward`).
+
+A single process takes the other road to the same numbers: :func:`differentiable_losses` runs
+the statistics pass as the custom operator of :mod:`fastcl.ops.library`, whose registered
+backward is the gradient pass with exactly these weights, and lets ordinary autograd
+differentiate the epilogue (what ``torch.compile`` traces).
 """
 
 from dataclasses import replace
