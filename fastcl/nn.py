@@ -48,26 +48,31 @@ class _Distributed(torch.nn.Module):
 
 class ClipLoss(_Distributed):
     """Module form of :func:`fastcl.clip_loss`: ``forward(image_features, text_features,
-    logit_scale, logit_bias=None)``."""
+    logit_scale, logit_bias=None)``; ``label_smoothing`` and ``false_negative_margin`` as there."""
 
-    def __init__(self, backend: Optional[str] = None, *, group=None, gather: str = "all_gather",
+    def __init__(self, backend: Optional[str] = None, *, label_smoothing: float = 0.0,
+                 false_negative_margin: Optional[float] = None, group=None, gather: str = "all_gather",
                  local_loss: bool = False):
         super().__init__(backend, group, gather, local_loss)
+        self.label_smoothing, self.false_negative_margin = label_smoothing, false_negative_margin
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None):
-        return F.clip_loss(image_features, text_features, logit_scale, logit_bias, **self._options())
+        return F.clip_loss(image_features, text_features, logit_scale, logit_bias,
+                           label_smoothing=self.label_smoothing, false_negative_margin=self.false_negative_margin,
+                           **self._options())
 
 
 class SigLipLoss(_Distributed):
     """Module form of :func:`fastcl.siglip_loss`: ``forward(image_features, text_features,
-    logit_scale, logit_bias)``."""
+    logit_scale, logit_bias, labels=None)`` (``labels``: group ids of the pairs, as there)."""
 
     def __init__(self, backend: Optional[str] = None, *, group=None, gather: str = "all_gather",
                  local_loss: bool = False):
         super().__init__(backend, group, gather, local_loss)
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias):
-        return F.siglip_loss(image_features, text_features, logit_scale, logit_bias, **self._options())
+    def forward(self, image_features, text_features, logit_scale, logit_bias, labels=None):
+        return F.siglip_loss(image_features, text_features, logit_scale, logit_bias, labels=labels,
+                             **self._options())
 
 
 class NTXentLoss(_Distributed):
