@@ -411,13 +411,6 @@ def _remote_spec(spec: SoftmaxSpec, labels, fn_col=None) -> SoftmaxSpec:
                        fn_row=spec.fn_row, fn_col=fn_col)
 
 
-def _local_spec(spec: SoftmaxSpec, n_neg: int) -> SoftmaxSpec:
-    """This rank's own block ``[key; negatives]``: the column thresholds padded over the queue."""
-    if spec.fn_col is None or not n_neg:
-        return spec
-    return replace(spec, fn_col=ops.softmax.pad_thresholds(spec.fn_col, n_neg))
-
-
 class RingColumns:
     """Every rank's key block in turn (this rank's ``[key; negatives]`` first), through one
     backend's passes: the columns object of :mod:`fastcl.ops` for ``gather="ring"``.
@@ -447,7 +440,7 @@ class RingColumns:
     def stats(self, query, key, negatives, s_rows, spec: SoftmaxSpec) -> SoftmaxStats:
         n, m, cd, dev = query.shape[0], key.shape[0], s_rows.dtype, query.device
         local = key if negatives is None else torch.cat([key, negatives])
-        local_spec = _local_spec(spec, local.shape[0] - m)
+        local_spec = ops.softmax.with_negatives(spec, local.shape[0] - m)
         state = {"lse": torch.full((n,), float("-inf"), dtype=cd, device=dev), "pos_sum": None, "pos_cnt": None}
 
         def step(t, block):
@@ -484,7 +477,7 @@ class RingColumns:
             if spec.symmetric:
                 lse_c, w_c = block[-1][:, 0], block[-1][:, 1]
             if t == 0:
-                cols, block_spec = local, _local_spec(spec, n_neg)
+                cols, block_spec = local, ops.softmax.with_negatives(spec, n_neg)
                 if spec.symmetric and n_neg:
                     pad = lse_c.new_zeros(n_neg)
                     lse_c, w_c = torch.cat([lse_c, pad]), torch.cat([w_c, pad])

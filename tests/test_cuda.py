@@ -228,7 +228,9 @@ BAD_INPUTS = {
 def _call(entry, args):
     """An entry point of the extension through its ``torch.ops`` operator, with the launch
     options (and the optional tensors) a test leaves out."""
-    ops = getattr(torch.ops, _C.ops_namespace())
+    from fastcl.backends.cuda import kernel_operators
+
+    ops = kernel_operators(_C)
     extra = {"allow_tf32": False, "n_split": 0}
     if entry == "softmax_grad":
         extra["g_scale"] = None
@@ -256,12 +258,8 @@ def test_kernel_operators_pass_opcheck():
     from fastcl.backends import cuda
 
     module = emulated_extension()
-    namespace = module.ops_namespace()
-    assert namespace == "fastcl_emulated"
-    if namespace not in cuda._faked:
-        cuda.register_fakes(namespace)
-        cuda._faked.add(namespace)
-    ops = getattr(torch.ops, namespace)
+    assert module.ops_namespace() == "fastcl_emulated"
+    ops = cuda.kernel_operators(module)
     launch = dict(allow_tf32=False, n_split=2)
     stats = dict(_stats_args(), row_labels=torch.arange(6) % 2, col_labels=torch.arange(7) % 2, positive_index=None,
                  **launch)

@@ -45,17 +45,22 @@ _faked = set()
 
 
 def _kernels():
-    """The extension's kernel operators: ``torch.ops.fastcl_cuda`` (``torch.ops.fastcl_emulated``
-    for the CPU emulation build), registered in C++ with ``TORCH_LIBRARY``; their fake
-    implementations are registered here on first use."""
-    name = _ext().ops_namespace()
+    """The extension's kernel operators (see :func:`kernel_operators`)."""
+    return kernel_operators(_ext())
+
+
+def kernel_operators(extension):
+    """``torch.ops.fastcl_cuda`` (``torch.ops.fastcl_emulated`` for the CPU emulation build):
+    the operators ``extension`` registers in C++ with ``TORCH_LIBRARY``, their fake
+    implementations registered here on first use."""
+    name = extension.ops_namespace()
     if name not in _faked:
-        register_fakes(name)
+        _register_fakes(name)
         _faked.add(name)
     return getattr(torch.ops, name)
 
 
-def register_fakes(namespace: str) -> None:
+def _register_fakes(namespace: str) -> None:
     """Shapes without data for the kernel operators of ``namespace`` (``csrc/ops.h`` states
     them): what ``torch.library.opcheck``, FakeTensor and ``torch.compile`` use."""
 

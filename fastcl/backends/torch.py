@@ -405,9 +405,8 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
             _drop_above(logits, spec.fn_row[r0:r1, None], spec, r0, r1, c0, c1, work, target=g)
             _masked_exp_(g, g, keep).mul_(w_row[r0:r1, None])
             _drop_above(logits, spec.fn_col[None, c0:c1], spec, r0, r1, c0, c1, work)
-            torch.ne(logits, NEG_INF, out=work)  # the column mask, before LSE'_j (+inf off the anchors) shifts it
-            logits.sub_(lse_col[None, c0:c1]).clamp_(min=_EXP_FLOOR[logits.dtype]).exp_().mul_(work)
-            g.add_(logits.mul_(w_col[None, c0:c1]))
+            shifted = logits.sub_(lse_col[None, c0:c1])  # -inf also off the anchors (LSE' +inf, weight 0)
+            g.add_(_masked_exp_(shifted, shifted, keep).mul_(w_col[None, c0:c1]))
         elif spec.symmetric:
             _symmetric_grad(g, tile, w_row[r0:r1], lse_safe[r0:r1], w_col[c0:c1], lse_col[c0:c1],
                             is_anchor[c0:c1], safe_log)

@@ -153,7 +153,7 @@ def _stats_backward(ctx, g_lse_row, g_lse_col, g_pos_sum, _g_pos_cnt, g_pos):
     grad_q = (acc_q * scale_rows[:, None]).to(query.dtype) if need_q else None
     grad_k = acc_k.to(cols.dtype) if need_k else None
     grad_s = (acc_q * query.to(acc_q.dtype)).sum(dim=1).to(scale_rows.dtype) if need_s else None
-    return (grad_q, grad_k, grad_s) + (None,) * 11
+    return (grad_q, grad_k, grad_s) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 softmax_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup)

@@ -84,10 +84,7 @@ class LocalColumns:
 
     @staticmethod
     def _block_spec(spec: SoftmaxSpec, negatives) -> SoftmaxSpec:
-        """``spec`` over ``[key; negatives]``: the column thresholds (keys only) padded."""
-        if spec.fn_col is None or negatives is None:
-            return spec
-        return replace(spec, fn_col=pad_thresholds(spec.fn_col, negatives.shape[0]))
+        return with_negatives(spec, 0 if negatives is None else negatives.shape[0])
 
     def stats(self, query, key, negatives, s_rows, spec: SoftmaxSpec):
         st = self.backend.softmax_stats(query, self._cat(key, negatives), s_rows, self._block_spec(spec, negatives))
@@ -129,9 +126,12 @@ def _positive_logits(query, key, negatives, s_rows, positive_index):
     return s_rows * (query.to(cd) * cols).sum(dim=1)
 
 
-def pad_thresholds(fn_col: torch.Tensor, n: int) -> torch.Tensor:
-    """Column thresholds for ``n`` more columns that are no anchor (``+inf``: never masked)."""
-    return torch.cat([fn_col, fn_col.new_full((n,), float("inf"))])
+def with_negatives(spec: SoftmaxSpec, n_neg: int) -> SoftmaxSpec:
+    """``spec`` over ``[key; negatives]`` (``n_neg`` of them): the column thresholds, given for
+    the keys, padded with ``+inf`` over the negatives (no anchor there: never masked)."""
+    if spec.fn_col is None or not n_neg:
+        return spec
+    return replace(spec, fn_col=torch.cat([spec.fn_col, spec.fn_col.new_full((n_neg,), float("inf"))]))
 
 
 def false_negative_thresholds(spec: SoftmaxSpec, pos, s_rows, n_keys: int) -> SoftmaxSpec:
@@ -268,10 +268,23 @@ def with_thresholds(spec: SoftmaxSpec, query, key, negatives, scale, pos=None) -
     return false_negative_thresholds(spec, pos, s_rows, key.shape[0])
 
 
+def _saved(spec: SoftmaxSpec, st, st_tilt, pos, n: int) -> Saved:
+    """:class:`Saved` from the statistics pass(es) and the one-hot positive logits ``pos`` (at the
+    scale ``s``; labels: ``None``, the mean label-positive logit comes from ``st``)."""
+    cd = st.lse_row.dtype
+    if spec.uses_labels:
+        pos_cnt = st.pos_cnt.detach()
+        pos = st.pos_sum / pos_cnt.clamp(min=1)
+    else:
+        pos_cnt = torch.ones(n, dtype=cd, device=st.lse_row.device)
+    return Saved(st.lse_row, pos, pos_cnt, st.lse_col, None if st_tilt is None else st_tilt.lse_row,
+                 None if st_tilt is None else st_tilt.lse_col)
+
+
 def forward(columns, query, key, negatives, scale, bias, spec: SoftmaxSpec, sum_row=None, sum_col=None):
     """``((row_loss, col_loss, row_valid, col_valid), saved)``: the statistics passes and the
-    epilogue, no autograd (:class:`SoftmaxLoss` and the custom operator of
-    :mod:`fastcl.ops.library` both run this)."""
+    epilogue, no autograd (what :class:`SoftmaxLoss` runs; :func:`differentiable_losses` is
+    the same under autograd)."""
     cd = compute_dtype(query.dtype)
     n = query.shape[0]
     s_rows = row_scale(scale, n, cd)
@@ -282,13 +295,7 @@ def forward(columns, query, key, negatives, scale, bias, spec: SoftmaxSpec, sum_
     s_main, s_tilt = _tilted_scales(spec, s_rows)
     st = columns.stats(query, key, negatives, s_main, spec)
     st_tilt = None if s_tilt is None else columns.stats(query, key, negatives, s_tilt, spec)
-    if spec.uses_labels:
-        pos_cnt = st.pos_cnt
-        pos = st.pos_sum / pos_cnt.clamp(min=1)
-    else:
-        pos_cnt = torch.ones(n, dtype=cd, device=query.device)
-    saved = Saved(st.lse_row, pos, pos_cnt, st.lse_col, None if st_tilt is None else st_tilt.lse_row,
-                  None if st_tilt is None else st_tilt.lse_col)
+    saved = _saved(spec, st, st_tilt, pos, n)
     sum_row, sum_col = [None if x is None else x.detach() for x in (sum_row, sum_col)]
     terms = _terms(columns, spec, saved, n, scale.dim() == 1, sum_row, sum_col)
     b = None if bias is None else bias.detach().to(cd).reshape(())
@@ -310,15 +317,9 @@ def differentiable_losses(columns, query, key, negatives, scale, bias, spec: Sof
     s_main, s_tilt = _tilted_scales(spec, s_rows)
     st, pos = columns.stats_and_positives(query, key, negatives, s_main, spec)
     st_tilt = None if s_tilt is None else columns.stats_and_positives(query, key, negatives, s_tilt, spec)[0]
-    if spec.uses_labels:
-        pos_cnt = st.pos_cnt.detach()
-        pos = st.pos_sum / pos_cnt.clamp(min=1)
-    else:
-        pos_cnt = torch.ones(n, dtype=cd, device=query.device)
-        if spec.hardness is not None:  # the logits of the main pass are (1 + beta) S
-            pos = pos / (1 + spec.hardness)
-    saved = Saved(st.lse_row, pos, pos_cnt, st.lse_col, None if st_tilt is None else st_tilt.lse_row,
-                  None if st_tilt is None else st_tilt.lse_col)
+    if pos is not None and spec.hardness is not None:  # the main pass's logits are (1 + beta) S
+        pos = pos / (1 + spec.hardness)
+    saved = _saved(spec, st, st_tilt, pos, n)
     terms = _terms(columns, spec, saved, n, scale.dim() == 1, sum_row, sum_col)
     b = None if bias is None else bias.to(cd).reshape(())
     row_loss, col_loss, row_valid, col_valid = _losses(spec, terms, s_rows, b)
