@@ -14,7 +14,7 @@ the W ranks every gradient (features, scale or temperature, bias) is the single-
 """
 
 from dataclasses import replace
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -74,6 +74,45 @@ def _softmax(call: Lowered, module, reduction: str, dist, op: str):
     return _reduce(*outs, spec.symmetric, reduction, dist)
 
 
+def _prefixes(call: Lowered, dims, weights, op: str):
+    """``None`` without ``matryoshka_dims``, else ``(dims, weights)`` checked and sorted by width."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError(f"{op}: matryoshka_weights needs matryoshka_dims")
+        return None
+    if call.spec.false_negative_margin is not None:
+        raise ValueError(f"{op}: false_negative_margin is not supported with matryoshka_dims (each prefix would need "
+                         "its own thresholds)")
+    return ops.matryoshka.check_dims(dims, weights, call.query.shape[1], op)
+
+
+def _normalized_prefix(x: Optional[torch.Tensor], d: int) -> Optional[torch.Tensor]:
+    """``F.normalize(x[:, :d])``, normed in fp32 at least, back in ``x``'s dtype."""
+    if x is None:
+        return None
+    return torch.nn.functional.normalize(x[:, :d].to(compute_dtype(x.dtype)), dim=1,
+                                         eps=ops.matryoshka.NORM_EPS).to(x.dtype)
+
+
+def _matryoshka(call: Lowered, module, reduction: str, op: str, prefixes, group, gather, local_loss):
+    """``sum_p w_p * loss_p`` over the normalised prefixes. One process: every prefix from one
+    pass (:mod:`fastcl.ops.matryoshka`). Across ranks: one distributed loss per prefix."""
+    dims, weights = prefixes
+    symmetric = call.spec.symmetric
+    if group is None:
+        per = ops.matryoshka.losses(module, call.query, call.key, call.negatives, call.scale, call.bias, call.spec, dims)
+        parts = [_reduce(*outs, symmetric, reduction) for outs in per]
+    else:
+        parts = []
+        for d in dims:
+            sub = call._replace(query=_normalized_prefix(call.query, d), key=_normalized_prefix(call.key, d),
+                                negatives=_normalized_prefix(call.negatives, d))
+            parts.append(_softmax(sub, module, reduction, _prepare(sub, group, gather, local_loss, op, reduction), op))
+    if reduction == "none" and symmetric:
+        return tuple(sum(w * part[i] for w, part in zip(weights, parts)) for i in range(2))
+    return sum(w * part for w, part in zip(weights, parts))
+
+
 def _reduce(row_loss, col_loss, row_valid, col_valid, symmetric: bool, reduction: str, dist=None):
     """The one reduction: ``"none"`` (this rank's per-anchor losses), ``"sum"``, or ``"mean"``
     over the valid anchors (of every rank, with a distributed context); the two directions of
@@ -112,6 +151,8 @@ def info_nce(
     hardness: Optional[float] = None,
     label_smoothing: float = 0.0,
     false_negative_margin: Optional[float] = None,
+    matryoshka_dims: Optional[Sequence[int]] = None,
+    matryoshka_weights: Optional[Sequence[float]] = None,
     reduction: str = "mean",
     backend: Optional[str] = None,
     group=None,
@@ -177,6 +218,15 @@ def info_nce(
             gradient. Needs one-hot positives and a positive scale (a scalar one with
             ``symmetric``); not with ``decoupled``, ``debias`` or ``label_smoothing``. Torch and
             Triton backends (``backend="cuda"`` raises; ``auto`` skips it).
+        matryoshka_dims: distinct widths ``d <= D`` (Matryoshka representation learning): the
+            loss becomes ``sum_d w_d * loss_d``, ``loss_d`` this loss with every other option on
+            ``query``, ``key`` and ``negatives`` cut to their first ``d`` features and
+            L2-normalised (sentence-transformers' ``MatryoshkaLoss``; the full width is
+            normalised too when listed). One process: every width from one pass over the tiles
+            (torch backend; other backends one pass per width), with exact gradients through
+            the normalisation. With ``group``: one distributed loss per width. Not with
+            ``false_negative_margin``.
+        matryoshka_weights: ``w_d``, one number per entry of ``matryoshka_dims`` (default 1).
         reduction: ``"mean"`` over anchors that have a positive and a non-empty denominator,
             ``"sum"``, or ``"none"``: per-row losses ``[N]``; with ``symmetric`` a tuple
             ``(row_losses[N], column_losses[N])`` where ``column_losses[i]`` belongs to the
@@ -214,19 +264,23 @@ def info_nce(
     def lower():
         _checks.choice("reduction", reduction, _REDUCTIONS)
         tau_plus, beta = _lower.hardness(hardness, debias, labels, decoupled)
-        return _lower.info_nce(query, key, temperature=temperature, scale=scale, positive_index=positive_index,
+        call = _lower.info_nce(query, key, temperature=temperature, scale=scale, positive_index=positive_index,
                                labels=labels, key_labels=key_labels, negatives=negatives,
                                negative_labels=negative_labels, exclude_self=exclude_self, decoupled=decoupled,
                                symmetric=symmetric, debias=tau_plus, label_smoothing=label_smoothing,
                                false_negative_margin=false_negative_margin, hardness=beta)
+        return call, _prefixes(call, matryoshka_dims, matryoshka_weights, "info_nce")
 
-    call, module = _checked("info_nce", group, gather, local_loss, backend, lower)
+    (call, prefixes), module = _checked("info_nce", group, gather, local_loss, backend, lower)
+    if prefixes is not None:
+        return _matryoshka(call, module, reduction, "info_nce", prefixes, group, gather, local_loss)
     dist = _prepare(call, group, gather, local_loss, "info_nce", reduction)
     return _softmax(call, module, reduction, dist, "info_nce")
 
 
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, label_smoothing=0.0,
-              false_negative_margin=None, backend=None, group=None, gather="all_gather", local_loss=False):
+              false_negative_margin=None, matryoshka_dims=None, matryoshka_weights=None, backend=None, group=None,
+              gather="all_gather", local_loss=False):
     r"""CLIP's symmetric contrastive loss, equal to open_clip ``ClipLoss``.
 
     ``L = logit_scale * image @ text.T (+ logit_bias)``;
@@ -242,6 +296,8 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, la
         false_negative_margin: ``m``: in both directions, a pair other than the positive leaves
             the denominator when its similarity exceeds the positive's by more than ``m``; see
             :func:`info_nce` (not with ``label_smoothing``).
+        matryoshka_dims, matryoshka_weights: the loss summed over normalised feature prefixes;
+            see :func:`info_nce`.
         backend: see :func:`info_nce`.
         group, gather, local_loss: cross-rank negatives, see :func:`info_nce`. With ``group``,
             each rank passes its ``N_r`` pairs and the loss is CLIP's over all ``sum N_r`` pairs
@@ -250,10 +306,14 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, la
             the gradients of the features, ``logit_scale`` and ``logit_bias`` are the
             single-process ones (not W times too large).
     """
-    call, module = _checked("clip_loss", group, gather, local_loss, backend,
-                            lambda: _lower.towers(image_features, text_features, logit_scale, logit_bias, sigmoid=False,
-                                                  label_smoothing=label_smoothing,
-                                                  false_negative_margin=false_negative_margin))
+    def lower():
+        call = _lower.towers(image_features, text_features, logit_scale, logit_bias, sigmoid=False,
+                             label_smoothing=label_smoothing, false_negative_margin=false_negative_margin)
+        return call, _prefixes(call, matryoshka_dims, matryoshka_weights, "clip_loss")
+
+    (call, prefixes), module = _checked("clip_loss", group, gather, local_loss, backend, lower)
+    if prefixes is not None:
+        return _matryoshka(call, module, "mean", "clip_loss", prefixes, group, gather, local_loss)
     dist = _prepare(call, group, gather, local_loss, "clip_loss")
     return _softmax(call, module, "mean", dist, "clip_loss")
 

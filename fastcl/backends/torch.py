@@ -167,7 +167,12 @@ def _positive_in_tile(pos: torch.Tensor, c0: int, c1: int):
 
 def _masked_tile(a, b, spec: SoftmaxSpec, r0, r1, c0, c1, out):
     """``a[r0:r1] @ b[c0:c1].T`` with excluded (and, if decoupled, positive) entries at -inf."""
-    tile = torch.matmul(a[r0:r1], b[c0:c1].T, out=out)
+    return _mask_tile(torch.matmul(a[r0:r1], b[c0:c1].T, out=out), spec, r0, r1, c0, c1)
+
+
+def _mask_tile(tile, spec: SoftmaxSpec, r0, r1, c0, c1):
+    """``tile`` (rows ``[r0, r1)``, columns ``[c0, c1)``) with excluded (and, if decoupled,
+    positive) entries set to -inf, in place."""
     if spec.exclude_self:
         _fill_diagonal(tile, r0, c0, NEG_INF)
     if spec.decoupled:
@@ -497,6 +502,140 @@ def _symmetric_grad(g, tile, w_row, lse_row, w_col, lse_col, is_anchor, safe_log
     torch.exp(tile, out=g).mul_(w_row[:, None])
     tile.add_(lse_row[:, None]).sub_(lse_col[None, :]).exp_().mul_(w_col[None, :])
     g.add_(tile)
+
+
+# ----------------------------------------------------------------------------------------------
+# Matryoshka prefixes: several softmax problems over nested feature prefixes, in one sweep
+
+
+def _prefix_bounds(dims):
+    """``(lo, hi)`` of the feature segment each prefix adds to the one before it."""
+    return list(zip((0,) + tuple(dims[:-1]), dims))
+
+
+def softmax_stats_prefixes(query, key, row_scales, col_scales, dims, spec: SoftmaxSpec) -> SoftmaxStats:
+    """The statistics of ``P`` prefix problems in one sweep over the tiles (``fastcl.backends``
+    states the contract): each tile's product is accumulated feature segment by segment, and at
+    each prefix boundary the snapshot, scaled by ``row_scales[p, i] * col_scales[p, j]``, is
+    merged into prefix ``p``'s statistics. The fields are stacked ``[P, ...]`` (``pos_cnt``
+    ``[N]``: it does not depend on the features)."""
+    cd = row_scales.dtype
+    q, k = query.to(cd), key.to(cd)
+    n, c, dev, n_pre = q.shape[0], k.shape[0], q.device, len(dims)
+    bounds = _prefix_bounds(dims)
+    row_ref = torch.full((n_pre, n), NEG_INF, dtype=cd, device=dev)
+    row_acc = torch.zeros(n_pre, n, dtype=cd, device=dev)
+
+    def piece(rows):
+        prod_buf, tile_buf, work_buf = (_Buffer(n, c, cd, dev) for _ in range(3))
+        if spec.symmetric:
+            col_ref = torch.full((n_pre, c), NEG_INF, dtype=cd, device=dev)
+            col_acc = torch.zeros(n_pre, c, dtype=cd, device=dev)
+        for r0, r1, c0, c1 in _tiles(n, c, rows):
+            prod, tile, work = (b.view(r1 - r0, c1 - c0) for b in (prod_buf, tile_buf, work_buf))
+            for p, (lo, hi) in enumerate(bounds):
+                _add_product(prod, q[r0:r1, lo:hi], k[c0:c1, lo:hi].T, first=p == 0)
+                torch.mul(prod, row_scales[p, r0:r1, None], out=tile).mul_(col_scales[p, None, c0:c1])
+                _mask_tile(tile, spec, r0, r1, c0, c1)
+                if spec.symmetric:
+                    _merge_rows_and_cols(tile, row_ref[p, r0:r1], row_acc[p, r0:r1], col_ref[p, c0:c1],
+                                         col_acc[p, c0:c1], work, _SAFE_LOG[cd])
+                else:
+                    _merge_exact(row_ref[p, r0:r1], row_acc[p, r0:r1], tile, 1, work)
+        return (col_ref, col_acc) if spec.symmetric else None
+
+    groups = _row_groups(n, c, 2 * n_pre * c * q.element_size() if spec.symmetric else 0)
+    pieces = list(map_in_order(piece, groups, workers_for(dev)))
+    lse_col = None
+    if spec.symmetric:
+        col_ref, col_acc = pieces[0]
+        for part_ref, part_acc in pieces[1:]:
+            _merge_partial(col_ref, col_acc, part_ref, part_acc)
+        lse_col = col_ref + torch.log(col_acc)
+    pos_sum = pos_cnt = None
+    if spec.uses_labels:
+        classes = _LabelClasses(spec, n, c)
+        pos_cnt = classes.over_row_positives(torch.ones(c, dtype=cd, device=dev))
+        pos_sum = torch.stack([row_scales[p] * (q[:, :d] * classes.over_row_positives(k[:, :d] * col_scales[p, :, None]))
+                               .sum(dim=1) for p, d in enumerate(dims)])
+    return SoftmaxStats(row_ref + torch.log(row_acc), lse_col, pos_sum, pos_cnt)
+
+
+def softmax_grad_prefixes(query, key, row_scales, col_scales, dims, spec: SoftmaxSpec, lse_row, w_row, coef,
+                          lse_col=None, w_col=None, *, rows: bool = True, cols: bool = True):
+    """``(acc_q [N, D], acc_k [C, D], d_row [P, N], d_col [P, C])`` of ``P`` prefix problems in
+    one sweep (``fastcl.backends`` states the contract). Per tile, the products are snapshotted
+    at every prefix boundary; the prefixes are then visited from the widest down, and the
+    scaled logit gradients ``G^p * (row_scales[p] x col_scales[p])`` summed so far multiply the
+    segment that the next narrower prefix lacks: one matmul per segment, the cost of one
+    full-width gradient."""
+    cd = row_scales.dtype
+    q, k = query.to(cd), key.to(cd)
+    n, c, d, dev, n_pre = q.shape[0], k.shape[0], q.shape[1], q.device, len(dims)
+    n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
+    bounds = _prefix_bounds(dims)
+    lse_row = finite_or_zero(lse_row)
+    if spec.symmetric:  # +inf on columns that carry no weight keeps exp(S - LSE'_j) at 0 there
+        lse_col = torch.where(w_col != 0, lse_col, float("inf"))
+    acc_q = torch.zeros(n, d, dtype=cd, device=dev) if rows else None
+    d_row = torch.zeros(n_pre, n, dtype=cd, device=dev)
+
+    def logit_grad(g, s, p, r0, r1, c0, c1):
+        """``G^p`` of the tile into ``g``, target terms included, from its logits ``s`` (consumed)."""
+        _mask_tile(s, spec, r0, r1, c0, c1)
+        torch.sub(s, lse_row[p, r0:r1, None], out=g).exp_().mul_(w_row[p, r0:r1, None])
+        if spec.symmetric:
+            g.add_(s.sub_(lse_col[p, None, c0:c1]).exp_().mul_(w_col[p, None, c0:c1]))
+        if spec.uses_labels:
+            g.sub_(coef[p, r0:r1, None] * _label_match(spec, r0, r1, c0, c1))
+        elif spec.positive_index is not None:
+            idx, in_tile = _positive_in_tile(spec.positive_index[r0:r1], c0, c1)
+            g.scatter_add_(1, idx, torch.where(in_tile, -coef[p, r0:r1, None], 0.0))
+
+    def piece(group):
+        part_k = torch.zeros(n_grad_cols, d, dtype=cd, device=dev) if cols else None
+        part_col = torch.zeros(n_pre, n_grad_cols, dtype=cd, device=dev)
+        prod_bufs = [_Buffer(n, c, cd, dev) for _ in range(n_pre)]
+        s_buf, g_buf, h_buf = (_Buffer(n, c, cd, dev) for _ in range(3))
+        for r0, r1, c0, c1 in _tiles(n, c, group):
+            shape = (r1 - r0, c1 - c0)
+            prods = [b.view(*shape) for b in prod_bufs]
+            s, g, h = (b.view(*shape) for b in (s_buf, g_buf, h_buf))
+            for p, (lo, hi) in enumerate(bounds):
+                if p == 0:
+                    torch.mm(q[r0:r1, lo:hi], k[c0:c1, lo:hi].T, out=prods[0])
+                else:
+                    torch.addmm(prods[p - 1], q[r0:r1, lo:hi], k[c0:c1, lo:hi].T, out=prods[p])
+            hi_c = min(c1, n_grad_cols)
+            for p in reversed(range(n_pre)):
+                rs, cs = row_scales[p, r0:r1], col_scales[p, c0:c1]
+                logit_grad(g, torch.mul(prods[p], rs[:, None], out=s).mul_(cs[None, :]), p, r0, r1, c0, c1)
+                y = torch.mul(g, prods[p], out=s)  # d S^p / d scale = S^p / scale: the scales' sums
+                d_row[p, r0:r1].addmv_(y, cs)
+                if hi_c > c0:
+                    part_col[p, c0:hi_c].addmv_(y[:, : hi_c - c0].T, rs)
+                g.mul_(rs[:, None]).mul_(cs[None, :])
+                if p == n_pre - 1:
+                    h.copy_(g)
+                else:
+                    h.add_(g)
+                lo, hi = bounds[p]
+                if rows:
+                    acc_q[r0:r1, lo:hi].addmm_(h, k[c0:c1, lo:hi])
+                if cols and hi_c > c0:
+                    part_k[c0:hi_c, lo:hi].addmm_(h[:, : hi_c - c0].T, q[r0:r1, lo:hi])
+        return part_k, part_col
+
+    groups = _row_groups(n, c, n_grad_cols * (d + n_pre) * q.element_size())
+    acc_k = d_col = None
+    for part_k, part_col in map_in_order(piece, groups, workers_for(dev)):  # combined in a fixed order
+        acc_k = part_k if acc_k is None else acc_k.add_(part_k)
+        d_col = part_col if d_col is None else d_col.add_(part_col)
+    if n_grad_cols < c:  # the detached columns
+        d_col = torch.cat([d_col, d_col.new_zeros(n_pre, c - n_grad_cols)], dim=1)
+        if cols:
+            acc_k = torch.cat([acc_k, acc_k.new_zeros(c - n_grad_cols, d)])
+    return acc_q, acc_k, d_row, d_col
 
 
 # ----------------------------------------------------------------------------------------------

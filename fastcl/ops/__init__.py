@@ -11,8 +11,8 @@ ordinary autograd and ``torch.compile`` traces the whole loss. The ring keeps th
 whose backward circulates the key blocks once more.
 """
 
-from . import library, smoothing
+from . import library, matryoshka, smoothing
 from .sigmoid import SigmoidLoss
 from .softmax import LocalColumns, SoftmaxLoss
 
-__all__ = ["LocalColumns", "SigmoidLoss", "SoftmaxLoss", "library", "smoothing"]
+__all__ = ["LocalColumns", "SigmoidLoss", "SoftmaxLoss", "library", "matryoshka", "smoothing"]

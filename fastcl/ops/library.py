@@ -184,6 +184,116 @@ def softmax_loss(backend: str, query, key, negatives, scale, bias, spec: Softmax
 
 
 # ----------------------------------------------------------------------------------------------
+# Matryoshka prefixes: the same two passes over P nested feature prefixes (fastcl.ops.matryoshka)
+
+
+def _prefix_stats(
+    query: Tensor, cols: Tensor, row_scales: Tensor, col_scales: Tensor, dims: List[int],
+    positive_index: Optional[Tensor], row_labels: Optional[Tensor], col_labels: Optional[Tensor],
+    col_has_label: Optional[Tensor], fn_row: Optional[Tensor], fn_col: Optional[Tensor], exclude_self: bool,
+    decoupled: bool, symmetric: bool, n_grad_cols: int, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(lse_row [P, N], lse_col [P, C] or empty, pos_sum [P, N], pos_cnt [N], pos [P, N])``:
+    :func:`_softmax_stats` for each prefix problem ``S^p_ij = row_scales[p, i] col_scales[p, j]
+    <q_i, k_j>`` over the first ``dims[p]`` features (``dims`` ascending). Differentiable in
+    ``query``, ``cols`` and both scales."""
+    from . import matryoshka
+
+    spec = _pass_spec(positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, exclude_self, decoupled,
+                      symmetric, n_grad_cols)
+    module = _backend(backend, query.device, spec)
+    st = matryoshka.prefix_stats(module, query, cols, row_scales, col_scales, dims, spec)
+    like = st.lse_row
+    pos = _empty(like)
+    if positive_index is not None and not spec.uses_labels:
+        cd = like.dtype
+        dots = matryoshka.prefix_dots(query.to(cd), cols[positive_index.clamp(min=0)].to(cd), dims)
+        pos = row_scales * col_scales[:, positive_index.clamp(min=0)] * dots
+    return (st.lse_row, _or_empty(st.lse_col, like).clone(), _or_empty(st.pos_sum, like),
+            _or_empty(st.pos_cnt, like), pos)
+
+
+prefix_stats_op = torch.library.custom_op("fastcl::prefix_stats", mutates_args=())(_prefix_stats)
+
+
+@prefix_stats_op.register_fake
+def _(query, cols, row_scales, col_scales, dims, positive_index, row_labels, col_labels, col_has_label, fn_row,
+      fn_col, exclude_self, decoupled, symmetric, n_grad_cols, backend):
+    n, c, n_pre = query.shape[0], cols.shape[0], len(dims)
+    labels = row_labels is not None
+
+    def mat(*size):
+        return row_scales.new_empty(size)
+
+    return (mat(n_pre, n), mat(n_pre, c) if symmetric else mat(0), mat(n_pre, n) if labels else mat(0),
+            mat(n) if labels else mat(0), mat(0) if labels or positive_index is None else mat(n_pre, n))
+
+
+def _prefix_grad(
+    query: Tensor, cols: Tensor, row_scales: Tensor, col_scales: Tensor, dims: List[int], lse_row: Tensor,
+    w_row: Tensor, coef: Tensor, lse_col: Tensor, w_col: Tensor, positive_index: Optional[Tensor],
+    row_labels: Optional[Tensor], col_labels: Optional[Tensor], col_has_label: Optional[Tensor],
+    fn_row: Optional[Tensor], fn_col: Optional[Tensor], exclude_self: bool, decoupled: bool, symmetric: bool,
+    n_grad_cols: int, backend: str, rows: bool, columns: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(d query [N, D], d cols [C, D], d row_scales [P, N], d col_scales [P, C])`` of the prefix
+    problems given ``w_row``, ``coef`` (and ``lse_col``/``w_col`` if symmetric), each ``[P, ...]``
+    (empty feature gradients where not asked)."""
+    from . import matryoshka
+
+    spec = _pass_spec(positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, exclude_self, decoupled,
+                      symmetric, n_grad_cols)
+    module = _backend(backend, query.device, spec)
+    acc_q, acc_k, d_row, d_col = matryoshka.prefix_grad(
+        module, query, cols, row_scales, col_scales, dims, spec, lse_row, w_row, coef,
+        lse_col if symmetric else None, w_col if symmetric else None, rows=rows, columns=columns)
+    return _or_empty(acc_q, lse_row), _or_empty(acc_k, lse_row), d_row, d_col
+
+
+prefix_grad_op = torch.library.custom_op("fastcl::prefix_grad", mutates_args=())(_prefix_grad)
+
+
+@prefix_grad_op.register_fake
+def _(query, cols, row_scales, col_scales, dims, lse_row, w_row, coef, lse_col, w_col, positive_index, row_labels,
+      col_labels, col_has_label, fn_row, fn_col, exclude_self, decoupled, symmetric, n_grad_cols, backend, rows,
+      columns):
+    acc_q = query.new_empty(query.shape, dtype=lse_row.dtype) if rows else _empty(lse_row)
+    acc_k = cols.new_empty(cols.shape, dtype=lse_row.dtype) if columns else _empty(lse_row)
+    return acc_q, acc_k, torch.empty_like(row_scales), torch.empty_like(col_scales)
+
+
+def _prefix_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4], output[0], output[1], *inputs[5:11])
+    ctx.dims = inputs[4]
+    ctx.options = inputs[11:]
+
+
+def _prefix_backward(ctx, g_lse_row, g_lse_col, g_pos_sum, _g_pos_cnt, g_pos):
+    """As :func:`_stats_backward`, per prefix; the scales' gradients come from the pass too."""
+    _softmax.refuse_double_backward()
+    query, cols, row_scales, col_scales, lse_row, lse_col = ctx.saved_tensors[:6]
+    masks = ctx.saved_tensors[6:]
+    exclude_self, decoupled, symmetric, n_grad_cols, backend = ctx.options
+    need_q, need_k = ctx.needs_input_grad[:2]
+    zeros = torch.zeros_like(lse_row)
+    w_row = zeros if g_lse_row is None else g_lse_row
+    g_target = g_pos_sum if masks[1] is not None else g_pos
+    coef = zeros if g_target is None or g_target.numel() == 0 else -g_target
+    w_col = _empty(lse_row) if not symmetric else (torch.zeros_like(lse_col) if g_lse_col is None else g_lse_col)
+    acc_q, acc_k, d_row, d_col = prefix_grad_op(
+        query, cols, row_scales, col_scales, ctx.dims, finite_or_zero(lse_row), w_row, coef,
+        finite_or_zero(lse_col) if symmetric else _empty(lse_row), w_col, *masks, exclude_self, decoupled, symmetric,
+        n_grad_cols, backend, need_q, need_k)
+    grad_q = acc_q.to(query.dtype) if need_q else None
+    grad_k = acc_k.to(cols.dtype) if need_k else None
+    return (grad_q, grad_k, d_row.to(row_scales.dtype), d_col.to(col_scales.dtype)) + \
+        (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+prefix_stats_op.register_autograd(_prefix_backward, setup_context=_prefix_setup)
+
+
+# ----------------------------------------------------------------------------------------------
 # Sigmoid family
 
 
@@ -236,10 +346,11 @@ def sigmoid_loss(backend: str, query, key, scale, bias, spec: SigmoidSpec):
 
 def registered_ops() -> Sequence:
     """The operators, for ``torch.library.opcheck``."""
-    return (softmax_stats_op, softmax_grad_op, sigmoid_loss_op)
+    return (softmax_stats_op, softmax_grad_op, prefix_stats_op, prefix_grad_op, sigmoid_loss_op)
 
 
 # each operator's Python implementation by its name: a dispatch mode that must see the tensors an
 # operator creates inside (the tests' memory checks) runs it through these
 IMPLEMENTATIONS = {"fastcl::softmax_stats": _softmax_stats, "fastcl::softmax_grad": _softmax_grad,
+                   "fastcl::prefix_stats": _prefix_stats, "fastcl::prefix_grad": _prefix_grad,
                    "fastcl::sigmoid_loss": _sigmoid_loss}
