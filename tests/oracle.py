@@ -221,3 +221,24 @@ def dcl(z1, z2, temperature=0.1, weight_sigma=None, normalize=True):
         return (positive + torch.logsumexp(neg, dim=1)).mean()
 
     return (one(a, b) + one(b, a)) / 2
+
+
+def matryoshka(loss, dims, weights=None, features=("query", "key", "negatives", "image_features", "text_features"),
+               **inputs):
+    """``sum_d w_d * loss(**inputs)`` with every feature tensor cut to its first ``d`` columns and
+    L2-normalised in float64 (Kusupati et al. 2022; sentence-transformers' ``MatryoshkaLoss``
+    over its inner loss). Tuples (``reduction="none"`` with ``symmetric``) are summed entrywise."""
+    weights = [1.0] * len(dims) if weights is None else weights
+    total = None
+    for d, w in zip(dims, weights):
+        cut = {k: F.normalize(_f64(v)[:, :d], dim=1) if k in features and v is not None else v
+               for k, v in inputs.items()}
+        out = loss(**cut)
+        term = tuple(w * o for o in out) if isinstance(out, tuple) else w * out
+        if total is None:
+            total = term
+        elif isinstance(term, tuple):
+            total = tuple(a + b for a, b in zip(total, term))
+        else:
+            total = total + term
+    return total

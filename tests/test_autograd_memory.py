@@ -106,6 +106,8 @@ NEVER_NM = {
     "info_nce_false_negative_margin_queue": lambda a, b: fastcl.info_nce(a, b, negatives=_unit(512, a.shape[1]), false_negative_margin=0.05, backend=BACKEND),
     "info_nce_hardness_symmetric": lambda a, b: fastcl.info_nce(a, b, debias=0.1, hardness=1.0, symmetric=True, backend=BACKEND),
     "dcl": lambda a, b: fastcl.dcl(a, b, weight_sigma=0.5, backend=BACKEND),
+    "clip_matryoshka": lambda a, b: fastcl.clip_loss(a, b, torch.tensor(20.0, requires_grad=True), matryoshka_dims=[8, 16, 32], backend=BACKEND),
+    "info_nce_matryoshka_labels_queue": lambda a, b: fastcl.info_nce(a, b, labels=torch.arange(N_BIG) % 10, negatives=_unit(512, a.shape[1]), matryoshka_dims=[4, 32], backend=BACKEND),
     "supcon": lambda a, b: fastcl.supcon(torch.stack([a, b], dim=1), torch.arange(N_BIG) % 7, backend=BACKEND),
 }
 

@@ -50,6 +50,13 @@ CASES = {
     "supcon": (lambda x, y, e: fastcl.supcon(torch.stack([x, y], dim=1), e["labels"]),
                lambda n: {"labels": torch.arange(n, device=DEVICE) % 5}),
     "dcl_weighted": (lambda x, y, e: fastcl.dcl(x, y, weight_sigma=0.5), lambda n: {}),
+    "info_nce_matryoshka_labels_queue": (
+        lambda x, y, e: fastcl.info_nce(x, y, labels=e["labels"], negatives=e["queue"], temperature=e["t"],
+                                        matryoshka_dims=[3, 12, 7], matryoshka_weights=[0.5, 1.0, 2.0]),
+        lambda n: {"labels": torch.arange(n, device=DEVICE) % 3, "queue": _unit(5), "t": _scalar(0.2)}),
+    "clip_loss_matryoshka": (
+        lambda x, y, e: fastcl.clip_loss(x, y, e["scale"], matryoshka_dims=[12, 4]),
+        lambda n: {"scale": _scalar(10.0)}),
 }
 
 
@@ -79,7 +86,8 @@ def test_fullgraph_compile_equals_eager(name):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["info_nce_labels_queue", "clip_loss_bias_smoothing", "siglip_loss", "nt_xent"])
+@pytest.mark.parametrize("name", ["info_nce_labels_queue", "clip_loss_bias_smoothing", "siglip_loss", "nt_xent",
+                                  "clip_loss_matryoshka"])
 def test_dynamic_batch_size_compiles_once(name):
     fn, extras_of = CASES[name]
     torch._dynamo.reset()
@@ -128,6 +136,16 @@ def _opcheck_samples():
     yield "grad", library.softmax_grad_op, (
         q, k, s, lse, torch.rand(n, device=DEVICE), torch.rand(n, device=DEVICE), torch.randn(n + 2, device=DEVICE) + 3,
         torch.rand(n + 2, device=DEVICE), pos, None, None, None, None, None, False, False, True, n, "torch", True, True)
+    dims = [2, 5]
+    rows, cols = torch.rand(2, n, device=DEVICE) + 0.5, torch.rand(2, n + 2, device=DEVICE) + 0.5
+    yield "prefix_stats_symmetric", library.prefix_stats_op, (
+        *grads(q, k, rows, cols), dims, torch.float32, pos, None, None, None, None, None, False, False, True, -1, "torch")
+    yield "prefix_stats_labels_exclude_self", library.prefix_stats_op, (
+        *grads(q, k, rows, cols), dims, torch.float32, None, labels, col_labels, None, None, None, True, True, False, -1, "torch")
+    yield "prefix_grad", library.prefix_grad_op, (
+        q, k, rows, cols, dims, torch.float32, torch.randn(2, n, device=DEVICE) + 3, torch.rand(2, n, device=DEVICE),
+        torch.rand(2, n, device=DEVICE), torch.randn(2, n + 2, device=DEVICE) + 3, torch.rand(2, n + 2, device=DEVICE),
+        pos, None, None, None, None, None, False, False, True, n, "torch", True, True)
     x, y = _unit(n, d), _unit(n, d)
     yield "sigmoid", library.sigmoid_loss_op, (
         *grads(x, y), torch.tensor(5.0, device=DEVICE, requires_grad=True),

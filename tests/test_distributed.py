@@ -260,6 +260,13 @@ CASES.update({
     "info_nce_hardness_symmetric_exclude_self": _with(
         lambda w, g: _info_nce_case(w, g, positives="shifted", symmetric=True, exclude_self=True, debias=0.1),
         hardness=1.5),
+    # Matryoshka prefixes: one distributed loss per width, against the single process's one pass
+    "clip_loss_matryoshka": _with(case_clip, matryoshka_dims=[7, 2, 4], matryoshka_weights=[1.0, 0.5, 2.0]),
+    "info_nce_matryoshka_labels_queue": _with(
+        lambda w, g: _info_nce_case(w, g, labels=3, n_neg=4, neg_grad=True), matryoshka_dims=[3, 5]),
+    "info_nce_matryoshka_symmetric_per_row_temperature": _with(
+        lambda w, g: _info_nce_case(w, g, key_extra=2, positives="perm", per_row_t=True, symmetric=True),
+        matryoshka_dims=[1, 4], matryoshka_weights=[0.3, 1.0]),
 })
 
 

@@ -188,7 +188,7 @@ def softmax_loss(backend: str, query, key, negatives, scale, bias, spec: Softmax
 
 
 def _prefix_stats(
-    query: Tensor, cols: Tensor, row_scales: Tensor, col_scales: Tensor, dims: List[int],
+    query: Tensor, cols: Tensor, row_scales: Tensor, col_scales: Tensor, dims: List[int], kernel_dtype: torch.dtype,
     positive_index: Optional[Tensor], row_labels: Optional[Tensor], col_labels: Optional[Tensor],
     col_has_label: Optional[Tensor], fn_row: Optional[Tensor], fn_col: Optional[Tensor], exclude_self: bool,
     decoupled: bool, symmetric: bool, n_grad_cols: int, backend: str,
@@ -196,13 +196,15 @@ def _prefix_stats(
     """``(lse_row [P, N], lse_col [P, C] or empty, pos_sum [P, N], pos_cnt [N], pos [P, N])``:
     :func:`_softmax_stats` for each prefix problem ``S^p_ij = row_scales[p, i] col_scales[p, j]
     <q_i, k_j>`` over the first ``dims[p]`` features (``dims`` ascending). Differentiable in
-    ``query``, ``cols`` and both scales."""
+    ``query``, ``cols`` and both scales. The features come in the compute dtype (their gradient
+    then meets the normalisation's, which nearly cancels it, before any rounding);
+    ``kernel_dtype`` is the input dtype a backend without fused prefixes runs its kernels in."""
     from . import matryoshka
 
     spec = _pass_spec(positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, exclude_self, decoupled,
                       symmetric, n_grad_cols)
     module = _backend(backend, query.device, spec)
-    st = matryoshka.prefix_stats(module, query, cols, row_scales, col_scales, dims, spec)
+    st = matryoshka.prefix_stats(module, query, cols, row_scales, col_scales, dims, spec, kernel_dtype)
     like = st.lse_row
     pos = _empty(like)
     if positive_index is not None and not spec.uses_labels:
@@ -217,8 +219,8 @@ prefix_stats_op = torch.library.custom_op("fastcl::prefix_stats", mutates_args=(
 
 
 @prefix_stats_op.register_fake
-def _(query, cols, row_scales, col_scales, dims, positive_index, row_labels, col_labels, col_has_label, fn_row,
-      fn_col, exclude_self, decoupled, symmetric, n_grad_cols, backend):
+def _(query, cols, row_scales, col_scales, dims, kernel_dtype, positive_index, row_labels, col_labels, col_has_label,
+      fn_row, fn_col, exclude_self, decoupled, symmetric, n_grad_cols, backend):
     n, c, n_pre = query.shape[0], cols.shape[0], len(dims)
     labels = row_labels is not None
 
@@ -230,8 +232,8 @@ def _(query, cols, row_scales, col_scales, dims, positive_index, row_labels, col
 
 
 def _prefix_grad(
-    query: Tensor, cols: Tensor, row_scales: Tensor, col_scales: Tensor, dims: List[int], lse_row: Tensor,
-    w_row: Tensor, coef: Tensor, lse_col: Tensor, w_col: Tensor, positive_index: Optional[Tensor],
+    query: Tensor, cols: Tensor, row_scales: Tensor, col_scales: Tensor, dims: List[int], kernel_dtype: torch.dtype,
+    lse_row: Tensor, w_row: Tensor, coef: Tensor, lse_col: Tensor, w_col: Tensor, positive_index: Optional[Tensor],
     row_labels: Optional[Tensor], col_labels: Optional[Tensor], col_has_label: Optional[Tensor],
     fn_row: Optional[Tensor], fn_col: Optional[Tensor], exclude_self: bool, decoupled: bool, symmetric: bool,
     n_grad_cols: int, backend: str, rows: bool, columns: bool,
@@ -245,7 +247,7 @@ def _prefix_grad(
                       symmetric, n_grad_cols)
     module = _backend(backend, query.device, spec)
     acc_q, acc_k, d_row, d_col = matryoshka.prefix_grad(
-        module, query, cols, row_scales, col_scales, dims, spec, lse_row, w_row, coef,
+        module, query, cols, row_scales, col_scales, dims, kernel_dtype, spec, lse_row, w_row, coef,
         lse_col if symmetric else None, w_col if symmetric else None, rows=rows, columns=columns)
     return _or_empty(acc_q, lse_row), _or_empty(acc_k, lse_row), d_row, d_col
 
@@ -254,18 +256,18 @@ prefix_grad_op = torch.library.custom_op("fastcl::prefix_grad", mutates_args=())
 
 
 @prefix_grad_op.register_fake
-def _(query, cols, row_scales, col_scales, dims, lse_row, w_row, coef, lse_col, w_col, positive_index, row_labels,
-      col_labels, col_has_label, fn_row, fn_col, exclude_self, decoupled, symmetric, n_grad_cols, backend, rows,
-      columns):
+def _(query, cols, row_scales, col_scales, dims, kernel_dtype, lse_row, w_row, coef, lse_col, w_col, positive_index,
+      row_labels, col_labels, col_has_label, fn_row, fn_col, exclude_self, decoupled, symmetric, n_grad_cols, backend,
+      rows, columns):
     acc_q = query.new_empty(query.shape, dtype=lse_row.dtype) if rows else _empty(lse_row)
     acc_k = cols.new_empty(cols.shape, dtype=lse_row.dtype) if columns else _empty(lse_row)
     return acc_q, acc_k, torch.empty_like(row_scales), torch.empty_like(col_scales)
 
 
 def _prefix_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4], output[0], output[1], *inputs[5:11])
-    ctx.dims = inputs[4]
-    ctx.options = inputs[11:]
+    ctx.save_for_backward(*inputs[:4], output[0], output[1], *inputs[6:12])
+    ctx.dims, ctx.kernel_dtype = inputs[4], inputs[5]
+    ctx.options = inputs[12:]
 
 
 def _prefix_backward(ctx, g_lse_row, g_lse_col, g_pos_sum, _g_pos_cnt, g_pos):
@@ -281,7 +283,7 @@ def _prefix_backward(ctx, g_lse_row, g_lse_col, g_pos_sum, _g_pos_cnt, g_pos):
     coef = zeros if g_target is None or g_target.numel() == 0 else -g_target
     w_col = _empty(lse_row) if not symmetric else (torch.zeros_like(lse_col) if g_lse_col is None else g_lse_col)
     acc_q, acc_k, d_row, d_col = prefix_grad_op(
-        query, cols, row_scales, col_scales, ctx.dims, finite_or_zero(lse_row), w_row, coef,
+        query, cols, row_scales, col_scales, ctx.dims, ctx.kernel_dtype, finite_or_zero(lse_row), w_row, coef,
         finite_or_zero(lse_col) if symmetric else _empty(lse_row), w_col, *masks, exclude_self, decoupled, symmetric,
         n_grad_cols, backend, need_q, need_k)
     grad_q = acc_q.to(query.dtype) if need_q else None

@@ -61,14 +61,14 @@ def _prefix_keys(cols, col_scales, p: int, d: int, dtype):
     return (cols[:, :d].to(col_scales.dtype) * col_scales[p, :, None]).to(dtype)
 
 
-def prefix_stats(module, query, cols, row_scales, col_scales, dims, spec: SoftmaxSpec) -> SoftmaxStats:
+def prefix_stats(module, query, cols, row_scales, col_scales, dims, spec: SoftmaxSpec, kernel_dtype) -> SoftmaxStats:
     """The prefixes' statistics, stacked ``[P, ...]`` (``pos_cnt`` ``[N]``): the backend's fused
     pass if it has one, else its ordinary pass once per prefix."""
     fused = getattr(module, "softmax_stats_prefixes", None)
     if fused is not None:
         return fused(query, cols, row_scales, col_scales, tuple(dims), spec)
-    per = [module.softmax_stats(query[:, :d], _prefix_keys(cols, col_scales, p, d, query.dtype), row_scales[p], spec)
-           for p, d in enumerate(dims)]
+    per = [module.softmax_stats(query[:, :d].to(kernel_dtype), _prefix_keys(cols, col_scales, p, d, kernel_dtype),
+                                row_scales[p], spec) for p, d in enumerate(dims)]
 
     def stack(field):
         values = [getattr(st, field) for st in per]
@@ -77,8 +77,8 @@ def prefix_stats(module, query, cols, row_scales, col_scales, dims, spec: Softma
     return SoftmaxStats(stack("lse_row"), stack("lse_col"), stack("pos_sum"), per[0].pos_cnt)
 
 
-def prefix_grad(module, query, cols, row_scales, col_scales, dims, spec: SoftmaxSpec, lse_row, w_row, coef,
-                lse_col=None, w_col=None, *, rows: bool, columns: bool):
+def prefix_grad(module, query, cols, row_scales, col_scales, dims, kernel_dtype, spec: SoftmaxSpec, lse_row, w_row,
+                coef, lse_col=None, w_col=None, *, rows: bool, columns: bool):
     """``(acc_q [N, D], acc_k [C, D], d_row [P, N], d_col [P, C])``: the gradients of the prefix
     problems with respect to the raw features (scales held) and to the two scales, given
     ``dL/dS^p = G^p`` as in ``softmax_grad``. The backend's fused pass if it has one, else its
@@ -95,9 +95,9 @@ def prefix_grad(module, query, cols, row_scales, col_scales, dims, spec: Softmax
     d_row, d_col = torch.zeros_like(row_scales), torch.zeros_like(col_scales)
     for p, d in enumerate(dims):
         sym = spec.symmetric
-        g_q, g_k = module.softmax_grad(query[:, :d], _prefix_keys(cols, col_scales, p, d, query.dtype), row_scales[p],
-                                       spec, lse_row[p], w_row[p], coef[p], lse_col[p] if sym else None,
-                                       w_col[p] if sym else None, rows=True, cols=True)
+        g_q, g_k = module.softmax_grad(query[:, :d].to(kernel_dtype), _prefix_keys(cols, col_scales, p, d, kernel_dtype),
+                                       row_scales[p], spec, lse_row[p], w_row[p], coef[p],
+                                       lse_col[p] if sym else None, w_col[p] if sym else None, rows=True, cols=True)
         d_row[p] = (q[:, :d] * g_q).sum(dim=1)
         d_col[p] = (k[:, :d] * g_k).sum(dim=1)
         if rows:
@@ -143,9 +143,11 @@ def losses(backend: str, query, key, negatives, scale, bias, spec: SoftmaxSpec, 
     call (two with hardness); differentiable by ordinary autograd."""
     from .library import OpColumns, _pass_args, prefix_stats_op
 
-    cd = compute_dtype(query.dtype)
+    kernel_dtype = query.dtype
+    cd = compute_dtype(kernel_dtype)
     n, m = query.shape[0], key.shape[0]
-    cols = key if negatives is None else torch.cat([key, negatives])
+    cols = (key if negatives is None else torch.cat([key, negatives])).to(cd)
+    query = query.to(cd)  # the gradient meets the normalisation's in this dtype (see the operator)
     columns = OpColumns(backend, n, cols.shape[0])
     s_rows = scale.to(cd).reshape(-1).expand(n).contiguous()
     inv_q, inv_c = inverse_norms(query, dims), inverse_norms(cols, dims)
@@ -153,7 +155,7 @@ def losses(backend: str, query, key, negatives, scale, bias, spec: SoftmaxSpec, 
     s_main, s_tilt = _softmax._tilted_scales(spec, s_rows)
 
     def stats(s):
-        return prefix_stats_op(query, cols, s[None, :] * inv_q, inv_c, list(dims), *_pass_args(block),
+        return prefix_stats_op(query, cols, s[None, :] * inv_q, inv_c, list(dims), kernel_dtype, *_pass_args(block),
                                columns.backend_name)
 
     main = stats(s_main)
