@@ -100,7 +100,8 @@ def _matryoshka(call: Lowered, module, reduction: str, op: str, prefixes, group,
     dims, weights = prefixes
     symmetric = call.spec.symmetric
     if group is None:
-        per = ops.matryoshka.losses(module, call.query, call.key, call.negatives, call.scale, call.bias, call.spec, dims)
+        query, key, negatives, scale, bias, spec = call
+        per = ops.matryoshka.losses(module, query, key, negatives, scale, bias, spec, dims)
         parts = [_reduce(*outs, symmetric, reduction) for outs in per]
     else:
         parts = []

@@ -556,8 +556,9 @@ def softmax_stats_prefixes(query, key, row_scales, col_scales, dims, spec: Softm
     if spec.uses_labels:
         classes = _LabelClasses(spec, n, c)
         pos_cnt = classes.over_row_positives(torch.ones(c, dtype=cd, device=dev))
-        pos_sum = torch.stack([row_scales[p] * (q[:, :d] * classes.over_row_positives(k[:, :d] * col_scales[p, :, None]))
-                               .sum(dim=1) for p, d in enumerate(dims)])
+        pos_sum = torch.stack([
+            row_scales[p] * (q[:, :d] * classes.over_row_positives(k[:, :d] * col_scales[p, :, None])).sum(dim=1)
+            for p, d in enumerate(dims)])
     return SoftmaxStats(row_ref + torch.log(row_acc), lse_col, pos_sum, pos_cnt)
 
 

@@ -95,9 +95,10 @@ def prefix_grad(module, query, cols, row_scales, col_scales, dims, kernel_dtype,
     d_row, d_col = torch.zeros_like(row_scales), torch.zeros_like(col_scales)
     for p, d in enumerate(dims):
         sym = spec.symmetric
-        g_q, g_k = module.softmax_grad(query[:, :d].to(kernel_dtype), _prefix_keys(cols, col_scales, p, d, kernel_dtype),
-                                       row_scales[p], spec, lse_row[p], w_row[p], coef[p],
-                                       lse_col[p] if sym else None, w_col[p] if sym else None, rows=True, cols=True)
+        keys = _prefix_keys(cols, col_scales, p, d, kernel_dtype)
+        g_q, g_k = module.softmax_grad(query[:, :d].to(kernel_dtype), keys, row_scales[p], spec, lse_row[p], w_row[p],
+                                       coef[p], lse_col[p] if sym else None, w_col[p] if sym else None, rows=True,
+                                       cols=True)
         d_row[p] = (q[:, :d] * g_q).sum(dim=1)
         d_col[p] = (k[:, :d] * g_k).sum(dim=1)
         if rows:
