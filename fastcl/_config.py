@@ -9,6 +9,7 @@ variable. Read at each call (tests and users change them between calls).
 | ``FASTCL_CUDA_SPLIT`` | ``k >= 0``: pieces the CUDA kernels cut the other side into (0: chosen) |
 | ``FASTCL_BACKWARD`` | gradient pass: ``auto`` (a cost model), ``fused`` or ``chunked`` (docs/design.md §7) |
 | ``FASTCL_MEMORY_BUDGET_MB`` | ``m > 0``: the chunked pass's workspace limit in MiB (default 512) |
+| ``FASTCL_PREFIXES`` | Matryoshka prefixes: ``auto`` (a cost rule), ``fused`` (one sweep) or ``per_prefix`` |
 
 (``FASTCL_BUILD_CUDA`` and ``FASTCL_CUDA_ARCH`` are read by ``setup.py`` at build time.)
 """
@@ -17,6 +18,7 @@ import os
 from typing import Optional, Tuple
 
 BACKWARD_PASSES = ("auto", "fused", "chunked")
+PREFIX_PLANS = ("auto", "fused", "per_prefix")
 DEFAULT_MEMORY_BUDGET_MB = 512
 
 
@@ -54,6 +56,13 @@ def backward() -> str:
     raw = os.environ.get("FASTCL_BACKWARD") or "auto"
     if raw not in BACKWARD_PASSES:
         raise ValueError(f"FASTCL_BACKWARD={raw!r}: expected one of {', '.join(BACKWARD_PASSES)}")
+    return raw
+
+
+def prefixes() -> str:
+    raw = os.environ.get("FASTCL_PREFIXES") or "auto"
+    if raw not in PREFIX_PLANS:
+        raise ValueError(f"FASTCL_PREFIXES={raw!r}: expected one of {', '.join(PREFIX_PLANS)}")
     return raw
 
 

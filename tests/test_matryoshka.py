@@ -84,7 +84,9 @@ HALF_CASES = ("default", "labels_exclude_self_decoupled", "symmetric_permuted_qu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_info_nce_matryoshka(case, reduction, dtype, backend):
+def test_info_nce_matryoshka(case, reduction, dtype, backend, monkeypatch):
+    if backend == "torch":  # the one-sweep passes (at these widths a CPU would run a pass per prefix)
+        monkeypatch.setenv("FASTCL_PREFIXES", "fused")
     cfg = CASES[case]
     if dtype == torch.bfloat16 and case not in HALF_CASES:
         pytest.skip("bfloat16: three cases cover it")
@@ -115,8 +117,10 @@ def test_info_nce_matryoshka(case, reduction, dtype, backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_clip_loss_matryoshka(dtype, backend):
+def test_clip_loss_matryoshka(dtype, backend, monkeypatch):
     """CLIP with a bias and label smoothing, over three prefixes, against ``F.cross_entropy``."""
+    if backend == "torch":
+        monkeypatch.setenv("FASTCL_PREFIXES", "fused")
     n, d = 15, 24
     inputs = {"image_features": _raw(n, d), "text_features": _raw(n, d),
               "logit_scale": torch.tensor(14.0, dtype=torch.float64, device=DEVICE),
@@ -166,6 +170,7 @@ def test_fused_sweep_equals_a_pass_per_prefix(opts, monkeypatch):
     from fastcl.ops import library
 
     monkeypatch.setenv("FASTCL_TORCH_BLOCK", "4,6")
+    monkeypatch.setenv("FASTCL_PREFIXES", "fused")
     n, d = 17, 13
     opts = dict(opts)
     if opts.pop("labels", None):
@@ -208,3 +213,39 @@ def test_bad_matryoshka_arguments_raise():
         fastcl.info_nce(q, q, matryoshka_weights=[1.0], backend="torch")
     with pytest.raises(ValueError, match="false_negative_margin is not supported with matryoshka_dims"):
         fastcl.clip_loss(q, q, 10.0, false_negative_margin=0.1, matryoshka_dims=[4, 8], backend="torch")
+
+
+def test_one_sweep_choice_rule(monkeypatch):
+    """A CPU sweeps the prefixes at once when the matmul features saved pay for the extra passes
+    (the measured crossover lies between D=256 and D=512 for four halving prefixes); off a CPU
+    always; ``FASTCL_PREFIXES`` overrides, and a bad value raises naming the variable."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("FASTCL_PREFIXES", raising=False)
+    assert not torch_backend.prefers_one_sweep(cpu, (32, 64, 128, 256))
+    assert torch_backend.prefers_one_sweep(cpu, (64, 128, 256, 512))
+    assert torch_backend.prefers_one_sweep(cpu, (96, 192, 384, 768))
+    assert torch_backend.prefers_one_sweep(gpu, (3, 8))
+    monkeypatch.setenv("FASTCL_PREFIXES", "fused")
+    assert torch_backend.prefers_one_sweep(cpu, (3, 8))
+    monkeypatch.setenv("FASTCL_PREFIXES", "per_prefix")
+    assert not torch_backend.prefers_one_sweep(gpu, (64, 128, 256, 512))
+    monkeypatch.setenv("FASTCL_PREFIXES", "sometimes")
+    with pytest.raises(ValueError, match="FASTCL_PREFIXES"):
+        fastcl.info_nce(randn(4, 6), randn(4, 6), matryoshka_dims=[3, 6], backend="torch")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", ["fused", "per_prefix"])
+def test_never_materialises_n_by_m(plan, monkeypatch):
+    """Both plans, forward and backward, symmetric with a queue: no tensor of N * M / 4 elements."""
+    from test_autograd_memory import _largest_during
+
+    monkeypatch.delenv("FASTCL_TORCH_BLOCK", raising=False)
+    monkeypatch.setenv("FASTCL_PREFIXES", plan)
+    n = 2048
+    a, b = torch.randn(n, 32, requires_grad=True), torch.randn(n, 32, requires_grad=True)
+    queue = torch.randn(256, 32, requires_grad=True)
+    mode = _largest_during(lambda: fastcl.info_nce(a, b, negatives=queue, symmetric=True, matryoshka_dims=[8, 16, 32],
+                                                   backend="torch").backward())
+    assert a.grad is not None and queue.grad is not None
+    assert mode.largest < n * n // 4, f"{mode.op} produced {mode.largest} elements"

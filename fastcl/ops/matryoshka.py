@@ -14,16 +14,18 @@ normalisation's derivative, and each prefix's epilogue is the ordinary one of
 :mod:`fastcl.ops.softmax`.
 
 A backend may fuse the prefixes (``softmax_stats_prefixes`` / ``softmax_grad_prefixes``: the
-torch backend, one sweep over the tiles with the products snapshotted at each prefix boundary).
-Any other backend runs its ordinary passes once per prefix on ``(q[:, :d_p], b^p k[:, :d_p])``
-at the row scale ``s a^p`` (:func:`prefix_stats`, :func:`prefix_grad`): the same contract, P
-passes.
+torch backend, one sweep over the tiles with the products snapshotted at each prefix boundary),
+and say where that pays (``prefers_one_sweep``: on a CPU only for wide enough prefixes). Otherwise
+a backend runs its ordinary passes once per prefix on ``(q[:, :d_p], b^p k[:, :d_p])`` at the
+row scale ``s a^p`` (:func:`prefix_stats`, :func:`prefix_grad`): the same contract, P passes.
+``FASTCL_PREFIXES`` (``auto``, ``fused``, ``per_prefix``) overrides the choice.
 """
 
 from typing import List, Sequence
 
 import torch
 
+from .. import _config
 from .._spec import SoftmaxSpec
 from ..backends.common import SoftmaxStats, compute_dtype
 from . import smoothing
@@ -61,10 +63,22 @@ def _prefix_keys(cols, col_scales, p: int, d: int, dtype):
     return (cols[:, :d].to(col_scales.dtype) * col_scales[p, :, None]).to(dtype)
 
 
+def _one_sweep(module, name: str, device, dims):
+    """The backend's fused prefix pass ``name`` if it has one and prefers it here, else ``None``
+    (``FASTCL_PREFIXES=per_prefix`` forces ``None``, ``fused`` the pass where there is one)."""
+    fused = getattr(module, name, None)
+    if fused is None:
+        return None
+    prefers = getattr(module, "prefers_one_sweep", None)
+    if prefers is not None:
+        return fused if prefers(device, dims) else None
+    return None if _config.prefixes() == "per_prefix" else fused
+
+
 def prefix_stats(module, query, cols, row_scales, col_scales, dims, spec: SoftmaxSpec, kernel_dtype) -> SoftmaxStats:
     """The prefixes' statistics, stacked ``[P, ...]`` (``pos_cnt`` ``[N]``): the backend's fused
     pass if it has one, else its ordinary pass once per prefix."""
-    fused = getattr(module, "softmax_stats_prefixes", None)
+    fused = _one_sweep(module, "softmax_stats_prefixes", query.device, dims)
     if fused is not None:
         return fused(query, cols, row_scales, col_scales, tuple(dims), spec)
     per = [module.softmax_stats(query[:, :d].to(kernel_dtype), _prefix_keys(cols, col_scales, p, d, kernel_dtype),
@@ -84,7 +98,7 @@ def prefix_grad(module, query, cols, row_scales, col_scales, dims, kernel_dtype,
     ``dL/dS^p = G^p`` as in ``softmax_grad``. The backend's fused pass if it has one, else its
     ordinary pass once per prefix: ``sum_j G^p_ij b^p_j k_j`` and ``sum_i G^p_ij a^p_i s_i q_i``
     give every term."""
-    fused = getattr(module, "softmax_grad_prefixes", None)
+    fused = _one_sweep(module, "softmax_grad_prefixes", query.device, dims)
     if fused is not None:
         return fused(query, cols, row_scales, col_scales, tuple(dims), spec, lse_row, w_row, coef, lse_col, w_col,
                      rows=rows, cols=columns)
