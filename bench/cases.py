@@ -23,6 +23,12 @@ NT_XENT_TEMPERATURE = 0.5
 LABEL_SMOOTHING = 0.1
 FALSE_NEGATIVE_MARGIN = 0.0  # mask every pair more similar than the positive (random features: about half)
 DEBIAS, HARDNESS = 0.1, 1.0
+MNRL_SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default
+
+
+def matryoshka_dims(d: int) -> Tuple[int, ...]:
+    """Four halving prefixes up to ``d`` (sentence-transformers' usual [d, d/2, d/4, d/8])."""
+    return tuple(sorted({max(1, d // 8), max(1, d // 4), max(1, d // 2), d}))
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,9 @@ CASES: Dict[str, Case] = {
         Case("info_nce_hardness", "Debiased InfoNCE (tau+ 0.1) with hard-negative reweighting (beta 1)", _square,
              _make_pairs, lambda i, b: fastcl.info_nce(i["q"], i["k"], debias=DEBIAS, hardness=HARDNESS,
                                                        temperature=TEMPERATURE, backend=b)),
+        Case("info_nce_matryoshka", "InfoNCE (MNRL, scale 20) summed over 4 normalised prefixes D/8..D", _square,
+             _make_pairs, lambda i, b: fastcl.info_nce(i["q"], i["k"], scale=MNRL_SCALE,
+                                                       matryoshka_dims=matryoshka_dims(i["q"].shape[1]), backend=b)),
         Case("info_nce_labels", "InfoNCE, label positives (SupCon row loss), ~4 per class", _square, _make_labels,
              lambda i, b: fastcl.info_nce(i["q"], i["k"], labels=i["labels"], temperature=TEMPERATURE, backend=b)),
         Case("info_nce_queue", "InfoNCE with a MoCo queue of K=N detached negatives",

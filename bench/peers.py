@@ -26,7 +26,17 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .cases import DEBIAS, FALSE_NEGATIVE_MARGIN, HARDNESS, LABEL_SMOOTHING, NT_XENT_TEMPERATURE, TEMPERATURE, Inputs
+from .cases import (
+    DEBIAS,
+    FALSE_NEGATIVE_MARGIN,
+    HARDNESS,
+    LABEL_SMOOTHING,
+    MNRL_SCALE,
+    NT_XENT_TEMPERATURE,
+    TEMPERATURE,
+    Inputs,
+    matryoshka_dims,
+)
 
 PEERS = ("naive", "open_clip", "inf_cl", "siglip_kernel", "memeff")
 
@@ -51,6 +61,14 @@ def naive_clip_false_negative(x, y, scale, margin):
     rows = (scale * sim).masked_fill((sim > diag[:, None] + margin) & off, float("-inf"))
     cols = (scale * sim.T).masked_fill((sim.T > diag[:, None] + margin) & off, float("-inf"))
     return (F.cross_entropy(rows, labels) + F.cross_entropy(cols, labels)) / 2
+
+
+def naive_matryoshka_mnrl(q, k, scale, dims):
+    """sentence-transformers' ``MatryoshkaLoss(MultipleNegativesRankingLoss)``: per width, the
+    embeddings cut and normalised (its ``shrink``), cosine logits materialised, a cross-entropy."""
+    labels = torch.arange(q.shape[0], device=q.device)
+    return sum(F.cross_entropy(scale * F.normalize(q[:, :d], dim=-1) @ F.normalize(k[:, :d], dim=-1).T, labels)
+               for d in dims)
 
 
 def naive_info_nce_hardness(q, k, tau_plus, beta):
@@ -135,6 +153,8 @@ NAIVE: Dict[str, Callable[[Inputs], torch.Tensor]] = {
     "siglip_labels": lambda i: naive_siglip_loss(i["x"], i["y"], i["scale"], i["bias"], i["labels"]),
     "clip_loss_false_negative": lambda i: naive_clip_false_negative(i["x"], i["y"], i["scale"], FALSE_NEGATIVE_MARGIN),
     "info_nce_hardness": lambda i: naive_info_nce_hardness(i["q"], i["k"], DEBIAS, HARDNESS),
+    "info_nce_matryoshka": lambda i: naive_matryoshka_mnrl(i["q"], i["k"], MNRL_SCALE,
+                                                           matryoshka_dims(i["q"].shape[1])),
     "info_nce_labels": lambda i: naive_info_nce_labels(i["q"], i["k"], i["labels"]),
     "info_nce_queue": lambda i: naive_info_nce_queue(i["q"], i["k"], i["queue"]),
     "info_nce_hardneg": lambda i: naive_info_nce_hardneg(i["q"], i["k"], i["pos"]),

@@ -129,3 +129,57 @@ def test_under_matryoshka():
     host = st_losses.MatryoshkaLoss(MODEL, st_losses.MultipleNegativesRankingLoss(MODEL), dims)
     mine = st_losses.MatryoshkaLoss(MODEL, compat.MultipleNegativesRankingLoss(MODEL), dims)
     compare(host, mine, _columns(3), torch.float64)
+
+
+class WidthModel(ColumnModel):
+    """A stand-in that reports its embedding width (MatryoshkaLoss checks the dimensions)."""
+
+    def get_embedding_dimension(self):
+        return 16
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", ["default", "symmetric", "dot_score_scale"])
+@pytest.mark.parametrize("n_dims_per_step", [-1, 2])
+def test_fused_matryoshka_matches_host(dtype, config, n_dims_per_step):
+    """fastcl's MatryoshkaLoss over its own MNRL against the host's over the host's MNRL: values,
+    gradients of every column, the same sampled widths for the same random seed."""
+    import random
+
+    model = WidthModel()
+    kwargs = {"default": {}, "symmetric": SYMMETRIC, "dot_score_scale": {"scale": 7.0, "similarity_fct": util.dot_score}}[config]
+    dims, weights = [16, 3, 8, 5], [1.0, 0.5, 2.0, 0.25]
+    host = st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model, **kwargs), dims, weights,
+                                    n_dims_per_step=n_dims_per_step)
+    mine = compat.MatryoshkaLoss(model, compat.MultipleNegativesRankingLoss(model, **kwargs), dims, weights,
+                                 n_dims_per_step=n_dims_per_step)
+    assert mine.fused()
+    assert mine.get_config_dict() == host.get_config_dict() and mine.citation == host.citation
+    for seed in (0, 1):
+        columns = [torch.randn(9, 16, dtype=dtype) for _ in range(3)]
+        a = [c.clone().requires_grad_() for c in columns]
+        b = [c.clone().requires_grad_() for c in columns]
+        random.seed(seed)
+        want = host([{"emb": x} for x in a], None)
+        random.seed(seed)
+        got = mine([{"emb": x} for x in b], None)
+        assert_close("loss", got, want, TOL[dtype], floor=1.0)
+        want.backward()
+        got.backward()
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(f"d_column{i}", y.grad, x.grad, TOL[dtype])
+
+
+def test_matryoshka_hands_other_inner_losses_to_the_host_and_checks_like_it():
+    model = WidthModel()
+    inner = compat.MultipleNegativesRankingLoss(model, directions=("query_to_doc", "query_to_query"))
+    mine = compat.MatryoshkaLoss(model, inner, [16, 4])
+    host = st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(
+        model, directions=("query_to_doc", "query_to_query")), [16, 4])
+    assert not mine.fused()
+    compare(host, mine, [torch.randn(7, 16, dtype=torch.float64) for _ in range(2)], torch.float64)
+    for args, message in (([[]], "at least one dimension"), ([[0, 4]], "must be > 0"),
+                          ([[16, 4], [1.0]], "same length"), ([[32]], "cannot exceed")):
+        for cls in (st_losses.MatryoshkaLoss, compat.MatryoshkaLoss):
+            with pytest.raises(ValueError, match=message):
+                cls(model, inner, *args)

@@ -7,7 +7,8 @@ switches a training script to fastcl::
     fastcl.compat.open_clip                ClipLoss, SigLipLoss, CoCaLoss, DistillClipLoss
     fastcl.compat.pytorch_metric_learning  NTXentLoss, SupConLoss, SelfSupervisedLoss, CrossBatchMemory
     fastcl.compat.lightly                  NTXentLoss, DCLLoss, DCLWLoss, MemoryBankModule
-    fastcl.compat.sentence_transformers    MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss
+    fastcl.compat.sentence_transformers    MultipleNegativesRankingLoss, MultipleNegativesSymmetricRankingLoss,
+                                           MatryoshkaLoss
     fastcl.compat.info_nce                 InfoNCE, info_nce
 
 The loss math is :mod:`fastcl.functional`'s; this layer only maps each host's conventions onto

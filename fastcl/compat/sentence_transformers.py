@@ -28,13 +28,17 @@ Delegated to sentence-transformers (raises ``NotImplementedError`` naming the op
 installed): other ``similarity_fct``, ``query_to_query`` / ``doc_to_doc`` directions, joint
 ``doc_to_query``, hardness weighting.
 
-Wrappers: ``MatryoshkaLoss`` and ``AdaptiveLayerLoss`` decorate ``model.forward`` for
-non-cached losses, which these classes call through ``model``, so they keep working.
+``MatryoshkaLoss`` (this module's) fuses every width of a Matryoshka step into one call when its
+inner loss is one of these classes: the columns are embedded once, and the normalised prefixes
+never get a logit matrix. sentence-transformers' own wrappers (``MatryoshkaLoss``,
+``AdaptiveLayerLoss``) decorate ``model.forward`` for non-cached losses, which these classes call
+through ``model``, so they keep working too (one fused call per width).
 
 Difference: the loss is float32 for float16/bfloat16 embeddings.
 """
 
 import logging
+import random
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -45,7 +49,8 @@ from torch import Tensor, nn
 from .. import functional as F
 from . import _import_host, _process_group, _world_size
 
-__all__ = ["MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "cos_sim", "dot_score"]
+__all__ = ["MatryoshkaLoss", "MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "cos_sim",
+           "dot_score"]
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +218,86 @@ class MultipleNegativesRankingLoss(nn.Module):
         return _CITATION_CPC
 
 
+class MatryoshkaLoss(nn.Module):
+    """``sentence_transformers.losses.MatryoshkaLoss(model, loss, matryoshka_dims,
+    matryoshka_weights=None, n_dims_per_step=-1)`` with the same validation, dimension order
+    (sorted widest first, weights alongside), ``n_dims_per_step`` sampling (``random.sample``
+    of the dimension indices, then sorted, as sentence-transformers does), ``get_config_dict()``
+    and ``citation``.
+
+    Fused when ``loss`` is this module's :class:`MultipleNegativesRankingLoss` (or its symmetric
+    form) with no delegated option: the columns are embedded once and every sampled width comes
+    from one :func:`fastcl.info_nce` call with ``matryoshka_dims`` (each width's embeddings cut
+    and normalised, ``scale`` times their cosine; a ``dot_score`` inner loss sees the same
+    normalised prefixes, as with sentence-transformers' ``shrink``). Any other inner loss is
+    handed to sentence-transformers' own ``MatryoshkaLoss``.
+    """
+
+    def __init__(self, model, loss: nn.Module, matryoshka_dims, matryoshka_weights=None,
+                 n_dims_per_step: int = -1) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+        if not matryoshka_dims:
+            raise ValueError("You must provide at least one dimension in matryoshka_dims.")
+        if any(dim <= 0 for dim in matryoshka_dims):
+            raise ValueError("All dimensions passed to a matryoshka loss must be > 0.")
+        if matryoshka_weights is None:
+            matryoshka_weights = [1] * len(matryoshka_dims)
+        elif len(matryoshka_weights) != len(matryoshka_dims):
+            raise ValueError("matryoshka_weights must be the same length as matryoshka_dims.")
+        width = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else None
+        if width is not None:
+            if any(d > width for d in matryoshka_dims):
+                raise ValueError(f"Dimensions in matryoshka_dims cannot exceed the model's embedding dimension of "
+                                 f"{width}.")
+            if width not in matryoshka_dims:
+                logger.warning(f"The model's embedding dimension {width} is not included in matryoshka_dims: "
+                               f"{matryoshka_dims}. This means that the full model dimension won't be trained.")
+        pairs = sorted(zip(matryoshka_dims, matryoshka_weights), key=lambda x: x[0], reverse=True)
+        self.matryoshka_dims, self.matryoshka_weights = (tuple(x) for x in zip(*pairs))
+        self.n_dims_per_step = n_dims_per_step
+        object.__setattr__(self, "_host", None)
+
+    def fused(self) -> bool:
+        """Whether :meth:`forward` runs fastcl's one-call Matryoshka loss (else the host's)."""
+        return isinstance(self.loss, MultipleNegativesRankingLoss) and not self.loss.unfused_options()
+
+    def _sampled(self):
+        """The dimension indices of this step (all, or ``n_dims_per_step`` sampled and sorted)."""
+        indices = range(len(self.matryoshka_dims))
+        if 0 < self.n_dims_per_step < len(indices):
+            indices = sorted(random.sample(indices, self.n_dims_per_step))
+        return list(indices)
+
+    def forward(self, sentence_features: Iterable[dict], labels: Tensor) -> Tensor:
+        if not self.fused():
+            if self._host is None:
+                losses = _import_host("sentence_transformers.sentence_transformer.losses",
+                                      f"MatryoshkaLoss over {type(self.loss).__name__}", _ST)
+                object.__setattr__(self, "_host", losses.MatryoshkaLoss(
+                    self.model, self.loss, self.matryoshka_dims, self.matryoshka_weights, self.n_dims_per_step))
+            return self._host(sentence_features, labels)
+        indices = self._sampled()
+        embeddings = _embed_columns(self.model, sentence_features)
+        if len(embeddings) < 2:
+            raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+        inner = self.loss
+        gathered = {"group": _process_group(), "local_loss": True} if inner.gather_across_devices and \
+            _world_size() > 1 else {}
+        return F.info_nce(embeddings[0], torch.cat(list(embeddings[1:]), dim=0), scale=inner.scale,
+                          symmetric="doc_to_query" in inner.directions,
+                          matryoshka_dims=[self.matryoshka_dims[i] for i in indices],
+                          matryoshka_weights=[float(self.matryoshka_weights[i]) for i in indices], **gathered)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.__class__.__name__, "matryoshka_dims": self.matryoshka_dims,
+                "matryoshka_weights": self.matryoshka_weights, "n_dims_per_step": self.n_dims_per_step}
+
+    @property
+    def citation(self) -> str:
+        return _CITATION_MATRYOSHKA
+
+
 class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
     """``sentence_transformers.losses.MultipleNegativesSymmetricRankingLoss(model, scale=20.0,
     similarity_fct=cos_sim, gather_across_devices=False)``: ``MultipleNegativesRankingLoss`` with
@@ -254,6 +339,17 @@ _CITATION_JINA = """
       archivePrefix={arXiv},
       primaryClass={cs.CL},
       url={https://arxiv.org/abs/2310.19923},
+}
+"""
+
+_CITATION_MATRYOSHKA = """
+@misc{kusupati2024matryoshka,
+    title={Matryoshka Representation Learning},
+    author={Aditya Kusupati and Gantavya Bhatt and Aniket Rege and Matthew Wallingford and Aditya Sinha and Vivek Ramanujan and William Howard-Snyder and Kaifeng Chen and Sham Kakade and Prateek Jain and Ali Farhadi},
+    year={2024},
+    eprint={2205.13147},
+    archivePrefix={arXiv},
+    primaryClass={cs.LG}
 }
 """
 
