@@ -30,9 +30,16 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
 
 def unsupported_reason(name: str, spec) -> Optional[str]:
     """``None`` if backend ``name``'s kernels cover ``spec`` (a lowered call's spec, or ``None``),
-    else a sentence saying what they lack (a backend may define ``unsupported(spec)``)."""
-    check = getattr(_module(name), "unsupported", None)
-    return None if check is None or spec is None else check(spec)
+    else a sentence saying what they lack: a pass the spec names in ``spec.passes`` that the
+    backend lacks, or what its ``unsupported(spec)`` says."""
+    if spec is None:
+        return None
+    module = _module(name)
+    missing = [p for p in getattr(spec, "passes", ()) if not hasattr(module, p)]
+    if missing:
+        return f"it has no {missing[0]} pass"
+    check = getattr(module, "unsupported", None)
+    return None if check is None else check(spec)
 
 
 def resolve(backend: Optional[str], device: torch.device, spec=None):
@@ -52,8 +59,9 @@ def resolve(backend: Optional[str], device: torch.device, spec=None):
         raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
     reason = unsupported_reason(backend, spec)
     if reason is not None:
-        raise ValueError(f"backend={backend!r} does not support this call: {reason}; use backend='triton' or "
-                         "'torch' (or 'auto')")
+        others = [b for b in BACKENDS if b != backend and unsupported_reason(b, spec) is None]
+        raise ValueError(f"backend={backend!r} does not support this call: {reason}; use "
+                         f"{' or '.join(f'backend={b!r}' for b in others)} (or 'auto')")
     return _module(backend)
 
 

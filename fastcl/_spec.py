@@ -82,6 +82,17 @@ class SoftmaxSpec:
 
 
 @dataclass(frozen=True)
+class DistillSpec:
+    """A CLIP distillation call (:mod:`fastcl.ops.distill`): a student and a teacher similarity
+    over the same pairs, one-hot positives. ``symmetric``: the text columns' terms too.
+    ``passes`` names the backend passes it needs (``fastcl._dispatch`` skips a backend lacking
+    one)."""
+
+    symmetric: bool = True
+    passes = ("distill_stats", "distill_grad")
+
+
+@dataclass(frozen=True)
 class SigmoidSpec:
     """Configuration of a sigmoid-family loss.
 

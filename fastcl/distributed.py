@@ -305,6 +305,12 @@ def _gather_own_first(x, c: Context, sizes) -> torch.Tensor:
     return _AllGather.apply(x, c.group, c.rank, c.world, sizes, True)
 
 
+def gather_rows(x: torch.Tensor, c: Context) -> torch.Tensor:
+    """Every rank's rows of ``x`` (shards of ``c.row_sizes``), this rank's first, differentiably
+    (:func:`all_gather`'s order rotated: a local positive index needs no offset)."""
+    return _gather_own_first(x, c, c.row_sizes)
+
+
 def _gather_own_first_nograd(x, c: Context, sizes) -> torch.Tensor:
     parts = _gather_parts(x, c.group, c.world, sizes)
     return torch.cat([parts[i] for i in _order(c.world, c.rank, True)])

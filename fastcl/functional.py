@@ -22,9 +22,10 @@ from . import _checks, _lower, ops
 from . import distributed as _dist
 from ._dispatch import resolve
 from ._lower import DEFAULT_TEMPERATURE, NT_XENT_TEMPERATURE, Lowered
+from ._spec import DistillSpec
 from .backends.common import compute_dtype
 
-__all__ = ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "dcl"]
+__all__ = ["info_nce", "clip_loss", "distill_clip_loss", "siglip_loss", "nt_xent", "supcon", "dcl"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 Number = Union[float, torch.Tensor]
@@ -317,6 +318,74 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, la
         return _matryoshka(call, module, "mean", "clip_loss", prefixes, group, gather, local_loss)
     dist = _prepare(call, group, gather, local_loss, "clip_loss")
     return _softmax(call, module, "mean", dist, "clip_loss")
+
+
+def distill_clip_loss(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                      dist_logit_scale, *, backend=None, group=None, gather="all_gather", local_loss=False):
+    r"""CLIP's loss and its distillation from a teacher, ``(contrastive, distill)``, equal to open_clip
+    ``DistillClipLoss``.
+
+    With student logits ``L = logit_scale * image @ text.T`` and teacher logits
+    ``T = dist_logit_scale * dist_image @ dist_text.T``::
+
+        contrastive = (CE(L, arange(N)) + CE(L.T, arange(N))) / 2
+        distill     = (H(T, L) + H(T.T, L.T)) / 2,   H(T, S) = -mean_i sum_j softmax(T)_ij log softmax(S)_ij
+
+    Neither ``N x N`` matrix is formed: each tile computes both logits (two matmuls), one sweep
+    keeps the student's LSEs and the teacher-weighted mean of the student's logits per anchor,
+    and the backward recomputes the tiles. Every tensor that requires a gradient gets its exact
+    one, the teacher's included (as open_clip's autograd gives them).
+
+    Args:
+        image_features, text_features: the student's ``[N, D]`` features, used as given.
+        logit_scale: the student's exponentiated scale, float or tensor ``()`` / ``(1,)``.
+        dist_image_features, dist_text_features: the teacher's ``[N, D']`` features (``D'`` may
+            differ from ``D``; the same dtype and device as the student's).
+        dist_logit_scale: the teacher's scale.
+        backend: see :func:`info_nce`; the torch backend runs it (``auto`` takes it on every device;
+            Triton and CUDA have no distillation kernels yet, and naming them raises).
+        group, local_loss: across ranks, each rank passes its ``N_r`` pairs and the loss is the
+            one over all pairs (open_clip ``gather_with_grad=True``), with the convention of
+            :func:`info_nce`: every rank returns the global losses (or, ``local_loss``, its
+            share times W), and after DDP's averaging every gradient is the single-process one.
+        gather: ``"all_gather"`` only (the four feature tensors are gathered; each rank
+            computes its own rows against every rank's columns); ``"ring"`` raises.
+
+    Returns:
+        ``(contrastive_loss, distill_loss)``, each float32 (float64 for float64 inputs).
+    """
+    def lower():
+        student = _lower.towers(image_features, text_features, logit_scale, None, sigmoid=False)
+        teacher = _lower.towers(dist_image_features, dist_text_features, dist_logit_scale, None, sigmoid=False)
+        if teacher.query.shape[0] != student.query.shape[0]:
+            raise ValueError(f"distill_clip_loss: the teacher has {teacher.query.shape[0]} pairs and the student "
+                             f"{student.query.shape[0]}; both must score the same pairs")
+        if teacher.query.device != student.query.device or teacher.query.dtype != student.query.dtype:
+            raise TypeError("distill_clip_loss: the teacher's features must have the student's dtype and device "
+                            f"(got {teacher.query.dtype} on {teacher.query.device}, student {student.query.dtype} "
+                            f"on {student.query.device})")
+        if group is not None and gather != "all_gather":
+            raise ValueError(f"distill_clip_loss across ranks supports gather='all_gather' only; got {gather!r}")
+        return student._replace(spec=DistillSpec()), teacher
+
+    (student, teacher), module = _checked("distill_clip_loss", group, gather, local_loss, backend, lower)
+    name = module if isinstance(module, str) else module.__name__.rsplit(".", 1)[-1]
+    image, text, scale = student.query, student.key, student.scale
+    t_image, t_text, t_scale = teacher.query, teacher.key, teacher.scale
+    n = image.shape[0]
+    pos = torch.arange(n, device=image.device)
+    if group is None:
+        rows, cols = ops.distill.anchor_terms(name, image, text, scale, t_image, t_text, t_scale, pos, True)
+        return tuple((r.mean() + c.mean()) / 2 for r, c in zip(rows, cols))
+    dist = _dist.prepare(group, gather, local_loss, op="distill_clip_loss", query=image, key=text, scale=scale,
+                         spec=teacher.spec, scalars={"dist_logit_scale": t_scale})
+    # each rank's images against every rank's texts, and its texts against every rank's images
+    i2t, _ = ops.distill.anchor_terms(name, image, _dist.gather_rows(text, dist), scale, t_image,
+                                      _dist.gather_rows(t_text, dist), t_scale, pos, False)
+    t2i, _ = ops.distill.anchor_terms(name, text, _dist.gather_rows(image, dist), scale, t_text,
+                                      _dist.gather_rows(t_image, dist), t_scale, pos, False)
+    total = 2 * dist.total_rows
+    return tuple(_dist.finish(dist, (a.sum() + b.sum()) / total) for a, b in zip(i2t, t2i))
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, labels=None, backend=None, group=None,

@@ -16,6 +16,18 @@ class SoftmaxStats(NamedTuple):
     pos_cnt: Optional[torch.Tensor]
 
 
+class DistillStats(NamedTuple):
+    """What ``distill_stats`` returns (``fastcl.backends`` states the contract); the column
+    fields are ``None`` unless symmetric."""
+
+    lse_row: torch.Tensor
+    lse_col: Optional[torch.Tensor]
+    t_lse_row: torch.Tensor
+    t_lse_col: Optional[torch.Tensor]
+    mean_row: torch.Tensor
+    mean_col: Optional[torch.Tensor]
+
+
 class SigmoidSums(NamedTuple):
     """What ``sigmoid_pass`` returns (``fastcl.backends`` states the contract)."""
 

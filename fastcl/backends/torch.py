@@ -43,7 +43,7 @@ from .. import _config
 from .._spec import SoftmaxSpec
 from . import chunked
 from ._cpu_threads import map_in_order, workers_for
-from .common import NEG_INF, SigmoidSums, SoftmaxStats, finite_or_zero, float16_gradient_scale
+from .common import NEG_INF, DistillStats, SigmoidSums, SoftmaxStats, finite_or_zero, float16_gradient_scale
 
 # Largest tile, in elements: 2**19 fp32 values (2 MiB) keep a tile and its temporaries in a
 # CPU's last-level cache. FASTCL_TORCH_BLOCK="rows,cols" overrides the shape (tests use tiny
@@ -716,6 +716,128 @@ def softmax_grad_prefixes(query, key, row_scales, col_scales, dims, spec: Softma
         if cols:
             acc_k = torch.cat([acc_k, acc_k.new_zeros(c - n_grad_cols, d)])
     return acc_q, acc_k, d_row, d_col
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation: a student and a teacher similarity over the same pairs (fastcl.ops.distill)
+
+
+def _merge_weighted(ref, acc, num, tile, values, dim: int, work) -> None:
+    """:func:`_merge_exact` that also keeps ``num = sum exp(x - ref) * values`` along ``dim``:
+    the running numerator of a softmax-weighted mean of ``values`` (``tile``-shaped)."""
+    new = torch.maximum(ref, tile.amax(dim=dim))
+    safe = finite_or_zero(new)
+    rescale = torch.exp(ref - safe)
+    e = torch.sub(tile, safe.unsqueeze(dim), out=work).exp_()
+    acc.mul_(rescale).add_(e.sum(dim=dim))
+    num.mul_(rescale).add_(e.mul_(values).sum(dim=dim))
+    ref.copy_(new)
+
+
+def distill_stats(query, key, scale_rows, t_query, t_key, t_scale_rows, symmetric: bool) -> DistillStats:
+    """Student and teacher statistics of one block in one sweep (``fastcl.backends`` states the
+    contract): each tile's student logits ``S`` and teacher logits ``T`` (a second matmul) give
+    the student row LSE, the teacher row LSE and the teacher-weighted mean of ``S`` per row, by
+    one online merge each; the same per column when ``symmetric``."""
+    cd = scale_rows.dtype
+    q, k = query.to(cd), key.to(cd)
+    tq, tk = t_query.to(cd), t_key.to(cd)
+    n, c, dev = q.shape[0], k.shape[0], q.device
+    qs, tqs = q * scale_rows[:, None], tq * t_scale_rows[:, None]
+
+    def fresh(size):
+        return (torch.full((size,), NEG_INF, dtype=cd, device=dev), torch.zeros(size, dtype=cd, device=dev),
+                torch.zeros(size, dtype=cd, device=dev))
+
+    s_ref, s_acc, _ = fresh(n)
+    t_ref, t_acc, t_num = fresh(n)
+
+    def piece(rows):
+        s_buf, t_buf, work_buf = (_Buffer(n, c, cd, dev) for _ in range(3))
+        col = [fresh(c), fresh(c)] if symmetric else None
+        for r0, r1, c0, c1 in _tiles(n, c, rows):
+            s = torch.matmul(qs[r0:r1], k[c0:c1].T, out=s_buf.view(r1 - r0, c1 - c0))
+            t = torch.matmul(tqs[r0:r1], tk[c0:c1].T, out=t_buf.view(r1 - r0, c1 - c0))
+            work = work_buf.view(r1 - r0, c1 - c0)
+            _merge_exact(s_ref[r0:r1], s_acc[r0:r1], s, 1, work)
+            _merge_weighted(t_ref[r0:r1], t_acc[r0:r1], t_num[r0:r1], t, s, 1, work)
+            if symmetric:
+                (cs_ref, cs_acc, _), (ct_ref, ct_acc, ct_num) = col
+                _merge_exact(cs_ref[c0:c1], cs_acc[c0:c1], s, 0, work)
+                _merge_weighted(ct_ref[c0:c1], ct_acc[c0:c1], ct_num[c0:c1], t, s, 0, work)
+        return col
+
+    groups = _row_groups(n, c, 5 * c * q.element_size() if symmetric else 0)
+    pieces = list(map_in_order(piece, groups, workers_for(dev)))
+    lse_col = t_lse_col = mean_col = None
+    if symmetric:
+        (cs_ref, cs_acc, _), (ct_ref, ct_acc, ct_num) = pieces[0]
+        for (ps_ref, ps_acc, _), (pt_ref, pt_acc, pt_num) in pieces[1:]:
+            _merge_partial(cs_ref, cs_acc, ps_ref, ps_acc)
+            # the numerator rides on the teacher's reference: rescale both parts alike
+            new = torch.maximum(ct_ref, pt_ref)
+            safe = finite_or_zero(new)
+            a, b = torch.exp(ct_ref - safe), torch.exp(pt_ref - safe)
+            ct_acc.mul_(a).add_(pt_acc * b)
+            ct_num.mul_(a).add_(pt_num * b)
+            ct_ref.copy_(new)
+        lse_col, t_lse_col, mean_col = cs_ref + torch.log(cs_acc), ct_ref + torch.log(ct_acc), ct_num / ct_acc
+    return DistillStats(s_ref + torch.log(s_acc), lse_col, t_ref + torch.log(t_acc), t_lse_col, t_num / t_acc,
+                        mean_col)
+
+
+def distill_grad(query, key, scale_rows, t_query, t_key, t_scale_rows, positive_index, st: DistillStats, w_row,
+                 u_row, coef, w_col=None, u_col=None, *, student: bool = True, teacher: bool = True):
+    """``(acc_q, acc_k, t_acc_q, t_acc_k)`` of one block from final statistics (``fastcl.backends``
+    states the contract): ``G_ij = w_i p_ij + u_i pt_ij - coef_i [j = pos_i]`` (+ the column
+    terms) on the student side and ``Gt_ij = u_i pt_ij (S_ij - mean_i)`` (+ columns) on the
+    teacher side, with ``p`` the student and ``pt`` the teacher softmax; the student pair is
+    ``None`` unless ``student``, the teacher pair unless ``teacher``."""
+    cd = scale_rows.dtype
+    q, k = query.to(cd), key.to(cd)
+    tq, tk = t_query.to(cd), t_key.to(cd)
+    n, c, dev = q.shape[0], k.shape[0], q.device
+    qs, tqs = q * scale_rows[:, None], tq * t_scale_rows[:, None]
+    symmetric = st.lse_col is not None
+    lse, t_lse = finite_or_zero(st.lse_row), finite_or_zero(st.t_lse_row)
+    acc_q = torch.zeros_like(q) if student else None
+    t_acc_q = torch.zeros_like(tq) if teacher else None
+
+    def piece(group):
+        part_k = torch.zeros_like(k) if student else None
+        part_tk = torch.zeros_like(tk) if teacher else None
+        s_buf, t_buf, g_buf, p_buf = (_Buffer(n, c, cd, dev) for _ in range(4))
+        for r0, r1, c0, c1 in _tiles(n, c, group):
+            shape = (r1 - r0, c1 - c0)
+            s = torch.matmul(qs[r0:r1], k[c0:c1].T, out=s_buf.view(*shape))
+            t = torch.matmul(tqs[r0:r1], tk[c0:c1].T, out=t_buf.view(*shape))
+            g, pt = g_buf.view(*shape), p_buf.view(*shape)
+            torch.sub(t, t_lse[r0:r1, None], out=pt).exp_()  # the teacher's row softmax
+            torch.sub(s, lse[r0:r1, None], out=g).exp_().mul_(w_row[r0:r1, None]).addcmul_(pt, u_row[r0:r1, None])
+            if symmetric:  # t becomes the teacher's column softmax
+                t.sub_(finite_or_zero(st.t_lse_col)[None, c0:c1]).exp_()
+                g.add_(torch.sub(s, finite_or_zero(st.lse_col)[None, c0:c1]).exp_().mul_(w_col[None, c0:c1]))
+                g.addcmul_(t, u_col[None, c0:c1])
+            if positive_index is not None:
+                idx, in_tile = _positive_in_tile(positive_index[r0:r1], c0, c1)
+                g.scatter_add_(1, idx, torch.where(in_tile, -coef[r0:r1, None], 0.0))
+            if student:
+                acc_q[r0:r1].addmm_(g, k[c0:c1])
+                part_k[c0:c1].addmm_(g.T, qs[r0:r1])
+            if teacher:  # Gt = u_i pt_ij (S_ij - mean_i) + u'_j pt'_ij (S_ij - mean'_j), into g
+                torch.sub(s, st.mean_row[r0:r1, None], out=g).mul_(pt).mul_(u_row[r0:r1, None])
+                if symmetric:
+                    g.add_(s.sub_(st.mean_col[None, c0:c1]).mul_(t).mul_(u_col[None, c0:c1]))
+                t_acc_q[r0:r1].addmm_(g, tk[c0:c1])
+                part_tk[c0:c1].addmm_(g.T, tqs[r0:r1])
+        return part_k, part_tk
+
+    groups = _row_groups(n, c, (int(student) * k.numel() + int(teacher) * tk.numel()) * q.element_size())
+    acc_k = t_acc_k = None
+    for part_k, part_tk in map_in_order(piece, groups, workers_for(dev)):  # combined in a fixed order
+        acc_k = part_k if acc_k is None else acc_k.add_(part_k)
+        t_acc_k = part_tk if t_acc_k is None else t_acc_k.add_(part_tk)
+    return acc_q, acc_k, t_acc_q, t_acc_k
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ ordinary autograd and ``torch.compile`` traces the whole loss. The ring keeps th
 whose backward circulates the key blocks once more.
 """
 
-from . import library, matryoshka, smoothing
+from . import distill, library, matryoshka, smoothing
 from .sigmoid import SigmoidLoss
 from .softmax import LocalColumns, SoftmaxLoss
 
-__all__ = ["LocalColumns", "SigmoidLoss", "SoftmaxLoss", "library", "matryoshka", "smoothing"]
+__all__ = ["LocalColumns", "SigmoidLoss", "SoftmaxLoss", "distill", "library", "matryoshka", "smoothing"]

@@ -348,7 +348,10 @@ def sigmoid_loss(backend: str, query, key, scale, bias, spec: SigmoidSpec):
 
 def registered_ops() -> Sequence:
     """The operators, for ``torch.library.opcheck``."""
-    return (softmax_stats_op, softmax_grad_op, prefix_stats_op, prefix_grad_op, sigmoid_loss_op)
+    from . import distill
+
+    return (softmax_stats_op, softmax_grad_op, prefix_stats_op, prefix_grad_op, sigmoid_loss_op,
+            *distill.registered_ops())
 
 
 # each operator's Python implementation by its name: a dispatch mode that must see the tensors an
@@ -356,3 +359,8 @@ def registered_ops() -> Sequence:
 IMPLEMENTATIONS = {"fastcl::softmax_stats": _softmax_stats, "fastcl::softmax_grad": _softmax_grad,
                    "fastcl::prefix_stats": _prefix_stats, "fastcl::prefix_grad": _prefix_grad,
                    "fastcl::sigmoid_loss": _sigmoid_loss}
+
+# the distillation operators live in fastcl.ops.distill; one table serves every operator
+from . import distill as _distill  # noqa: E402
+
+IMPLEMENTATIONS.update(_distill.IMPLEMENTATIONS)
