@@ -8,8 +8,8 @@ from . import nn
 from ._version import __version__
 from .functional import clip_loss, dcl, distill_clip_loss, info_nce, nt_xent, siglip_loss, supcon
 
-__all__ = ["__version__", "build_info", "clip_loss", "dcl", "distill_clip_loss", "info_nce", "nn", "nt_xent", "siglip_loss",
-           "supcon"]
+__all__ = ["__version__", "build_info", "clip_loss", "dcl", "distill_clip_loss", "info_nce", "nn", "nt_xent",
+           "siglip_loss", "supcon"]
 
 
 def build_info() -> dict:

@@ -242,3 +242,19 @@ def matryoshka(loss, dims, weights=None, features=("query", "key", "negatives", 
         else:
             total = total + term
     return total
+
+
+@_on_input_device
+def distill_clip_loss(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                      dist_logit_scale):
+    """``(contrastive, distill)`` from the definition: both logit matrices materialised in float64,
+    the cross-entropy of each direction's student log-softmax under its teacher softmax."""
+    student = _f64(logit_scale) * _f64(image_features) @ _f64(text_features).T
+    teacher = _f64(dist_logit_scale) * _f64(dist_image_features) @ _f64(dist_text_features).T
+    target = torch.arange(student.shape[0])
+
+    def soft_ce(t, s):
+        return -(torch.softmax(t, dim=1) * torch.log_softmax(s, dim=1)).sum(dim=1).mean()
+
+    contrastive = (F.cross_entropy(student, target) + F.cross_entropy(student.T, target)) / 2
+    return contrastive, (soft_ce(teacher, student) + soft_ce(teacher.T, student.T)) / 2
