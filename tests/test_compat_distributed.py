@@ -95,6 +95,23 @@ def case_open_clip_clip(rank, world, g, gather_with_grad, local_loss, bias):
     return _compare(rank, world, host.ClipLoss(**kw), compat.ClipLoss(**kw), local, shared)
 
 
+def case_open_clip_distill(rank, world, g, gather_with_grad, local_loss):
+    """DistillClipLoss: contrastive + 0.7 distill, so every gradient (the teacher's too) checks both."""
+    from fastcl.compat import open_clip as compat
+    host = _open_clip_loss()
+    b = 4
+    local = {k: _shard(_unit(g, b * world, d), rank, world) for k, d in (
+        ("image_features", 6), ("text_features", 6), ("dist_image_features", 5), ("dist_text_features", 5))}
+    shared = {"logit_scale": torch.tensor(9.0, dtype=torch.float64),
+              "dist_logit_scale": torch.tensor(14.0, dtype=torch.float64)}
+    kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world)
+
+    def combined(loss):
+        return lambda **x: (lambda c, d: c + 0.7 * d)(*loss(**x))
+    return _compare(rank, world, combined(host.DistillClipLoss(**kw)), combined(compat.DistillClipLoss(**kw)), local,
+                    shared)
+
+
 def case_open_clip_siglip(rank, world, g, dist_impl):
     from fastcl.compat import open_clip as compat
     host = _open_clip_loss()
@@ -160,6 +177,9 @@ CASES = {
     **{f"open_clip.ClipLoss[gather_with_grad={gw},local_loss={ll},bias={bias}]":
        ("open_clip", partial(case_open_clip_clip, gather_with_grad=gw, local_loss=ll, bias=bias))
        for gw in (True, False) for ll in (False, True) for bias in (False, True)},
+    **{f"open_clip.DistillClipLoss[gather_with_grad={gw},local_loss={ll}]":
+       ("open_clip", partial(case_open_clip_distill, gather_with_grad=gw, local_loss=ll))
+       for gw in (True, False) for ll in (False, True)},
     **{f"open_clip.SigLipLoss[{impl}]": ("open_clip", partial(case_open_clip_siglip, dist_impl=impl))
        for impl in ("bidir", "shift", "reduce", "gather")},
     "lightly.NTXentLoss": ("lightly", partial(case_lightly, cls="NTXentLoss", temperature=0.2)),

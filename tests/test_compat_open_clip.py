@@ -117,13 +117,26 @@ def test_coca_zero_clip_weight_quirk():
     assert_close("caption", got[1], want[1], 1e-6, floor=1.0)
 
 
-def test_distill_clip_loss_is_delegated():
-    feats = [_unit(5, 4, torch.float64) for _ in range(4)]
-    args = (feats[0], feats[1], 10.0, feats[2], feats[3], 20.0)
-    want = open_clip_loss.DistillClipLoss()(*args)
-    got = compat.DistillClipLoss()(*args)
-    for g, w in zip(got, want):
-        assert_close("loss", g, w, 1e-12, floor=1.0)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("output_dict", [False, True])
+@pytest.mark.parametrize("part", [0, 1])
+def test_distill_clip_loss_fused(dtype, output_dict, part):
+    """Both losses and every gradient (the teacher's too) against open_clip's DistillClipLoss, a
+    teacher of another width and scale."""
+    b = 11
+    inputs = {"image_features": _unit(b, 8, dtype), "text_features": _unit(b, 8, dtype),
+              "logit_scale": torch.tensor(14.0, dtype=dtype), "dist_image_features": _unit(b, 5, dtype),
+              "dist_text_features": _unit(b, 5, dtype), "dist_logit_scale": torch.tensor(30.0, dtype=dtype),
+              "output_dict": output_dict}
+    names = [k for k, v in inputs.items() if isinstance(v, torch.Tensor)]
+    if part == 0:  # the contrastive loss alone: the teacher gets no gradient (open_clip's neither)
+        got, leaves = _run(compat.DistillClipLoss(), inputs, names)
+        (got["contrastive_loss"] if output_dict else got[0]).backward()
+        assert all(leaves[k].grad is None for k in names[3:])
+        names = names[:3]
+    key = ("contrastive_loss", "distill_loss")[part]
+    compare(open_clip_loss.DistillClipLoss(), compat.DistillClipLoss(), inputs, dtype, names,
+            pick=lambda out: out[key] if output_dict else out[part])
 
 
 @pytest.mark.parametrize("cls", ["ClipLoss", "SigLipLoss"])

@@ -54,6 +54,10 @@ CASES = {
         lambda x, y, e: fastcl.info_nce(x, y, labels=e["labels"], negatives=e["queue"], temperature=e["t"],
                                         matryoshka_dims=[3, 12, 7], matryoshka_weights=[0.5, 1.0, 2.0]),
         lambda n: {"labels": torch.arange(n, device=DEVICE) % 3, "queue": _unit(5), "t": _scalar(0.2)}),
+    "distill_clip_loss": (
+        lambda x, y, e: sum(fastcl.distill_clip_loss(x, y, e["scale"], e["tx"], e["ty"], e["t_scale"])),
+        lambda n: {"scale": _scalar(10.0), "tx": _unit(n, 7).requires_grad_(), "ty": _unit(n, 7).requires_grad_(),
+                   "t_scale": _scalar(15.0)}),
     "clip_loss_matryoshka": (
         lambda x, y, e: fastcl.clip_loss(x, y, e["scale"], matryoshka_dims=[12, 4]),
         lambda n: {"scale": _scalar(10.0)}),
@@ -146,6 +150,16 @@ def _opcheck_samples():
         q, k, rows, cols, dims, torch.float32, torch.randn(2, n, device=DEVICE) + 3, torch.rand(2, n, device=DEVICE),
         torch.rand(2, n, device=DEVICE), torch.randn(2, n + 2, device=DEVICE) + 3, torch.rand(2, n + 2, device=DEVICE),
         pos, None, None, None, None, None, False, False, True, n, "torch", True, True)
+    from fastcl.ops import distill
+
+    tq, tk = _unit(n, 3), _unit(n, 3)
+    arange = torch.arange(n, device=DEVICE)
+    for symmetric in (True, False):
+        yield f"distill_stats_{'symmetric' if symmetric else 'rows'}", distill.distill_stats_op, (
+            *grads(q, k[:n], s, tq, tk, s * 0.5), arange, symmetric, "torch")
+    vec = [torch.rand(n, device=DEVICE) for _ in range(12)]
+    yield "distill_grad", distill.distill_grad_op, (
+        q, k[:n], s, tq, tk, s, arange, *(v + 3 for v in vec[:4]), *vec[4:11], "torch", True, True)
     x, y = _unit(n, d), _unit(n, d)
     yield "sigmoid", library.sigmoid_loss_op, (
         *grads(x, y), torch.tensor(5.0, device=DEVICE, requires_grad=True),

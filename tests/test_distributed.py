@@ -74,6 +74,24 @@ def case_clip(world, g, bias=True, label_smoothing=0.0):
     return fastcl.clip_loss, tensors, lambda r: extra, extra
 
 
+def case_distill(world, g, teacher_grad=True):
+    """distill_clip_loss: both of its losses in one scalar (contrastive + 0.7 distill), so every
+    gradient checks both; a teacher of another width, with or without gradients."""
+    sizes = _shards(world, 3)
+    n = sum(sizes)
+    tensors = {"image_features": (_unit(g, n, 6), sizes, True), "text_features": (_unit(g, n, 6), sizes, True),
+               "logit_scale": (torch.tensor(8.0, dtype=torch.float64), None, True),
+               "dist_image_features": (_unit(g, n, 4), sizes, teacher_grad),
+               "dist_text_features": (_unit(g, n, 4), sizes, teacher_grad),
+               "dist_logit_scale": (torch.tensor(12.0, dtype=torch.float64), None, teacher_grad)}
+    import fastcl
+
+    def fn(**kw):
+        contrastive, distill = fastcl.distill_clip_loss(**kw)
+        return contrastive + 0.7 * distill
+    return fn, tensors, lambda r: {}, {}
+
+
 def case_siglip(world, g, classes=0):
     """SigLIP; ``classes``: multi-positive labels drawn from that many classes (0: none)."""
     sizes = _shards(world, 3)
@@ -222,13 +240,15 @@ CASES = {
     "supcon_one_no_labels": lambda w, g: case_supcon(w, g, contrast_mode="one", labels=False),
     "dcl": lambda w, g: case_dcl(w, g, weight_sigma=None),
     "dclw": case_dcl,
+    "distill_clip_loss": case_distill,
+    "distill_clip_loss_frozen_teacher": lambda w, g: case_distill(w, g, teacher_grad=False),
     "nn.ClipLoss": lambda w, g: case_nn_module(w, g, "ClipLoss"),
     "nn.SupConLoss": lambda w, g: case_nn_module(w, g, "SupConLoss"),
 }
 
 
-# cases the ring cannot run (it raises, saying so): none at present
-ALL_GATHER_ONLY = set()
+# cases the ring cannot run (it raises, saying so)
+ALL_GATHER_ONLY = {"distill_clip_loss", "distill_clip_loss_frozen_teacher"}
 
 
 def _modes(name):

@@ -9,7 +9,7 @@ class              fastcl
 ClipLoss           fused (:func:`fastcl.clip_loss`), one process
 SigLipLoss         fused (:func:`fastcl.siglip_loss`), one process
 CoCaLoss           contrastive part fused; the caption cross-entropy is plain torch, as in open_clip
-DistillClipLoss    delegated to open_clip (needs teacher soft targets, which fastcl does not fuse)
+DistillClipLoss    fused (:func:`fastcl.distill_clip_loss`), one process
 =================  ==========================================================================
 
 Several processes (``world_size > 1``, default process group, ``rank``/``world_size`` as open_clip
@@ -23,6 +23,7 @@ gather_with_grad=True (+local_loss)  global loss (local share)       exact -- re
 gather_with_grad=False (default)    global loss                     features 1/W of exact
 gather_with_grad=False, local_loss  local rows vs detached columns  query side only (inexact)
 SigLipLoss, every dist_impl         local images vs all texts / B   exact
+DistillClipLoss                     as ClipLoss; gather_with_grad=False with local_loss goes to open_clip
 ==================================  ==============================  ===========================
 
 The inexact open_clip modes are reproduced, not fixed: pass ``gather_with_grad=True`` (or call
@@ -201,26 +202,43 @@ class SigLipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class DistillClipLoss(nn.Module):
-    """``open_clip.loss.DistillClipLoss``, delegated to open_clip (not fused).
+class DistillClipLoss(ClipLoss):
+    """``open_clip.loss.DistillClipLoss``: CLIP's loss and the student's cross-entropy to a
+    teacher's softmax, fused (:func:`fastcl.distill_clip_loss`).
 
-    Its distillation term ``-(softmax(teacher) * log_softmax(student)).sum(1).mean()`` weighs every
-    student logit by a teacher probability: a second logit stream that fastcl's kernels do not
-    take yet. This class forwards to open_clip so that a script importing everything from
-    ``fastcl.compat.open_clip`` keeps working; it raises ``NotImplementedError`` when open_clip is
-    not installed. Same constructor and ``forward(image_features, text_features, logit_scale,
-    dist_image_features, dist_text_features, dist_logit_scale, output_dict=False)``.
+    ``forward(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+    dist_logit_scale, output_dict=False)`` returns ``(contrastive_loss, distill_loss)`` or
+    ``{"contrastive_loss", "distill_loss"}``, with open_clip's values and gradients (the
+    teacher's included when its tensors require them).
+
+    Several processes: ``gather_with_grad=True`` (with or without ``local_loss``) is fastcl's exact
+    all_gather; ``gather_with_grad=False`` without ``local_loss`` reproduces open_clip's gradient
+    (each rank's own rows carry 1/W of the exact one, the teacher's too). ``gather_with_grad=False``
+    with ``local_loss`` is handed to open_clip (raises ``NotImplementedError`` if it is not
+    installed).
     """
-
-    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
-                 use_horovod=False):
-        super().__init__()
-        host = _import_host("open_clip.loss", "DistillClipLoss (teacher soft targets)", "open_clip_torch")
-        self.host = host.DistillClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad,
-                                         cache_labels=cache_labels, rank=rank, world_size=world_size,
-                                         use_horovod=use_horovod)
 
     def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
                 dist_logit_scale, output_dict=False):
-        return self.host(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
-                         dist_logit_scale, output_dict=output_dict)
+        features = (image_features, text_features, dist_image_features, dist_text_features)
+        if self.world_size <= 1:
+            contrastive, distill = F.distill_clip_loss(*features[:2], logit_scale, *features[2:], dist_logit_scale)
+        else:
+            group = _group(type(self).__name__, self.rank, self.world_size)
+            if self.gather_with_grad:
+                contrastive, distill = F.distill_clip_loss(*features[:2], logit_scale, *features[2:],
+                                                           dist_logit_scale, group=group, local_loss=self.local_loss)
+            elif not self.local_loss:
+                w = 1.0 / self.world_size
+                image, text, t_image, t_text = (_scale_grad(x, w) for x in features)
+                contrastive, distill = F.distill_clip_loss(image, text, logit_scale, t_image, t_text,
+                                                           dist_logit_scale, group=group)
+            else:
+                host = _import_host("open_clip.loss", "DistillClipLoss(gather_with_grad=False, local_loss=True)",
+                                    "open_clip_torch")
+                return host.DistillClipLoss(local_loss=True, gather_with_grad=False, rank=self.rank,
+                                            world_size=self.world_size)(
+                    *features[:2], logit_scale, *features[2:], dist_logit_scale, output_dict=output_dict)
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill

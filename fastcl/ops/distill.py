@@ -110,6 +110,7 @@ def _(query, key, scale_rows, t_query, t_key, t_scale_rows, positive_index, lse_
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:7], output[0], output[1], output[5], output[6], output[2], output[3])
     ctx.backend = inputs[8]
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None (see _backward)
 
 
 def _backward(ctx, g_lse_row, g_lse_col, g_mean_row, g_mean_col, g_pos, _g_t_row, _g_t_col):
@@ -117,7 +118,10 @@ def _backward(ctx, g_lse_row, g_lse_col, g_mean_row, g_mean_col, g_pos, _g_t_row
     query, key, s_rows, t_query, t_key, t_rows, pos_index, lse_row, lse_col, t_lse_row, t_lse_col, mean_row, \
         mean_col = ctx.saved_tensors
     need = ctx.needs_input_grad
-    student, teacher = any(need[:3]), any(need[3:6])
+    # the teacher's logits reach the losses through the weighted means only: without their
+    # gradient (the contrastive loss alone) the teacher gets none, as under dense autograd
+    student = any(need[:3])
+    teacher = any(need[3:6]) and (g_mean_row is not None or g_mean_col is not None)
     symmetric = lse_col.numel() > 0
     zeros = torch.zeros_like(lse_row)
 
