@@ -91,6 +91,14 @@ def _make_clip(n, d, dtype, device, grad, gen):
     return dict(x=x, y=y, scale=scale), _leaves([x, y, scale], grad)
 
 
+def _make_distill(n, d, dtype, device, grad, gen):
+    # a frozen teacher (no gradient) of the same width, at open_clip's initial scale
+    inputs, leaves = _make_clip(n, d, dtype, device, grad, gen)
+    teacher = dict(tx=_unit(n, d, dtype, device, gen), ty=_unit(n, d, dtype, device, gen),
+                   t_scale=_param(CLIP_SCALE, dtype, device))
+    return dict(inputs, **teacher), leaves
+
+
 def _make_siglip(n, d, dtype, device, grad, gen):
     x, y = _unit(n, d, dtype, device, gen), _unit(n, d, dtype, device, gen)
     scale, bias = _param(SIGLIP_SCALE, dtype, device), _param(SIGLIP_BIAS, dtype, device)
@@ -154,6 +162,9 @@ CASES: Dict[str, Case] = {
     for c in [
         Case("clip_loss", "CLIP symmetric InfoNCE, logit_scale 1/0.07 (learnable)", _square, _make_clip,
              lambda i, b: fastcl.clip_loss(i["x"], i["y"], i["scale"], backend=b)),
+        Case("distill_clip_loss", "CLIP + distillation from a frozen teacher (contrastive + distill)", _square,
+             _make_distill, lambda i, b: sum(fastcl.distill_clip_loss(i["x"], i["y"], i["scale"], i["tx"], i["ty"],
+                                                                      i["t_scale"], backend=b))),
         Case("siglip_loss", "SigLIP pairwise sigmoid, scale 10 and bias -10 (learnable)", _square, _make_siglip,
              lambda i, b: fastcl.siglip_loss(i["x"], i["y"], i["scale"], i["bias"], backend=b)),
         Case("clip_loss_smoothed", "CLIP with label smoothing 0.1", _square, _make_clip,

@@ -3,8 +3,9 @@
 * ``naive``: the textbook materialised PyTorch (the N x M logits in the input dtype), one logits
   matmul per loss; what a user writes by hand. Written apart from fastcl; the tests check it
   gives fastcl's value.
-* ``open_clip``: ``open_clip.loss.ClipLoss`` / ``SigLipLoss`` (single process). ``ClipLoss``
-  computes the logits twice (image->text and text->image matmuls).
+* ``open_clip``: ``open_clip.loss.ClipLoss`` / ``SigLipLoss`` / ``DistillClipLoss`` (single
+  process; the distillation row sums its two losses). ``ClipLoss`` computes the logits twice
+  (image->text and text->image matmuls).
 * ``inf_cl``: Inf-CL's ``cal_inf_loss`` (PyPI ``inf-cl``; CUDA only, one-directional InfoNCE
   with one positive per row). CLIP's symmetric loss is its two directions averaged, as Inf-CL's
   own trainer does. It computes in fp32/TF32, so it is given fp32 copies of the inputs.
@@ -61,6 +62,20 @@ def naive_clip_false_negative(x, y, scale, margin):
     rows = (scale * sim).masked_fill((sim > diag[:, None] + margin) & off, float("-inf"))
     cols = (scale * sim.T).masked_fill((sim.T > diag[:, None] + margin) & off, float("-inf"))
     return (F.cross_entropy(rows, labels) + F.cross_entropy(cols, labels)) / 2
+
+
+def naive_distill_clip(x, y, scale, tx, ty, t_scale):
+    """open_clip ``DistillClipLoss``: student and teacher logits materialised (each direction's
+    matrix computed as open_clip does), contrastive + distill."""
+    labels = torch.arange(x.shape[0], device=x.device)
+    student, student_t = scale * x @ y.T, scale * y @ x.T
+    teacher, teacher_t = t_scale * tx @ ty.T, t_scale * ty @ tx.T
+
+    def soft_ce(t, s):
+        return -(t.softmax(dim=1) * s.log_softmax(dim=1)).sum(dim=1).mean()
+
+    contrastive = (F.cross_entropy(student, labels) + F.cross_entropy(student_t, labels)) / 2
+    return contrastive + (soft_ce(teacher, student) + soft_ce(teacher_t, student_t)) / 2
 
 
 def naive_matryoshka_mnrl(q, k, scale, dims):
@@ -153,6 +168,7 @@ NAIVE: Dict[str, Callable[[Inputs], torch.Tensor]] = {
     "siglip_labels": lambda i: naive_siglip_loss(i["x"], i["y"], i["scale"], i["bias"], i["labels"]),
     "clip_loss_false_negative": lambda i: naive_clip_false_negative(i["x"], i["y"], i["scale"], FALSE_NEGATIVE_MARGIN),
     "info_nce_hardness": lambda i: naive_info_nce_hardness(i["q"], i["k"], DEBIAS, HARDNESS),
+    "distill_clip_loss": lambda i: naive_distill_clip(i["x"], i["y"], i["scale"], i["tx"], i["ty"], i["t_scale"]),
     "info_nce_matryoshka": lambda i: naive_matryoshka_mnrl(i["q"], i["k"], MNRL_SCALE,
                                                            matryoshka_dims(i["q"].shape[1])),
     "info_nce_labels": lambda i: naive_info_nce_labels(i["q"], i["k"], i["labels"]),
@@ -166,7 +182,7 @@ NAIVE: Dict[str, Callable[[Inputs], torch.Tensor]] = {
 
 # --- open_clip -----------------------------------------------------------------------------
 
-_OPEN_CLIP_CASES = ("clip_loss", "siglip_loss")
+_OPEN_CLIP_CASES = ("clip_loss", "siglip_loss", "distill_clip_loss")
 
 
 def _open_clip_loss_module():
@@ -178,6 +194,9 @@ def _open_clip(case: str):
     if case == "clip_loss":
         fn = loss.ClipLoss()
         return lambda i: fn(i["x"], i["y"], i["scale"])
+    if case == "distill_clip_loss":
+        fn = loss.DistillClipLoss()
+        return lambda i: sum(fn(i["x"], i["y"], i["scale"], i["tx"], i["ty"], i["t_scale"]))
     fn = loss.SigLipLoss()
     return lambda i: fn(i["x"], i["y"], i["scale"], i["bias"])
 

@@ -204,6 +204,38 @@ def false_negative_margin_value(value, *, labels=None, decoupled=False, debias=N
     return float(value)
 
 
+def guide_mask(guide_query, guide_key, guide_negatives, guide_margin, *, query, key, negatives, pos, conflicts):
+    """``(guide_rows, guide_cols, fn_row)`` of a GIST call (unit-norm guide embeddings of the rows
+    and of ``[key; negatives]`` in the compute dtype, and each row's threshold
+    ``cos(gq_i, gk_pos(i)) - margin``), or ``(None, None, None)`` without guides. ``conflicts``:
+    ``{option name: given}`` of the options the mask cannot join."""
+    if guide_query is None and guide_key is None and guide_negatives is None:
+        return None, None, None
+    if guide_query is None or guide_key is None:
+        raise ValueError("guide_query and guide_key go together (the guide model's embeddings of the rows and keys)")
+    if (negatives is None) != (guide_negatives is None):
+        raise ValueError("guide_negatives must be given exactly when negatives are (the guide's view of them)")
+    for name, given in conflicts.items():
+        if given:
+            raise ValueError(f"guide_query/guide_key cannot be combined with {name}")
+    if isinstance(guide_margin, bool) or not isinstance(guide_margin, numbers.Real) or not math.isfinite(guide_margin):
+        raise TypeError(f"guide_margin must be a finite float; got {guide_margin!r}")
+    guides = [("guide_query", guide_query, query), ("guide_key", guide_key, key)]
+    if negatives is not None:
+        guides.append(("guide_negatives", guide_negatives, negatives))
+    for name, g, ref in guides:
+        _checks.features(name, g)
+        _checks.same_rows(name, g, name.replace("guide_", ""), ref)
+        _checks.same_width(name, g, "guide_query", guide_query)
+        if g.device != query.device:
+            raise ValueError(f"{name} is on {g.device} but query is on {query.device}; put them on one device")
+    cd = compute_dtype(query.dtype)
+    rows = torch.nn.functional.normalize(guide_query.detach().to(cd), dim=1)
+    cols = torch.cat([g.detach().to(cd) for _, g, _ in guides[1:]])
+    cols = torch.nn.functional.normalize(cols, dim=1)
+    return rows, cols, (rows * cols[pos]).sum(dim=1) - float(guide_margin)
+
+
 def positive_scale(scale: torch.Tensor, name: str) -> None:
     """The false-negative mask compares logits ``s_i <q_i, k_j>``: it needs ``s_i > 0``."""
     if _checks.values_readable(scale.device) and bool((scale.detach() <= 0).any()):
@@ -251,7 +283,7 @@ def _one_hot_positives(positive_index, n, m, n_neg, exclude_self, symmetric, dev
 
 def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labels, negatives, negative_labels,
              exclude_self, decoupled, symmetric, debias, label_smoothing=0.0, false_negative_margin=None,
-             hardness=None) -> Lowered:
+             hardness=None, guide_query=None, guide_key=None, guide_negatives=None, guide_margin=0.0) -> Lowered:
     """Validate :func:`fastcl.info_nce`'s arguments and lower them to a spec."""
     query = _checks.features("query", query)
     key = _checks.features("key", key)
@@ -303,8 +335,13 @@ def info_nce(query, key, *, temperature, scale, positive_index, labels, key_labe
         if symmetric and s.dim() == 1:
             raise ValueError("false_negative_margin with symmetric=True needs a scalar temperature/scale (a "
                              "column's rows would compare similarities at different scales)")
+    guide_rows, guide_cols, fn_row = guide_mask(
+        guide_query, guide_key, guide_negatives, guide_margin, query=query, key=key, negatives=negatives, pos=pos,
+        conflicts={"labels": labels is not None, "decoupled": bool(decoupled), "debias": tau_plus is not None,
+                   "label_smoothing": bool(eps), "symmetric": bool(symmetric),
+                   "false_negative_margin": margin is not None})
     spec = SoftmaxSpec(positive_index=pos, row_labels=row_labels, col_labels=col_labels, col_has_label=col_has_label,
                        exclude_self=exclude_self, decoupled=decoupled or tau_plus is not None, symmetric=symmetric,
                        n_grad_cols=n_grad_cols, debias=tau_plus, label_smoothing=eps, hardness=hardness,
-                       false_negative_margin=margin)
+                       false_negative_margin=margin, fn_row=fn_row, guide_rows=guide_rows, guide_cols=guide_cols)
     return Lowered(query, key, negatives, s, None, spec)

@@ -58,6 +58,10 @@ class SoftmaxSpec:
         fn_col: ``[C]`` (symmetric): entry ``(i, j)``, ``i`` not column ``j``'s positive row,
             leaves column ``j``'s denominator when ``S_ij > fn_col[j]`` (``+inf`` on columns that
             are no anchor).
+        guide_rows, guide_cols: ``[N, G]`` / ``[C, G]`` unit-norm guide-model embeddings (GIST), in
+            the compute dtype, or ``None``: then the false-negative test reads the guide's
+            similarity ``<guide_rows_i, guide_cols_j>`` instead of ``S_ij`` (row direction only;
+            ``fn_row`` holds the guide thresholds).
     """
 
     positive_index: Optional[torch.Tensor] = None
@@ -75,6 +79,8 @@ class SoftmaxSpec:
     false_negative_margin: Optional[float] = None
     fn_row: Optional[torch.Tensor] = None
     fn_col: Optional[torch.Tensor] = None
+    guide_rows: Optional[torch.Tensor] = None
+    guide_cols: Optional[torch.Tensor] = None
 
     @property
     def uses_labels(self) -> bool:

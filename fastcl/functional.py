@@ -84,6 +84,8 @@ def _prefixes(call: Lowered, dims, weights, op: str):
     if call.spec.false_negative_margin is not None:
         raise ValueError(f"{op}: false_negative_margin is not supported with matryoshka_dims (each prefix would need "
                          "its own thresholds)")
+    if call.spec.guide_rows is not None:
+        raise ValueError(f"{op}: guide_query/guide_key are not supported with matryoshka_dims")
     return ops.matryoshka.check_dims(dims, weights, call.query.shape[1], op)
 
 
@@ -155,6 +157,10 @@ def info_nce(
     false_negative_margin: Optional[float] = None,
     matryoshka_dims: Optional[Sequence[int]] = None,
     matryoshka_weights: Optional[Sequence[float]] = None,
+    guide_query: Optional[torch.Tensor] = None,
+    guide_key: Optional[torch.Tensor] = None,
+    guide_negatives: Optional[torch.Tensor] = None,
+    guide_margin: float = 0.0,
     reduction: str = "mean",
     backend: Optional[str] = None,
     group=None,
@@ -229,6 +235,16 @@ def info_nce(
             the normalisation. With ``group``: one distributed loss per width. Not with
             ``false_negative_margin``.
         matryoshka_weights: ``w_d``, one number per entry of ``matryoshka_dims`` (default 1).
+        guide_query, guide_key, guide_negatives: a guide model's embeddings of the rows, keys and
+            negatives (GISTEmbed; ``[N, G]``, ``[M, G]``, ``[K, G]``, any width ``G``, no gradient):
+            column ``j``, not row ``i``'s positive, leaves row ``i``'s denominator when
+            ``cos(gq_i, gk_j) > cos(gq_i, gk_pos(i)) - guide_margin``. The guide similarity is
+            computed inside the tiles (one more matmul per tile), never stored. Needs one-hot
+            positives; not with ``labels``, ``decoupled``, ``debias``, ``label_smoothing``,
+            ``symmetric``, ``false_negative_margin``, ``matryoshka_dims`` or ``group``. Torch
+            backend (``auto`` takes it; naming Triton or CUDA raises).
+        guide_margin: the guide's margin (sentence-transformers' ``margin`` with
+            ``margin_strategy="absolute"``), a finite float.
         reduction: ``"mean"`` over anchors that have a positive and a non-empty denominator,
             ``"sum"``, or ``"none"``: per-row losses ``[N]``; with ``symmetric`` a tuple
             ``(row_losses[N], column_losses[N])`` where ``column_losses[i]`` belongs to the
@@ -270,7 +286,10 @@ def info_nce(
                                labels=labels, key_labels=key_labels, negatives=negatives,
                                negative_labels=negative_labels, exclude_self=exclude_self, decoupled=decoupled,
                                symmetric=symmetric, debias=tau_plus, label_smoothing=label_smoothing,
-                               false_negative_margin=false_negative_margin, hardness=beta)
+                               false_negative_margin=false_negative_margin, hardness=beta, guide_query=guide_query,
+                               guide_key=guide_key, guide_negatives=guide_negatives, guide_margin=guide_margin)
+        if group is not None and call.spec.guide_rows is not None:
+            raise ValueError("info_nce: guide_query/guide_key are not supported with group= yet")
         return call, _prefixes(call, matryoshka_dims, matryoshka_weights, "info_nce")
 
     (call, prefixes), module = _checked("info_nce", group, gather, local_loss, backend, lower)

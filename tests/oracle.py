@@ -31,7 +31,8 @@ def _f64(x):
 def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, labels=None, key_labels=None,
              negatives=None, negative_labels=None, exclude_self=False, decoupled=False, symmetric=False,
              reduction="mean", pos_weight=None, bias=None, debias=None, label_smoothing=0.0,
-             false_negative_margin=None, hardness=None):
+             false_negative_margin=None, hardness=None, guide_query=None, guide_key=None, guide_negatives=None,
+             guide_margin=0.0):
     q, k = _f64(query), _f64(key)
     cols = k if negatives is None else torch.cat([k, _f64(negatives)])
     n, c = q.shape[0], cols.shape[0]
@@ -78,6 +79,13 @@ def info_nce(query, key, *, temperature=0.1, scale=None, positive_index=None, la
         in_denominator = in_denominator & ~((raw > pos_raw[:, None] + false_negative_margin) & ~positive)
         col_pos_raw = (raw * positive).sum(0)
         col_denominator = col_denominator & ~((raw > col_pos_raw[None, :] + false_negative_margin) & ~positive)
+    if guide_query is not None:
+        # GISTEmbed from its definition: a guide model's cosine similarities decide; a column more
+        # similar to the row than the row's positive is, less the margin, leaves the row
+        g_cols = _f64(guide_key) if guide_negatives is None else torch.cat([_f64(guide_key), _f64(guide_negatives)])
+        guide = F.normalize(_f64(guide_query), dim=1) @ F.normalize(g_cols, dim=1).T
+        guide_pos = (guide * positive).sum(1)
+        in_denominator = in_denominator & ~((guide > guide_pos[:, None] - guide_margin) & ~positive)
     weight = torch.ones(n, dtype=torch.float64) if pos_weight is None else _f64(pos_weight)
     # the scale of every logit (for the debiased loss's floor)
     s_full = (s if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=torch.float64)) * torch.ones(n, c,

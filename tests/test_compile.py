@@ -39,6 +39,10 @@ CASES = {
     "info_nce_debias_hardness": (lambda x, y, e: fastcl.info_nce(x, y, debias=0.1, hardness=0.5), lambda n: {}),
     "info_nce_false_negative_margin": (lambda x, y, e: fastcl.info_nce(x, y, false_negative_margin=0.0),
                                        lambda n: {}),
+    "info_nce_guide_mask_queue": (
+        lambda x, y, e: fastcl.info_nce(x, y, negatives=e["queue"], guide_query=e["gq"], guide_key=e["gk"],
+                                        guide_negatives=e["gn"], guide_margin=0.05),
+        lambda n: {"queue": _unit(5), "gq": _unit(n, 4), "gk": _unit(n, 4), "gn": _unit(5, 4)}),
     "clip_loss_bias_smoothing": (
         lambda x, y, e: fastcl.clip_loss(x, y, e["scale"], e["bias"], label_smoothing=0.1),
         lambda n: {"scale": _scalar(10.0), "bias": _scalar(-1.0)}),
@@ -133,23 +137,29 @@ def _opcheck_samples():
         return [t.clone().requires_grad_() for t in ts]
 
     yield "stats_symmetric_margin", library.softmax_stats_op, (
-        *grads(q, k, s), pos, None, None, None, fn_row, fn_col, False, False, True, -1, "torch")
+        *grads(q, k, s), pos, None, None, None, fn_row, fn_col, None, None, False, False, True, -1, "torch")
     yield "stats_labels_decoupled", library.softmax_stats_op, (
-        *grads(q, k, s), None, labels, col_labels, None, None, None, False, True, False, -1, "torch")
+        *grads(q, k, s), None, labels, col_labels, None, None, None, None, None, False, True, False, -1, "torch")
+    yield "stats_guide_mask", library.softmax_stats_op, (
+        *grads(q, k, s), pos, None, None, None, fn_row * 0.1, None, _unit(n, 3), _unit(n + 2, 3), False, False, False, -1,
+        "torch")
     lse = torch.randn(n, device=DEVICE) + 3
     yield "grad", library.softmax_grad_op, (
         q, k, s, lse, torch.rand(n, device=DEVICE), torch.rand(n, device=DEVICE), torch.randn(n + 2, device=DEVICE) + 3,
-        torch.rand(n + 2, device=DEVICE), pos, None, None, None, None, None, False, False, True, n, "torch", True, True)
+        torch.rand(n + 2, device=DEVICE), pos, None, None, None, None, None, None, None, False, False, True, n, "torch",
+        True, True)
     dims = [2, 5]
     rows, cols = torch.rand(2, n, device=DEVICE) + 0.5, torch.rand(2, n + 2, device=DEVICE) + 0.5
     yield "prefix_stats_symmetric", library.prefix_stats_op, (
-        *grads(q, k, rows, cols), dims, torch.float32, pos, None, None, None, None, None, False, False, True, -1, "torch")
+        *grads(q, k, rows, cols), dims, torch.float32, pos, None, None, None, None, None, None, None, False, False, True,
+        -1, "torch")
     yield "prefix_stats_labels_exclude_self", library.prefix_stats_op, (
-        *grads(q, k, rows, cols), dims, torch.float32, None, labels, col_labels, None, None, None, True, True, False, -1, "torch")
+        *grads(q, k, rows, cols), dims, torch.float32, None, labels, col_labels, None, None, None, None, None, True,
+        True, False, -1, "torch")
     yield "prefix_grad", library.prefix_grad_op, (
         q, k, rows, cols, dims, torch.float32, torch.randn(2, n, device=DEVICE) + 3, torch.rand(2, n, device=DEVICE),
         torch.rand(2, n, device=DEVICE), torch.randn(2, n + 2, device=DEVICE) + 3, torch.rand(2, n + 2, device=DEVICE),
-        pos, None, None, None, None, None, False, False, True, n, "torch", True, True)
+        pos, None, None, None, None, None, None, None, False, False, True, n, "torch", True, True)
     from fastcl.ops import distill
 
     tq, tk = _unit(n, 3), _unit(n, 3)

@@ -201,9 +201,12 @@ def sigmoid_pass(query, key, scale_rows, bias, positive_index, *, rows: bool = T
 
 
 def unsupported(spec) -> Optional[str]:
-    """What the compiled kernels do not cover, or ``None``: the false-negative mask (its
-    thresholds are not in their mask contract yet)."""
-    if isinstance(spec, SoftmaxSpec) and spec.false_negative_margin is not None:
+    """What the compiled kernels do not cover, or ``None``: the false-negative and guide-model
+    masks (their thresholds are not in their mask contract yet)."""
+    if isinstance(spec, SoftmaxSpec) and spec.guide_rows is not None:
+        return "the CUDA kernels have no guide-model mask (guide_query/guide_key)"
+    # a pass's spec carries the thresholds only (the operators rebuild it without the margin)
+    if isinstance(spec, SoftmaxSpec) and (spec.false_negative_margin is not None or spec.fn_row is not None):
         return "the CUDA kernels have no false-negative mask (false_negative_margin)"
     return None
 

@@ -190,10 +190,14 @@ _HALF_MIN = {torch.float32: -2.0e38, torch.float64: -1.0e308}
 def _drop_above(tile, thr, spec: SoftmaxSpec, r0, r1, c0, c1, work, target=None) -> None:
     """The false-negative mask, in place: ``target`` (default ``tile``) at -inf wherever ``tile >
     thr`` (``thr`` broadcast: ``[R, 1]`` row or ``[1, C]`` column thresholds), except on each row's
-    one-hot positive, which is also each column's positive. ``work`` (tile-shaped) holds the
-    mask; a NaN logit stays NaN."""
+    one-hot positive, which is also each column's positive; with guide embeddings in ``spec``
+    the test reads their similarity instead of ``tile``. ``work`` (tile-shaped) holds the mask; a
+    NaN logit stays NaN."""
     target = tile if target is None else target
-    mask = torch.gt(tile, thr, out=work)  # 1 where masked, as a float
+    test = tile
+    if spec.guide_rows is not None:  # GIST: the guide model's similarity decides, not the logit
+        test = torch.mm(spec.guide_rows[r0:r1], spec.guide_cols[c0:c1].T, out=work)
+    mask = torch.gt(test, thr, out=work)  # 1 where masked, as a float
     if spec.positive_index is not None:
         idx, in_tile = _positive_in_tile(spec.positive_index[r0:r1], c0, c1)
         mask.scatter_(1, idx, torch.where(in_tile, 0.0, mask.gather(1, idx)))
@@ -401,7 +405,8 @@ def softmax_grad(query, key, scale_rows, spec: SoftmaxSpec, lse_row, w_row, coef
         tile = _masked_tile(qs_aug, k_aug, spec, r0, r1, c0, c1, buf.view(r1 - r0, c1 - c0))
         if spec.fn_row is not None and not spec.symmetric:  # tile = S - LSE_i: shift the thresholds alike
             keep = torch.empty_like(tile)
-            _drop_above(tile, (spec.fn_row[r0:r1] - lse_safe[r0:r1])[:, None], spec, r0, r1, c0, c1, g)
+            thr = spec.fn_row[r0:r1] - (0 if spec.guide_rows is not None else lse_safe[r0:r1])
+            _drop_above(tile, thr[:, None], spec, r0, r1, c0, c1, g)
             torch.mul(_masked_exp_(tile, tile, keep), w_row[r0:r1, None], out=g)
         elif spec.fn_row is not None:  # each direction over its own denominator, from S itself
             logits = tile.add_(lse_safe[r0:r1, None])

@@ -297,6 +297,14 @@ def _column_launch(launcher: _Launcher, cd, n_grad_cols: int, **weights):
     return acc_k
 
 
+def unsupported(spec) -> Optional[str]:
+    """What the kernels do not cover, or ``None``: the guide-model mask (its test needs a second
+    matmul per tile, not in the kernels yet)."""
+    if isinstance(spec, SoftmaxSpec) and spec.guide_rows is not None:
+        return "the Triton kernels have no guide-model mask (guide_query/guide_key)"
+    return None
+
+
 def available(device: torch.device) -> Optional[str]:
     """``None`` if this backend can run on ``device``, else the reason it cannot."""
     device = torch.device(device)

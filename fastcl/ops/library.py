@@ -49,32 +49,34 @@ def _backend(name: str, device: torch.device, spec):
 # Softmax family: the two passes, the gradient pass as the statistics pass's backward
 
 
-def _pass_spec(positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, exclude_self, decoupled,
-               symmetric, n_grad_cols) -> SoftmaxSpec:
+def _pass_spec(positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, guide_rows, guide_cols,
+               exclude_self, decoupled, symmetric, n_grad_cols) -> SoftmaxSpec:
     """The mask fields of a block (what the passes read)."""
     return SoftmaxSpec(positive_index=positive_index, row_labels=row_labels, col_labels=col_labels,
                        col_has_label=col_has_label, exclude_self=exclude_self, decoupled=decoupled,
                        symmetric=symmetric, n_grad_cols=None if n_grad_cols < 0 else n_grad_cols,
-                       fn_row=fn_row, fn_col=fn_col)
+                       fn_row=fn_row, fn_col=fn_col, guide_rows=guide_rows, guide_cols=guide_cols)
 
 
 def _pass_args(spec: SoftmaxSpec) -> list:
     """``spec``'s mask fields as the operators' trailing arguments (the order of :func:`_pass_spec`)."""
     return [spec.positive_index, spec.row_labels, spec.col_labels, spec.col_has_label, spec.fn_row, spec.fn_col,
-            spec.exclude_self, spec.decoupled, spec.symmetric, -1 if spec.n_grad_cols is None else spec.n_grad_cols]
+            spec.guide_rows, spec.guide_cols, spec.exclude_self, spec.decoupled, spec.symmetric,
+            -1 if spec.n_grad_cols is None else spec.n_grad_cols]
 
 
 def _softmax_stats(
     query: Tensor, cols: Tensor, scale_rows: Tensor, positive_index: Optional[Tensor], row_labels: Optional[Tensor],
     col_labels: Optional[Tensor], col_has_label: Optional[Tensor], fn_row: Optional[Tensor], fn_col: Optional[Tensor],
-    exclude_self: bool, decoupled: bool, symmetric: bool, n_grad_cols: int, backend: str,
+    guide_rows: Optional[Tensor], guide_cols: Optional[Tensor], exclude_self: bool, decoupled: bool, symmetric: bool,
+    n_grad_cols: int, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(lse_row [N], lse_col [C] or empty, pos_sum [N], pos_cnt [N], pos [N])``: the backend's
     statistics pass (``fastcl.backends``) over one block, plus the one-hot positive logits
     ``s_i <q_i, col_pos(i)>`` (labels: ``pos`` empty; no labels: ``pos_sum``/``pos_cnt`` empty).
     Differentiable in ``query``, ``cols`` and ``scale_rows`` through every output but the count."""
-    spec = _pass_spec(positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, exclude_self, decoupled,
-                      symmetric, n_grad_cols)
+    spec = _pass_spec(positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, guide_rows, guide_cols,
+                      exclude_self, decoupled, symmetric, n_grad_cols)
     st = _backend(backend, query.device, spec).softmax_stats(query, cols, scale_rows, spec)
     like = st.lse_row
     pos = _empty(like)
@@ -88,7 +90,8 @@ softmax_stats_op = torch.library.custom_op("fastcl::softmax_stats", mutates_args
 
 
 @softmax_stats_op.register_fake
-def _(query, cols, scale_rows, positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, exclude_self,
+def _(query, cols, scale_rows, positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, guide_rows,
+      guide_cols, exclude_self,
       decoupled, symmetric, n_grad_cols, backend):
     n, c = query.shape[0], cols.shape[0]
     labels = row_labels is not None
@@ -103,14 +106,15 @@ def _(query, cols, scale_rows, positive_index, row_labels, col_labels, col_has_l
 def _softmax_grad(
     query: Tensor, cols: Tensor, scale_rows: Tensor, lse_row: Tensor, w_row: Tensor, coef: Tensor, lse_col: Tensor,
     w_col: Tensor, positive_index: Optional[Tensor], row_labels: Optional[Tensor], col_labels: Optional[Tensor],
-    col_has_label: Optional[Tensor], fn_row: Optional[Tensor], fn_col: Optional[Tensor], exclude_self: bool,
+    col_has_label: Optional[Tensor], fn_row: Optional[Tensor], fn_col: Optional[Tensor], guide_rows: Optional[Tensor],
+    guide_cols: Optional[Tensor], exclude_self: bool,
     decoupled: bool, symmetric: bool, n_grad_cols: int, backend: str, rows: bool, columns: bool,
 ) -> Tuple[Tensor, Tensor]:
     """``(sum_j G_ij k_j [N, D], sum_i G_ij s_i q_i [C, D])`` (empty where not asked): the
     backend's gradient pass with the softmax weights ``w_row``/``w_col`` and the positives'
     target weight ``coef`` (``lse_col``/``w_col`` empty unless symmetric)."""
-    spec = _pass_spec(positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, exclude_self, decoupled,
-                      symmetric, n_grad_cols)
+    spec = _pass_spec(positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, guide_rows, guide_cols,
+                      exclude_self, decoupled, symmetric, n_grad_cols)
     acc_q, acc_k = _backend(backend, query.device, spec).softmax_grad(
         query, cols, scale_rows, spec, lse_row, w_row, coef, _or_none(lse_col) if symmetric else None,
         _or_none(w_col) if symmetric else None, rows=rows, cols=columns)
@@ -122,7 +126,8 @@ softmax_grad_op = torch.library.custom_op("fastcl::softmax_grad", mutates_args=(
 
 @softmax_grad_op.register_fake
 def _(query, cols, scale_rows, lse_row, w_row, coef, lse_col, w_col, positive_index, row_labels, col_labels,
-      col_has_label, fn_row, fn_col, exclude_self, decoupled, symmetric, n_grad_cols, backend, rows, columns):
+      col_has_label, fn_row, fn_col, guide_rows, guide_cols, exclude_self, decoupled, symmetric, n_grad_cols, backend,
+      rows, columns):
     acc_q = query.new_empty(query.shape, dtype=lse_row.dtype) if rows else _empty(lse_row)
     acc_k = cols.new_empty(cols.shape, dtype=lse_row.dtype) if columns else _empty(lse_row)
     return acc_q, acc_k
@@ -130,8 +135,8 @@ def _(query, cols, scale_rows, lse_row, w_row, coef, lse_col, w_col, positive_in
 
 def _stats_setup(ctx, inputs, output):
     query, cols, scale_rows = inputs[:3]
-    ctx.save_for_backward(query, cols, scale_rows, output[0], output[1], *inputs[3:9])
-    ctx.options = inputs[9:]
+    ctx.save_for_backward(query, cols, scale_rows, output[0], output[1], *inputs[3:11])
+    ctx.options = inputs[11:]
 
 
 def _stats_backward(ctx, g_lse_row, g_lse_col, g_pos_sum, _g_pos_cnt, g_pos):
@@ -190,7 +195,8 @@ def softmax_loss(backend: str, query, key, negatives, scale, bias, spec: Softmax
 def _prefix_stats(
     query: Tensor, cols: Tensor, row_scales: Tensor, col_scales: Tensor, dims: List[int], kernel_dtype: torch.dtype,
     positive_index: Optional[Tensor], row_labels: Optional[Tensor], col_labels: Optional[Tensor],
-    col_has_label: Optional[Tensor], fn_row: Optional[Tensor], fn_col: Optional[Tensor], exclude_self: bool,
+    col_has_label: Optional[Tensor], fn_row: Optional[Tensor], fn_col: Optional[Tensor], guide_rows: Optional[Tensor],
+    guide_cols: Optional[Tensor], exclude_self: bool,
     decoupled: bool, symmetric: bool, n_grad_cols: int, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(lse_row [P, N], lse_col [P, C] or empty, pos_sum [P, N], pos_cnt [N], pos [P, N])``:
@@ -201,8 +207,8 @@ def _prefix_stats(
     ``kernel_dtype`` is the input dtype a backend without fused prefixes runs its kernels in."""
     from . import matryoshka
 
-    spec = _pass_spec(positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, exclude_self, decoupled,
-                      symmetric, n_grad_cols)
+    spec = _pass_spec(positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, guide_rows, guide_cols,
+                      exclude_self, decoupled, symmetric, n_grad_cols)
     module = _backend(backend, query.device, spec)
     st = matryoshka.prefix_stats(module, query, cols, row_scales, col_scales, dims, spec, kernel_dtype)
     like = st.lse_row
@@ -220,7 +226,7 @@ prefix_stats_op = torch.library.custom_op("fastcl::prefix_stats", mutates_args=(
 
 @prefix_stats_op.register_fake
 def _(query, cols, row_scales, col_scales, dims, kernel_dtype, positive_index, row_labels, col_labels, col_has_label,
-      fn_row, fn_col, exclude_self, decoupled, symmetric, n_grad_cols, backend):
+      fn_row, fn_col, guide_rows, guide_cols, exclude_self, decoupled, symmetric, n_grad_cols, backend):
     n, c, n_pre = query.shape[0], cols.shape[0], len(dims)
     labels = row_labels is not None
 
@@ -235,7 +241,8 @@ def _prefix_grad(
     query: Tensor, cols: Tensor, row_scales: Tensor, col_scales: Tensor, dims: List[int], kernel_dtype: torch.dtype,
     lse_row: Tensor, w_row: Tensor, coef: Tensor, lse_col: Tensor, w_col: Tensor, positive_index: Optional[Tensor],
     row_labels: Optional[Tensor], col_labels: Optional[Tensor], col_has_label: Optional[Tensor],
-    fn_row: Optional[Tensor], fn_col: Optional[Tensor], exclude_self: bool, decoupled: bool, symmetric: bool,
+    fn_row: Optional[Tensor], fn_col: Optional[Tensor], guide_rows: Optional[Tensor],
+    guide_cols: Optional[Tensor], exclude_self: bool, decoupled: bool, symmetric: bool,
     n_grad_cols: int, backend: str, rows: bool, columns: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(d query [N, D], d cols [C, D], d row_scales [P, N], d col_scales [P, C])`` of the prefix
@@ -243,8 +250,8 @@ def _prefix_grad(
     (empty feature gradients where not asked)."""
     from . import matryoshka
 
-    spec = _pass_spec(positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, exclude_self, decoupled,
-                      symmetric, n_grad_cols)
+    spec = _pass_spec(positive_index, row_labels, col_labels, col_has_label, fn_row, fn_col, guide_rows, guide_cols,
+                      exclude_self, decoupled, symmetric, n_grad_cols)
     module = _backend(backend, query.device, spec)
     acc_q, acc_k, d_row, d_col = matryoshka.prefix_grad(
         module, query, cols, row_scales, col_scales, dims, kernel_dtype, spec, lse_row, w_row, coef,
@@ -257,7 +264,8 @@ prefix_grad_op = torch.library.custom_op("fastcl::prefix_grad", mutates_args=())
 
 @prefix_grad_op.register_fake
 def _(query, cols, row_scales, col_scales, dims, kernel_dtype, lse_row, w_row, coef, lse_col, w_col, positive_index,
-      row_labels, col_labels, col_has_label, fn_row, fn_col, exclude_self, decoupled, symmetric, n_grad_cols, backend,
+      row_labels, col_labels, col_has_label, fn_row, fn_col, guide_rows, guide_cols, exclude_self, decoupled, symmetric,
+      n_grad_cols, backend,
       rows, columns):
     acc_q = query.new_empty(query.shape, dtype=lse_row.dtype) if rows else _empty(lse_row)
     acc_k = cols.new_empty(cols.shape, dtype=lse_row.dtype) if columns else _empty(lse_row)
@@ -265,9 +273,9 @@ def _(query, cols, row_scales, col_scales, dims, kernel_dtype, lse_row, w_row, c
 
 
 def _prefix_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4], output[0], output[1], *inputs[6:12])
+    ctx.save_for_backward(*inputs[:4], output[0], output[1], *inputs[6:14])
     ctx.dims, ctx.kernel_dtype = inputs[4], inputs[5]
-    ctx.options = inputs[12:]
+    ctx.options = inputs[14:]
 
 
 def _prefix_backward(ctx, g_lse_row, g_lse_col, g_pos_sum, _g_pos_cnt, g_pos):
