@@ -9,12 +9,13 @@ implementation in a comparison gets the same values.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 import fastcl
+from fastcl._spec import DistillSpec, SoftmaxSpec
 
 CLIP_SCALE = 1 / 0.07  # open_clip's initial exp(logit_scale)
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # SigLIP's initialisation
@@ -62,7 +63,9 @@ class Case:
 
     ``make(n, d, dtype, device, grad, gen)`` returns ``(inputs, leaves)``: the keyword arguments
     of the loss and the tensors that receive gradients. ``fastcl(inputs, backend)`` computes
-    the loss through fastcl.
+    the loss through fastcl. ``needs`` (a spec, or ``None``) names what the call needs from a
+    backend; a backend whose kernels lack it is skipped, with the reason
+    (``fastcl._dispatch.unsupported_reason``).
     """
 
     name: str
@@ -70,6 +73,7 @@ class Case:
     shape: Callable[[int], Shape]
     make: Callable[..., Tuple[Inputs, List[torch.Tensor]]]
     fastcl: Callable[[Inputs, str], torch.Tensor]
+    needs: Optional[object] = None  # a spec of what the call needs: backends lacking it are skipped
 
 
 def _unit(n, d, dtype, device, gen):
@@ -164,7 +168,7 @@ CASES: Dict[str, Case] = {
              lambda i, b: fastcl.clip_loss(i["x"], i["y"], i["scale"], backend=b)),
         Case("distill_clip_loss", "CLIP + distillation from a frozen teacher (contrastive + distill)", _square,
              _make_distill, lambda i, b: sum(fastcl.distill_clip_loss(i["x"], i["y"], i["scale"], i["tx"], i["ty"],
-                                                                      i["t_scale"], backend=b))),
+                                                                      i["t_scale"], backend=b)), DistillSpec()),
         Case("siglip_loss", "SigLIP pairwise sigmoid, scale 10 and bias -10 (learnable)", _square, _make_siglip,
              lambda i, b: fastcl.siglip_loss(i["x"], i["y"], i["scale"], i["bias"], backend=b)),
         Case("clip_loss_smoothed", "CLIP with label smoothing 0.1", _square, _make_clip,
@@ -174,7 +178,8 @@ CASES: Dict[str, Case] = {
              lambda i, b: fastcl.siglip_loss(i["x"], i["y"], i["scale"], i["bias"], labels=i["labels"], backend=b)),
         Case("clip_loss_false_negative", "CLIP, pairs more similar than the positive masked (margin 0)", _square,
              _make_clip, lambda i, b: fastcl.clip_loss(i["x"], i["y"], i["scale"],
-                                                       false_negative_margin=FALSE_NEGATIVE_MARGIN, backend=b)),
+                                                       false_negative_margin=FALSE_NEGATIVE_MARGIN, backend=b),
+             SoftmaxSpec(false_negative_margin=FALSE_NEGATIVE_MARGIN)),
         Case("info_nce_hardness", "Debiased InfoNCE (tau+ 0.1) with hard-negative reweighting (beta 1)", _square,
              _make_pairs, lambda i, b: fastcl.info_nce(i["q"], i["k"], debias=DEBIAS, hardness=HARDNESS,
                                                        temperature=TEMPERATURE, backend=b)),

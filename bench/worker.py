@@ -142,13 +142,15 @@ def _skip_reason(spec, device) -> str:
     if spec["loss"] not in CASES:
         return f"unknown loss {spec['loss']!r}"
     if impl == "fastcl":
-        from fastcl._dispatch import unavailable_reason
+        from fastcl._dispatch import unavailable_reason, unsupported_reason
 
         backend = (spec.get("backend") or "auto").partition(":")[0]
         if backend == "torch" and device.type == "cuda" and int(spec["n"]) > TORCH_ON_GPU_MAX_N:
             return (f"the torch backend is the CPU path (a slow fallback on a GPU): not run on a GPU "
                     f"above N={TORCH_ON_GPU_MAX_N}")
-        return "" if backend == "auto" else (unavailable_reason(backend, device) or "")
+        if backend == "auto":
+            return ""
+        return unavailable_reason(backend, device) or unsupported_reason(backend, CASES[spec["loss"]].needs) or ""
     return peers.unavailable(impl, spec["loss"], device, int(spec["d"])) or ""
 
 

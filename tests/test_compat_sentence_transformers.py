@@ -183,3 +183,66 @@ def test_matryoshka_hands_other_inner_losses_to_the_host_and_checks_like_it():
         for cls in (st_losses.MatryoshkaLoss, compat.MatryoshkaLoss):
             with pytest.raises(ValueError, match=message):
                 cls(model, inner, *args)
+
+
+def _tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"[UNK]": 0, "a": 1}
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]")))
+
+
+class TokenizedModel(torch.nn.Module):
+    """A stand-in with what GISTEmbedLoss checks (a tokenizer, a max_seq_length); its embeddings
+    are the features' ``field``."""
+
+    def __init__(self, field, tokenizer, max_seq_length=128):
+        super().__init__()
+        self.field, self.tokenizer, self.max_seq_length = field, tokenizer, max_seq_length
+
+    def forward(self, features):
+        return {"sentence_embedding": features[self.field]}
+
+    def get_embedding_dimension(self):
+        return None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_columns", [2, 3])
+@pytest.mark.parametrize("config", [
+    {}, {"margin": 0.05}, {"margin_strategy": "relative", "margin": 0.1}, {"contrast_anchors": False},
+    {"contrast_positives": False, "temperature": 0.05}, {"contrast_anchors": False, "contrast_positives": False},
+], ids=["default", "absolute_margin", "relative_margin", "no_anchor_block", "no_positive_block", "pairs_only"])
+def test_gist_matches_host(dtype, n_columns, config):
+    """fastcl's GISTEmbedLoss against sentence-transformers': value and every column's gradient,
+    with a guide whose mask removes a good part of each block (random guide embeddings)."""
+    tok = _tokenizer()
+    model, guide = TokenizedModel("emb", tok), TokenizedModel("guide", tok)
+    host = st_losses.GISTEmbedLoss(model, guide, **config)
+    mine = compat.GISTEmbedLoss(model, guide, **config)
+    assert not mine.unfused_options()
+    assert mine.get_config_dict() == host.get_config_dict() and mine.citation == host.citation
+    columns = [torch.randn(9, 8, dtype=dtype) for _ in range(n_columns)]
+    guides = [torch.randn(9, 5, dtype=dtype) for _ in range(n_columns)]
+    a = [c.clone().requires_grad_() for c in columns]
+    b = [c.clone().requires_grad_() for c in columns]
+    want = host([{"emb": x, "guide": g} for x, g in zip(a, guides)], None)
+    got = mine([{"emb": x, "guide": g} for x, g in zip(b, guides)], None)
+    assert_close("loss", got, want, TOL[dtype] * 10, floor=1.0)
+    want.backward()
+    got.backward()
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert_close(f"d_column{i}", y.grad, x.grad, TOL[dtype] * 10, floor=1.0)
+
+
+def test_gist_hands_a_retokenizing_guide_to_the_host_and_checks_like_it():
+    tok, other = _tokenizer(), _tokenizer()
+    model = TokenizedModel("emb", tok)
+    short_guide = TokenizedModel("guide", other, max_seq_length=16)  # shorter: the host re-tokenizes
+    assert compat.GISTEmbedLoss(model, short_guide).unfused_options()
+    for cls in (st_losses.GISTEmbedLoss, compat.GISTEmbedLoss):
+        with pytest.raises(ValueError, match="margin_strategy"):
+            cls(model, TokenizedModel("guide", tok), margin_strategy="sideways")
+        with pytest.raises(ValueError, match="tokenizer attribute"):
+            cls(ColumnModel(), TokenizedModel("guide", tok))

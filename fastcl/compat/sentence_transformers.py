@@ -47,9 +47,10 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .. import functional as F
+from .._spec import SoftmaxSpec
 from . import _import_host, _process_group, _world_size
 
-__all__ = ["MatryoshkaLoss", "MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "cos_sim",
+__all__ = ["GISTEmbedLoss", "MatryoshkaLoss", "MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "cos_sim",
            "dot_score"]
 
 logger = logging.getLogger(__name__)
@@ -298,6 +299,110 @@ class MatryoshkaLoss(nn.Module):
         return _CITATION_MATRYOSHKA
 
 
+class GISTEmbedLoss(nn.Module):
+    """``sentence_transformers.losses.GISTEmbedLoss(model, guide, temperature=0.01,
+    margin_strategy="absolute", margin=0.0, contrast_anchors=True, contrast_positives=True,
+    gather_across_devices=False)`` with the same checks, ``forward``, ``get_config_dict()`` and
+    ``citation``.
+
+    Fused: the columns ``(anchor, positive[, negative])`` are embedded by ``model`` and (without
+    gradient) by ``guide``; each anchor's softmax runs over the blocks sentence-transformers
+    concatenates -- anchor vs ``[positives | negatives]``, anchor vs anchors
+    (``contrast_anchors``), positive vs positives (``contrast_positives``) -- at ``1/temperature``
+    times the cosine, each block through fastcl's fused pass with the guide's mask inside the
+    tiles (a candidate whose guide similarity exceeds the guide's anchor-positive similarity less
+    the margin leaves, the anchor's own positive excepted), and the blocks' log-sum-exps joined
+    per anchor. Both margin strategies. No block's logits or guide similarities are stored.
+
+    Handed to sentence-transformers: a guide whose tokenizer differs (the host re-tokenizes), and
+    ``gather_across_devices=True`` under several processes. Difference: the loss is float32 for
+    float16/bfloat16 embeddings.
+    """
+
+    def __init__(self, model, guide, temperature: float = 0.01, margin_strategy: str = "absolute",
+                 margin: float = 0.0, contrast_anchors: bool = True, contrast_positives: bool = True,
+                 gather_across_devices: bool = False) -> None:
+        super().__init__()
+        self.model, self.guide, self.temperature = model, guide, temperature
+        if not hasattr(model, "tokenizer") or not hasattr(guide, "tokenizer"):
+            raise ValueError("Both the training model and the guiding model must have a tokenizer attribute.")
+        self.must_retokenize = (model.tokenizer.get_vocab() != guide.tokenizer.get_vocab()
+                                or guide.max_seq_length < model.max_seq_length)
+        if margin_strategy not in ("absolute", "relative"):
+            raise ValueError("margin_strategy must be 'absolute' or 'relative'.")
+        self.margin_strategy, self.margin = margin_strategy, margin
+        self.contrast_anchors, self.contrast_positives = contrast_anchors, contrast_positives
+        self.gather_across_devices = gather_across_devices
+        object.__setattr__(self, "_host", None)
+
+    def unfused_options(self) -> list:
+        """What this configuration hands to sentence-transformers."""
+        out = []
+        if self.must_retokenize:
+            out.append("a guide with another tokenizer (re-tokenized)")
+        if self.gather_across_devices and _world_size() > 1:
+            out.append("gather_across_devices=True across processes")
+        return out
+
+    def forward(self, sentence_features: Iterable[dict], labels: Tensor) -> Tensor:
+        unfused = self.unfused_options()
+        if unfused:
+            if self._host is None:
+                losses = _import_host("sentence_transformers.sentence_transformer.losses", ", ".join(unfused), _ST)
+                object.__setattr__(self, "_host", losses.GISTEmbedLoss(
+                    self.model, self.guide, self.temperature, self.margin_strategy, self.margin,
+                    self.contrast_anchors, self.contrast_positives, self.gather_across_devices))
+            return self._host(sentence_features, labels)
+        sentence_features = list(sentence_features)
+        guide_features = [dict(f) for f in sentence_features]
+        embeddings = _embed_columns(self.model, sentence_features)
+        with torch.no_grad():
+            guides = _embed_columns(self.guide, guide_features)
+        if len(embeddings) not in (2, 3):
+            raise ValueError(f"Expected 2 or 3 embeddings, got {len(embeddings)}")
+        return self._loss(embeddings, guides)
+
+    def _loss(self, embeddings, guides) -> Tensor:
+        from .. import _dispatch
+        from ..backends.common import compute_dtype
+        from ..ops import library
+
+        anchor, positive = (TF.normalize(x.to(compute_dtype(x.dtype)), dim=-1) for x in embeddings[:2])
+        g_anchor, g_positive = (TF.normalize(g.to(anchor.dtype), dim=-1) for g in guides[:2])
+        candidates, g_candidates = positive, g_positive
+        if len(embeddings) == 3:
+            candidates = torch.cat([positive, TF.normalize(embeddings[2].to(anchor.dtype), dim=-1)])
+            g_candidates = torch.cat([g_positive, TF.normalize(guides[2].to(anchor.dtype), dim=-1)])
+        n = anchor.shape[0]
+        g_pos = (g_anchor * g_positive).sum(dim=1)
+        offset = self.margin if self.margin_strategy == "absolute" else g_pos.abs() * self.margin
+        thresholds = g_pos - offset
+        scale = torch.full((n,), 1.0 / self.temperature, dtype=anchor.dtype, device=anchor.device)
+        pos_index = torch.arange(n, device=anchor.device)
+        blocks = [(anchor, candidates, pos_index, g_anchor, g_candidates)]
+        if self.contrast_anchors:
+            blocks.append((anchor, anchor, None, g_anchor, g_anchor))
+        if self.contrast_positives:
+            blocks.append((positive, positive, None, g_positive, g_positive))
+        lses, pos = [], None
+        for rows, cols, index, g_rows, g_cols in blocks:
+            spec = SoftmaxSpec(positive_index=index, fn_row=thresholds, guide_rows=g_rows, guide_cols=g_cols)
+            backend = _dispatch.resolve(None, rows.device, spec).__name__.rsplit(".", 1)[-1]
+            lse, block_pos = library.block_lse(backend, rows, cols, scale, spec)
+            lses.append(lse)
+            pos = block_pos if block_pos is not None else pos
+        return (torch.logsumexp(torch.stack(lses), dim=0) - pos).mean()
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"guide": self.guide, "temperature": self.temperature, "margin_strategy": self.margin_strategy,
+                "margin": self.margin, "contrast_anchors": self.contrast_anchors,
+                "contrast_positives": self.contrast_positives, "gather_across_devices": self.gather_across_devices}
+
+    @property
+    def citation(self) -> str:
+        return _CITATION_GIST
+
+
 class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
     """``sentence_transformers.losses.MultipleNegativesSymmetricRankingLoss(model, scale=20.0,
     similarity_fct=cos_sim, gather_across_devices=False)``: ``MultipleNegativesRankingLoss`` with
@@ -339,6 +444,17 @@ _CITATION_JINA = """
       archivePrefix={arXiv},
       primaryClass={cs.CL},
       url={https://arxiv.org/abs/2310.19923},
+}
+"""
+
+_CITATION_GIST = """
+@misc{solatorio2024gistembed,
+    title={GISTEmbed: Guided In-sample Selection of Training Negatives for Text Embedding Fine-tuning},
+    author={Aivin V. Solatorio},
+    year={2024},
+    eprint={2402.16829},
+    archivePrefix={arXiv},
+    primaryClass={cs.LG}
 }
 """
 

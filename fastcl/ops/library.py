@@ -179,6 +179,14 @@ class OpColumns(_softmax.LocalColumns):
         return stats, None if labels else pos
 
 
+def block_lse(backend: str, query, cols, scale_rows, spec: SoftmaxSpec):
+    """``(lse_row [N], pos [N] or None)`` of one block of columns under ``spec``'s masks,
+    differentiable: for losses whose denominator joins several blocks with different rows (the
+    GISTEmbed drop-in), combined by the caller."""
+    lse_row, _, _, _, pos = softmax_stats_op(query, cols, scale_rows, *_pass_args(spec), backend)
+    return lse_row, (pos if spec.positive_index is not None and not spec.uses_labels else None)
+
+
 def softmax_loss(backend: str, query, key, negatives, scale, bias, spec: SoftmaxSpec, sum_row=None, sum_col=None):
     """``(row_loss, col_loss, row_valid, col_valid)`` of a single-process softmax-family loss:
     the statistics operator(s) and the epilogue, differentiated by autograd (the operator's
