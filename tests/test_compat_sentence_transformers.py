@@ -246,3 +246,43 @@ def test_gist_hands_a_retokenizing_guide_to_the_host_and_checks_like_it():
             cls(model, TokenizedModel("guide", tok), margin_strategy="sideways")
         with pytest.raises(ValueError, match="tokenizer attribute"):
             cls(ColumnModel(), TokenizedModel("guide", tok))
+
+
+class ModuleListModel(ColumnModel):
+    """A stand-in the cached losses accept: ``model[0]`` is its (non-static) input module."""
+
+    def __getitem__(self, index):
+        return torch.nn.Identity()
+
+
+CACHED_MODEL = ModuleListModel()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", ["default", "symmetric", "dot_score_scale"])
+@pytest.mark.parametrize("n_columns", [2, 3])
+def test_cached_mnrl_matches_host(dtype, config, n_columns):
+    """The cached class's GradCache steps (mini-batches of 4 of a batch of 10) with the fused loss
+    stage against the host's own: value, and the gradients the replayed embedding passes on."""
+    kwargs = {"default": {}, "symmetric": SYMMETRIC,
+              "dot_score_scale": {"scale": 7.0, "similarity_fct": util.dot_score}}[config]
+    host = st_losses.CachedMultipleNegativesRankingLoss(CACHED_MODEL, mini_batch_size=4, **kwargs)
+    mine = compat.CachedMultipleNegativesRankingLoss(CACHED_MODEL, mini_batch_size=4, **kwargs)
+    assert isinstance(mine, st_losses.CachedMultipleNegativesRankingLoss) and mine.fused_loss() is not None
+    assert mine.get_config_dict() == host.get_config_dict()
+    compare(host, mine, _columns(n_columns, b=10, dtype=dtype), dtype)
+
+
+def test_cached_mnrl_under_matryoshka_and_delegated_options():
+    """MatryoshkaLoss decorates the cached class's loss stage (it is a gradient-caching loss); an
+    option the fused MNRL delegates runs the host's loss stage."""
+    dims = [8, 4]
+    host = st_losses.MatryoshkaLoss(CACHED_MODEL, st_losses.CachedMultipleNegativesRankingLoss(CACHED_MODEL, mini_batch_size=3),
+                                    dims)
+    mine = st_losses.MatryoshkaLoss(CACHED_MODEL, compat.CachedMultipleNegativesRankingLoss(CACHED_MODEL, mini_batch_size=3), dims)
+    compare(host, mine, _columns(3, b=7), torch.float64)
+    joint = {"directions": ("query_to_doc", "query_to_query")}
+    mine = compat.CachedMultipleNegativesRankingLoss(CACHED_MODEL, mini_batch_size=3, **joint)
+    assert mine.fused_loss() is None
+    compare(st_losses.CachedMultipleNegativesRankingLoss(CACHED_MODEL, mini_batch_size=3, **joint), mine, _columns(2, b=7),
+            torch.float64)

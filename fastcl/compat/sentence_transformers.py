@@ -1,7 +1,10 @@
 """sentence-transformers' in-batch-negatives losses (6.2.0) on fastcl's fused kernels.
 
 Swap ``from sentence_transformers.losses import MultipleNegativesRankingLoss`` (or
-``...SymmetricRankingLoss``) for ``from fastcl.compat.sentence_transformers import ...``.
+``...SymmetricRankingLoss``, ``CachedMultipleNegativesRankingLoss``, ``MatryoshkaLoss``,
+``GISTEmbedLoss``) for ``from fastcl.compat.sentence_transformers import ...``.
+``CachedMultipleNegativesRankingLoss``, ``MatryoshkaLoss`` and ``GISTEmbedLoss`` are described on
+their classes; the rest of this note is about the MNRL classes.
 
 ``forward(sentence_features, labels)`` embeds the columns ``(anchor, positive, negative_1, ...,
 negative_n)`` with ``model`` (as sentence-transformers does) and calls
@@ -50,8 +53,9 @@ from .. import functional as F
 from .._spec import SoftmaxSpec
 from . import _import_host, _process_group, _world_size
 
-__all__ = ["GISTEmbedLoss", "MatryoshkaLoss", "MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "cos_sim",
-           "dot_score"]
+# CachedMultipleNegativesRankingLoss is built on first access (module __getattr__)
+__all__ = ["CachedMultipleNegativesRankingLoss", "GISTEmbedLoss", "MatryoshkaLoss",  # noqa: F822
+           "MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "cos_sim", "dot_score"]
 
 logger = logging.getLogger(__name__)
 
@@ -401,6 +405,54 @@ class GISTEmbedLoss(nn.Module):
     @property
     def citation(self) -> str:
         return _CITATION_GIST
+
+
+def _cached_class():
+    """``CachedMultipleNegativesRankingLoss``: sentence-transformers' class (its GradCache
+    machinery, mini-batched embedding, cached gradients, every hook) with the loss stage fused."""
+    losses = _import_host("sentence_transformers.sentence_transformer.losses", "CachedMultipleNegativesRankingLoss",
+                          _ST)
+
+    class CachedMultipleNegativesRankingLoss(losses.CachedMultipleNegativesRankingLoss):
+        """``sentence_transformers.losses.CachedMultipleNegativesRankingLoss`` (a subclass: same
+        constructor, GradCache steps, ``mini_batch_size``/``mini_batch_num_tokens``, config and
+        citation) whose loss stage (``calculate_loss``) is fastcl's fused
+        :class:`MultipleNegativesRankingLoss` over the whole batch at once: its value and its
+        gradient with respect to the cached embeddings, without the ``[mini_batch, batch]``
+        similarity chunks. Configurations that class delegates go to the host's loss stage."""
+
+        def fused_loss(self):
+            """The fused MNRL with this loss's settings, or ``None`` where it delegates."""
+            mine = MultipleNegativesRankingLoss(
+                self.model, scale=self.scale, similarity_fct=self.similarity_fct,
+                gather_across_devices=self.gather_across_devices, directions=self.directions,
+                partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
+                hardness_strength=self.hardness_strength)
+            return None if mine.unfused_options() else mine
+
+        def calculate_loss(self, reps, labels=None, *, with_backward: bool = False):
+            fused = self.fused_loss()
+            if fused is None:
+                return super().calculate_loss(reps, labels, with_backward=with_backward)
+            loss = fused.compute_loss_from_embeddings([torch.cat(r) for r in reps], labels)
+            if with_backward:
+                loss.backward()
+                loss = loss.detach()
+            return loss
+
+    return CachedMultipleNegativesRankingLoss
+
+
+_LAZY = {}
+
+
+def __getattr__(name: str):
+    """``CachedMultipleNegativesRankingLoss`` is built on first use (it subclasses the host's)."""
+    if name == "CachedMultipleNegativesRankingLoss":
+        if name not in _LAZY:
+            _LAZY[name] = _cached_class()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
