@@ -43,6 +43,19 @@ backend whose kernels lack a mask defines ``unsupported(spec)`` (``fastcl._dispa
     ``acc_q`` and ``acc_k`` as above (``None`` unless ``rows``/``cols``). ``bias`` is a 0-d
     tensor in the compute dtype, or ``None``.
 
+Optional passes (a backend without them: ``fastcl.ops.matryoshka`` composes its ordinary passes
+for prefixes, and ``fastcl._dispatch`` skips it for distillation, whose spec names its passes):
+
+``softmax_stats_prefixes(query, key, row_scales, col_scales, dims, spec)`` / ``softmax_grad_prefixes(...)``
+    ``P`` prefix problems ``S^p_ij = row_scales[p, i] col_scales[p, j] <q_i, k_j>_{dims[p]}``
+    (``dims`` ascending) in one sweep: stacked statistics, and ``(acc_q, acc_k, d_row, d_col)``,
+    the raw features' gradients with the scales held plus the scales' gradients, given
+    ``dL/dS^p`` as in ``softmax_grad``. ``prefers_one_sweep(device, dims)`` says whether to use them.
+
+``distill_stats(query, key, scale_rows, t_query, t_key, t_scale_rows, symmetric) -> DistillStats``
+    / ``distill_grad(...)``: a student and a teacher similarity over the same pairs; see
+    :mod:`fastcl.ops.distill`.
+
 No pass allocates an N x C buffer. Each backend's module docstring says how it meets the
 contract; ``torch`` is the readable specification.
 """
