@@ -241,8 +241,8 @@ def info_nce(
             ``cos(gq_i, gk_j) > cos(gq_i, gk_pos(i)) - guide_margin``. The guide similarity is
             computed inside the tiles (one more matmul per tile), never stored. Needs one-hot
             positives; not with ``labels``, ``decoupled``, ``debias``, ``label_smoothing``,
-            ``symmetric``, ``false_negative_margin``, ``matryoshka_dims`` or ``group``. Torch
-            backend (``auto`` takes it; naming Triton or CUDA raises).
+            ``symmetric``, ``false_negative_margin``, ``matryoshka_dims`` or ``group``. Torch and
+            Triton backends (``auto`` skips CUDA for it; naming CUDA raises).
         guide_margin: the guide's margin (sentence-transformers' ``margin`` with
             ``margin_strategy="absolute"``), a finite float.
         reduction: ``"mean"`` over anchors that have a positive and a non-empty denominator,

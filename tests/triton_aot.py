@@ -53,6 +53,10 @@ def record_launches():
     q, k = leaves(torch.bfloat16, (8, 256), (8, 256))
     fastcl.clip_loss(q, k, torch.tensor(10.0, requires_grad=True), false_negative_margin=0.1,
                      backend="triton").backward()
+    # the guide-model mask (GIST): a second, fp32 dot per tile for the mask's test
+    q, k, neg = leaves(torch.bfloat16, (8, 256), (8, 256), (8, 256))
+    fastcl.info_nce(q, k, negatives=neg, guide_query=torch.randn(8, 384), guide_key=torch.randn(8, 384),
+                    guide_negatives=torch.randn(8, 384), guide_margin=0.05, backend="triton").backward()
     return launches
 
 

@@ -167,6 +167,40 @@ def _false_negative_keep(t, keep, match, rows, cols, N, C, fn_row_ptr, fn_col_pt
 
 
 @triton.jit
+def _guide_tile(g_row_ptr, g_col_ptr, offs_a, offs_b, n_a, n_b, G, OWN_ROWS: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr):
+    """The guide model's similarity ``<guide_row_i, guide_col_j>`` of the tile, oriented as the
+    logits (owned lines first), in full precision: it decides the guide mask by a comparison."""
+    if OWN_ROWS:
+        ga_ptr = g_row_ptr
+        gb_ptr = g_col_ptr
+    else:
+        ga_ptr = g_col_ptr
+        gb_ptr = g_row_ptr
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=ACC)
+    a_rows = ga_ptr + offs_a.to(tl.int64)[:, None] * G
+    b_rows = gb_ptr + offs_b.to(tl.int64)[:, None] * G
+    for g0 in range(0, G, BLOCK_G):
+        offs_g = g0 + tl.arange(0, BLOCK_G)
+        g_in = offs_g[None, :] < G
+        a = tl.load(a_rows + offs_g[None, :], mask=(offs_a[:, None] < n_a) & g_in, other=0.0)
+        b = tl.load(b_rows + offs_g[None, :], mask=(offs_b[:, None] < n_b) & g_in, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee", out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _mask_test(t, g_row_ptr, g_col_ptr, offs_a, offs_b, n_a, n_b, G, OWN_ROWS: tl.constexpr, GUIDE: tl.constexpr,
+               ACC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr):
+    """What the false-negative mask compares with the rows' thresholds: the logits, or with
+    ``GUIDE`` the guide's similarity."""
+    if GUIDE:
+        return _guide_tile(g_row_ptr, g_col_ptr, offs_a, offs_b, n_a, n_b, G, OWN_ROWS, ACC, BLOCK_A, BLOCK_B,
+                           BLOCK_G)
+    return t
+
+
+@triton.jit
 def _log1p(x):
     # log(1 + x) with the rounding of 1 + x corrected (exact enough for tiny x, no libdevice)
     u = 1.0 + x
@@ -194,19 +228,20 @@ def _sigmoid_row_loss(t, keep, match):
 
 
 @triton.jit
-def _logit_grad(t, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
+def _logit_grad(t, test, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
                 fn_row_ptr, fn_col_ptr, SIGMOID: tl.constexpr, DECOUPLED: tl.constexpr, FN_MASK: tl.constexpr,
                 SYMMETRIC: tl.constexpr, ACC: tl.constexpr):
     """``G = d loss / d S`` on one tile of logits ``t``: sigmoid ``sigmoid(L_ij) - [j in P_i]``;
     softmax ``w_i p_ij (+ w'_j p'_ij) - [j in P_i] coef_i`` from final LSEs. With ``FN_MASK`` the
-    row and column terms have their own denominators (each line's false-negative threshold)."""
+    row and column terms have their own denominators (each line's false-negative threshold); the
+    rows' mask compares ``test`` (the logits, or the guide's similarity) with their thresholds."""
     if SIGMOID:
         g = tl.where(keep, _sigmoid(t) - match.to(ACC), 0.0)
     else:
         logits = t
         keep_row = keep
         if FN_MASK:
-            keep_row = _false_negative_keep(logits, keep, match, rows, cols, N, C, fn_row_ptr, fn_col_ptr, True)
+            keep_row = _false_negative_keep(test, keep, match, rows, cols, N, C, fn_row_ptr, fn_col_ptr, True)
         if DECOUPLED:
             t = tl.where(keep_row & ~match, logits, NEG_INF)
         else:
@@ -230,11 +265,13 @@ def _logit_grad(t, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_p
 @triton.jit
 def softmax_stats_kernel(
     a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr, fn_row_ptr, fn_col_ptr,
+    g_row_ptr, g_col_ptr,
     lse_ptr, pos_sum_ptr, pos_cnt_ptr,
-    N, C, D,
+    N, C, D, G,
     OWN_ROWS: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-    DECOUPLED: tl.constexpr, FN_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    DECOUPLED: tl.constexpr, FN_MASK: tl.constexpr, GUIDE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     """Per anchor of the owned axis: ``lse = LSE_{j in D} S``; with ``OWN_ROWS`` and ``LABELS``
     also the sum of the label-positive logits and their count (``[N]`` each, ``ACC``).
@@ -270,7 +307,9 @@ def softmax_stats_kernel(
         if DECOUPLED:
             keep = keep & ~match
         if FN_MASK:
-            keep = _false_negative_keep(t, keep, match, rows, cols, N, C, fn_row_ptr, fn_col_ptr, OWN_ROWS)
+            test = _mask_test(t, g_row_ptr, g_col_ptr, offs_a, offs_b, n_a, n_b, G, OWN_ROWS, GUIDE, ACC, BLOCK_A,
+                              BLOCK_B, BLOCK_G)
+            keep = _false_negative_keep(test, keep, match, rows, cols, N, C, fn_row_ptr, fn_col_ptr, OWN_ROWS)
         t = tl.where(keep, t, NEG_INF)
         m_new = tl.maximum(m, tl.max(t, axis=1))
         # an all-masked line keeps max -inf; shifting by 0 there keeps exp(-inf - 0) = 0
@@ -288,15 +327,16 @@ def softmax_stats_kernel(
 @triton.jit
 def grad_kernel(
     a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr, fn_row_ptr, fn_col_ptr,
+    g_row_ptr, g_col_ptr,
     lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr, gmax_ptr,
     out_ptr, gsum_ptr, loss_ptr,
-    N, C, D, n_out,
+    N, C, D, G, n_out,
     SIGMOID: tl.constexpr, OWN_ROWS: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr, DECOUPLED: tl.constexpr, FN_MASK: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, STORE_OUT: tl.constexpr, WRITE_GSUM: tl.constexpr,
-    WRITE_LOSS: tl.constexpr, G_SCALED: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, DECOUPLED: tl.constexpr, FN_MASK: tl.constexpr, GUIDE: tl.constexpr,
+    SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, STORE_OUT: tl.constexpr,
+    WRITE_GSUM: tl.constexpr, WRITE_LOSS: tl.constexpr, G_SCALED: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     """Gradient of the owned block, for features ``[pid_x * BLOCK_X, +BLOCK_X)``.
 
@@ -340,8 +380,10 @@ def grad_kernel(
                                   LABELS, COL_MASK, EXCLUDE_SELF)
         if SIGMOID and WRITE_LOSS:
             loss += _sigmoid_row_loss(t, keep, match)
-        g = _logit_grad(t, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
-                        fn_row_ptr, fn_col_ptr, SIGMOID, DECOUPLED, FN_MASK, SYMMETRIC, ACC)
+        test = _mask_test(t, g_row_ptr, g_col_ptr, offs_a, offs_b, n_a, n_b, G, OWN_ROWS, GUIDE, ACC, BLOCK_A,
+                          BLOCK_B, BLOCK_G)
+        g = _logit_grad(t, test, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr,
+                        w_col_ptr, fn_row_ptr, fn_col_ptr, SIGMOID, DECOUPLED, FN_MASK, SYMMETRIC, ACC)
         if WRITE_GSUM:
             gsum += tl.sum(g, axis=1)
         if ACCUMULATE:
@@ -375,14 +417,15 @@ def grad_kernel(
 @triton.jit
 def logit_grad_kernel(
     a_ptr, b_ptr, scale_ptr, scalars_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr, fn_row_ptr, fn_col_ptr,
+    g_row_ptr, g_col_ptr,
     lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr, gmax_ptr,
     g_ptr, loss_ptr, gsum_ptr,
-    N, C, D, row0, row1, sums_stride,
+    N, C, D, G, row0, row1, sums_stride,
     SIGMOID: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-    DECOUPLED: tl.constexpr, FN_MASK: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
-    WRITE_SUMS: tl.constexpr,
+    DECOUPLED: tl.constexpr, FN_MASK: tl.constexpr, GUIDE: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_SUMS: tl.constexpr,
     G_SCALED: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     """The chunked pass's kernel: ``G`` of rows ``[row0, row1)`` into ``g`` (``[row1 - row0, C]``,
     its own dtype), one ``BLOCK_A x BLOCK_B`` tile per program, ``S`` built over the full D.
@@ -403,7 +446,9 @@ def logit_grad_kernel(
     in_chunk = rows < row1
     keep = keep & in_chunk
     match = match & in_chunk
-    g = _logit_grad(t, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
+    test = _mask_test(t, g_row_ptr, g_col_ptr, offs_a, offs_b, row1, C, G, True, GUIDE, ACC, BLOCK_A, BLOCK_B,
+                      BLOCK_G)
+    g = _logit_grad(t, test, keep, match, rows, cols, N, C, lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
                     fn_row_ptr, fn_col_ptr, SIGMOID, DECOUPLED, FN_MASK, SYMMETRIC, ACC)
     local = (offs_a - row0).to(tl.int64)
     if WRITE_SUMS:
@@ -450,11 +495,11 @@ GRAD_CONFIGS = [
 ]
 
 # autotuning key: the width and the variant; the autotuner adds the tensors' dtypes itself
-STATS_KEY = ["D", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "FN_MASK", "PREC"]
-LOGIT_KEY = ["D", "SIGMOID", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "FN_MASK", "SYMMETRIC", "WRITE_SUMS",
+STATS_KEY = ["D", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "FN_MASK", "GUIDE", "PREC"]
+LOGIT_KEY = ["D", "SIGMOID", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "FN_MASK", "GUIDE", "SYMMETRIC", "WRITE_SUMS",
              "G_SCALED", "PREC"]
-GRAD_KEY = ["D", "BLOCK_X", "SIGMOID", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "FN_MASK", "SYMMETRIC",
-            "ACCUMULATE", "G_SCALED", "PREC"]
+GRAD_KEY = ["D", "BLOCK_X", "SIGMOID", "OWN_ROWS", "LABELS", "EXCLUDE_SELF", "DECOUPLED", "FN_MASK", "GUIDE",
+            "SYMMETRIC", "ACCUMULATE", "G_SCALED", "PREC"]
 _MAX_ACCUMULATOR = 64 * 256
 
 
@@ -468,8 +513,10 @@ def fit_to_width(configs, named_args, **kwargs):
     """The configs worth timing for this launch: blocks clipped to the padded width (and halved
     for fp64), accumulators of at most 64 x 256 fp32, and none of those the sm_90 ahead-of-time
     compile shows spilling (``tests/triton_aot.py --report``): 4-warp programs when D is streamed
-    (``BLOCK_R == 0``) or the gradient accumulator is wider than 128, and streamed gradient
-    programs with more than 64 x 64 x 32 tile elements beside their accumulator. Never empty."""
+    (``BLOCK_R == 0``) or the gradient accumulator is wider than 128, streamed gradient programs
+    with more than 64 x 64 x 32 tile elements beside their accumulator, and with the guide mask
+    (``GUIDE``) 4-warp programs, column blocks over 64 and (chunked pass) tiles over 64^3. Never
+    empty."""
     width = max(16, triton.next_power_of_2(named_args["D"]))
     block_x = kwargs.get("BLOCK_X", 0)
     streamed = kwargs.get("BLOCK_R", 1) == 0
@@ -482,8 +529,13 @@ def fit_to_width(configs, named_args, **kwargs):
             continue
         seen.add(sig)
         config = triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        tile = kw["BLOCK_A"] * kw["BLOCK_B"] * kw["BLOCK_D"]
         spills = (cfg.num_warps < 8 and (streamed or block_x > 128)) or (
-            streamed and block_x and kw["BLOCK_A"] * kw["BLOCK_B"] * kw["BLOCK_D"] > 64 * 64 * 32)
+            streamed and block_x and tile > 64 * 64 * 32) or (
+            # the guide mask's full-precision fp32 dot: 8 warps, at most 64 columns, and in the
+            # chunked pass's kernel (named_args has g_ptr) at most 64^3 tile elements
+            kwargs.get("GUIDE") and (cfg.num_warps < 8 or kw["BLOCK_B"] > 64 or (
+                "g_ptr" in named_args and tile > 64 * 64 * 64)))
         (dropped if spills or kw["BLOCK_A"] * block_x > _MAX_ACCUMULATOR else fitted).append(config)
     return fitted or dropped[:1]
 

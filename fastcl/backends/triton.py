@@ -108,9 +108,11 @@ class _Launcher:
 
     def __init__(self, q, k, scale_rows, scalars, has_bias, positive_index, row_labels=None, col_labels=None,
                  col_has_label=None, exclude_self=False, decoupled=False, symmetric=False, sigmoid=False,
-                 fn_row=None, fn_col=None):
+                 fn_row=None, fn_col=None, guide_rows=None, guide_cols=None):
         self.q, self.k = q, k
         self.n, self.c, self.d = q.shape[0], k.shape[0], q.shape[1]
+        guided = guide_rows is not None
+        self.g = guide_rows.shape[1] if guided else 0
         self.blocks = _fixed_blocks()
         self.block_x = self.blocks[3] if self.blocks is not None else _gpu_block_x(self.d, q.element_size())
         dummy = scale_rows
@@ -123,10 +125,15 @@ class _Launcher:
             col_has_label.to(torch.int32) if col_has_label is not None else dummy,
             fn_row.contiguous() if fn_row is not None else dummy,
             fn_col.contiguous() if fn_col is not None else dummy,
+            guide_rows.contiguous() if guided else dummy,
+            guide_cols.contiguous() if guided else dummy,
         )
+        # the guide's width is looped in chunks of tl.dot's smallest width: an fp32 dot at full
+        # precision holds its operands in registers (wider chunks spill: tests/triton_aot.py)
+        block_g = 16
         self.flags = dict(LABELS=labels, COL_MASK=col_has_label is not None, EXCLUDE_SELF=exclude_self,
-                          DECOUPLED=decoupled, FN_MASK=fn_row is not None, HAS_BIAS=has_bias,
-                          **_type_args(q.dtype, q.device))
+                          DECOUPLED=decoupled, FN_MASK=fn_row is not None, GUIDE=guided, BLOCK_G=block_g,
+                          HAS_BIAS=has_bias, **_type_args(q.dtype, q.device))
         self.symmetric, self.sigmoid = symmetric, sigmoid
 
     def _run(self, name, n_programs, split_d, args, flags):
@@ -168,7 +175,7 @@ class _Launcher:
         dummy = self.pointers[0]
         stats = tuple(dummy if t is None else t for t in (lse_row, w_row, coef, lse_col, w_col, gmax))
         buffers, stride = ((dummy, dummy), 0) if loss is None else ((loss, gsum), loss.shape[1])
-        args = (self.q, self.k, *self.pointers, *stats, g, *buffers, self.n, self.c, self.d, r0, r1, stride)
+        args = (self.q, self.k, *self.pointers, *stats, g, *buffers, self.n, self.c, self.d, self.g, r0, r1, stride)
         flags = dict(self.flags, SIGMOID=self.sigmoid, SYMMETRIC=self.symmetric, WRITE_SUMS=loss is not None,
                      G_SCALED=gmax is not None)
         grid = lambda meta: (_cdiv(r1 - r0, meta["BLOCK_A"]), _cdiv(self.c, meta["BLOCK_B"]))  # noqa: E731
@@ -179,7 +186,7 @@ class _Launcher:
         a, b = (self.q, self.k) if own_rows else (self.k, self.q)
         dummy = lse
         args = (a, b, *self.pointers, lse, dummy if pos_sum is None else pos_sum,
-                dummy if pos_cnt is None else pos_cnt, self.n, self.c, self.d)
+                dummy if pos_cnt is None else pos_cnt, self.n, self.c, self.d, self.g)
         self._run("softmax_stats_kernel", a.shape[0], False, args, dict(self.flags, OWN_ROWS=own_rows))
 
     def grad(self, own_rows: bool, out=None, gsum=None, loss=None, n_out=None, lse_row=None, w_row=None,
@@ -192,7 +199,7 @@ class _Launcher:
         stats = tuple(dummy if t is None else t for t in (lse_row, w_row, coef, lse_col, w_col, gmax))
         outputs = tuple(dummy if t is None else t for t in (out, gsum, loss))
         n_out = a.shape[0] if n_out is None else n_out
-        args = (a, b, *self.pointers, *stats, *outputs, self.n, self.c, self.d, n_out)
+        args = (a, b, *self.pointers, *stats, *outputs, self.n, self.c, self.d, self.g, n_out)
         flags = dict(self.flags, SIGMOID=self.sigmoid, OWN_ROWS=own_rows, SYMMETRIC=self.symmetric,
                      ACCUMULATE=out is not None, STORE_OUT=out is not None,
                      WRITE_GSUM=gsum is not None, WRITE_LOSS=loss is not None, G_SCALED=gmax is not None)
@@ -207,7 +214,8 @@ def _launcher(query, key, scale_rows, spec: SoftmaxSpec) -> _Launcher:
     labels = (spec.row_labels.contiguous(), spec.col_labels.contiguous()) if spec.uses_labels else (None, None)
     return _Launcher(q, k, scale_rows, _scalars(None, scale_rows.dtype, q.device), False, pos, *labels,
                      col_has_label=spec.col_has_label, exclude_self=spec.exclude_self, decoupled=spec.decoupled,
-                     symmetric=spec.symmetric, fn_row=spec.fn_row, fn_col=spec.fn_col)
+                     symmetric=spec.symmetric, fn_row=spec.fn_row, fn_col=spec.fn_col, guide_rows=spec.guide_rows,
+                     guide_cols=spec.guide_cols)
 
 
 def softmax_stats(query, key, scale_rows, spec: SoftmaxSpec) -> SoftmaxStats:
@@ -295,14 +303,6 @@ def _column_launch(launcher: _Launcher, cd, n_grad_cols: int, **weights):
     if n_grad_cols > 0:
         launcher.grad(False, out=acc_k, n_out=n_grad_cols, **weights)
     return acc_k
-
-
-def unsupported(spec) -> Optional[str]:
-    """What the kernels do not cover, or ``None``: the guide-model mask (its test needs a second
-    matmul per tile, not in the kernels yet)."""
-    if isinstance(spec, SoftmaxSpec) and spec.guide_rows is not None:
-        return "the Triton kernels have no guide-model mask (guide_query/guide_key)"
-    return None
 
 
 def available(device: torch.device) -> Optional[str]:
