@@ -361,8 +361,8 @@ def distill_clip_loss(image_features, text_features, logit_scale, dist_image_fea
         dist_image_features, dist_text_features: the teacher's ``[N, D']`` features (``D'`` may
             differ from ``D``; the same dtype and device as the student's).
         dist_logit_scale: the teacher's scale.
-        backend: see :func:`info_nce`; the torch backend runs it (``auto`` takes it on every device;
-            Triton and CUDA have no distillation kernels yet, and naming them raises).
+        backend: see :func:`info_nce`; torch and Triton run it (the CUDA backend has no
+            distillation kernels: ``auto`` skips it, naming it raises).
         group, local_loss: across ranks, each rank passes its ``N_r`` pairs and the loss is the
             one over all pairs (open_clip ``gather_with_grad=True``), with the convention of
             :func:`info_nce`: every rank returns the global losses (or, ``local_loss``, its

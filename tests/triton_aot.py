@@ -26,6 +26,7 @@ def record_launches():
         launches.append((name, args, flags))
 
     tb._Launcher._launch = record
+    tb._distill_launch = lambda kernel, grid, args, flags: launches.append((kernel.fn.__name__, args, flags))
     tb.available = lambda device: None  # CPU tensors; the kernels never run
     tb._fixed_blocks = lambda: None  # the GPU's block choice
 
@@ -53,6 +54,10 @@ def record_launches():
     q, k = leaves(torch.bfloat16, (8, 256), (8, 256))
     fastcl.clip_loss(q, k, torch.tensor(10.0, requires_grad=True), false_negative_margin=0.1,
                      backend="triton").backward()
+    # distillation: a student and a teacher of another width, both with gradients
+    q, k, tq, tk = leaves(torch.bfloat16, (8, 256), (8, 256), (8, 384), (8, 384))
+    sum(fastcl.distill_clip_loss(q, k, torch.tensor(10.0, requires_grad=True), tq, tk,
+                                 torch.tensor(14.0, requires_grad=True), backend="triton")).backward()
     # the guide-model mask (GIST): a second, fp32 dot per tile for the mask's test
     q, k, neg = leaves(torch.bfloat16, (8, 256), (8, 256), (8, 256))
     fastcl.info_nce(q, k, negatives=neg, guide_query=torch.randn(8, 384), guide_key=torch.randn(8, 384),
@@ -122,13 +127,21 @@ def main() -> int:
         return 1
     target = GPUTarget("cuda", 90, 32)
     compiled, problems = set(), []
+    distill = tb._distill_kernels()
     for name, args, flags in record_all_launches():
-        kernel = getattr(module, name)
-        configs = {"softmax_stats_kernel": module.STATS_CONFIGS, "grad_kernel": module.GRAD_CONFIGS,
-                   "logit_grad_kernel": module.LOGIT_CONFIGS}[name]
-        named = dict(zip(kernel.arg_names, args))
-        dtype = named["a_ptr"].dtype
-        fitted = module.fit_to_width(configs, named, **flags)
+        if name.startswith("distill_"):  # fixed GPU blocks, no autotuning
+            kernel = getattr(distill, name)
+            blocks = {k: v for k, v in distill.GPU_BLOCKS.items() if k in kernel.arg_names}
+            fitted = [triton.Config(blocks, num_warps=distill.GPU_WARPS, num_stages=3)]
+            named = dict(zip(kernel.arg_names, args))
+            dtype = named["a_ptr"].dtype
+        else:
+            kernel = getattr(module, name)
+            configs = {"softmax_stats_kernel": module.STATS_CONFIGS, "grad_kernel": module.GRAD_CONFIGS,
+                       "logit_grad_kernel": module.LOGIT_CONFIGS}[name]
+            named = dict(zip(kernel.arg_names, args))
+            dtype = named["a_ptr"].dtype
+            fitted = module.fit_to_width(configs, named, **flags)
         # half precision is the GPU's main path: every config the autotuner may pick; else the first
         for config in fitted if dtype in HALF else fitted[:1]:
             constexprs = dict(flags, **config.kwargs)

@@ -29,7 +29,7 @@ import torch
 from .. import _config
 from .._spec import SoftmaxSpec
 from . import chunked
-from .common import SigmoidSums, SoftmaxStats, finite_or_zero, float16_gradient_scale, no_positives
+from .common import DistillStats, SigmoidSums, SoftmaxStats, finite_or_zero, float16_gradient_scale, no_positives
 
 _KERNEL_MODULE = "fastcl.triton_kernels.info_nce"
 _INTERPRETER_BLOCKS = (16, 16, 16, 16)
@@ -326,3 +326,86 @@ def available(device: torch.device) -> Optional[str]:
     if device.type not in ("cpu", "cuda"):
         return f"Triton runs on CUDA devices (or the CPU interpreter), not {device.type}"
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation (fastcl.ops.distill): triton_kernels/distill.py
+
+
+def _distill_kernels():
+    from ..triton_kernels import distill
+
+    return distill
+
+
+def _distill_launch(kernel, grid, args, flags):
+    """Fixed blocks: the interpreter's (or ``FASTCL_TRITON_BLOCK``), else the module's GPU ones."""
+    blocks = _fixed_blocks()
+    if blocks is not None:
+        meta = dict(BLOCK_A=blocks[0], BLOCK_B=blocks[1], BLOCK_D=blocks[2], BLOCK_X=blocks[3])
+        extra = {}
+    else:
+        module = _distill_kernels()
+        meta, extra = dict(module.GPU_BLOCKS), {"num_warps": module.GPU_WARPS}
+    if "BLOCK_X" not in kernel.arg_names:
+        meta.pop("BLOCK_X")
+    kernel[grid(meta)](*args, **flags, **meta, **extra)
+
+
+def _distill_inputs(query, key, t_query, t_key, scale_rows, t_scale_rows):
+    q, k, tq, tk = (x.contiguous() for x in (query, key, t_query, t_key))
+    return q, k, tq, tk, scale_rows.contiguous(), t_scale_rows.contiguous(), _scalars(None, scale_rows.dtype, q.device)
+
+
+def distill_stats(query, key, scale_rows, t_query, t_key, t_scale_rows, symmetric: bool) -> DistillStats:
+    """Student and teacher statistics of one block (``fastcl.backends`` states the contract): one
+    launch owning the rows, and one owning the columns when ``symmetric``."""
+    q, k, tq, tk, s, ts, scalars = _distill_inputs(query, key, t_query, t_key, scale_rows, t_scale_rows)
+    n, c, d, dt = q.shape[0], k.shape[0], q.shape[1], tq.shape[1]
+    cd, dev = scale_rows.dtype, q.device
+    kernel = _distill_kernels().distill_stats_kernel
+    out = {}
+    with _on_device(q):
+        for own_rows in (True, False) if symmetric else (True,):
+            a, b, ta, tb, size = (q, k, tq, tk, n) if own_rows else (k, q, tk, tq, c)
+            lse, t_lse, mean = (torch.empty(size, dtype=cd, device=dev) for _ in range(3))
+            _distill_launch(kernel, lambda meta, size=size: (_cdiv(size, meta["BLOCK_A"]),),
+                            (a, b, ta, tb, s, ts, scalars, lse, t_lse, mean, n, c, d, dt),
+                            dict(OWN_ROWS=own_rows, **_type_args(q.dtype, dev)))
+            out[own_rows] = (lse, t_lse, mean)
+    rows, cols = out[True], out.get(False, (None, None, None))
+    return DistillStats(rows[0], cols[0], rows[1], cols[1], rows[2], cols[2])
+
+
+def distill_grad(query, key, scale_rows, t_query, t_key, t_scale_rows, positive_index, st: DistillStats, w_row,
+                 u_row, coef, w_col=None, u_col=None, *, student: bool = True, teacher: bool = True):
+    """``(acc_q, acc_k, t_acc_q, t_acc_k)`` of one block (``fastcl.backends`` states the contract):
+    one launch owning the rows and one owning the columns, each over chunks of the features."""
+    q, k, tq, tk, s, ts, scalars = _distill_inputs(query, key, t_query, t_key, scale_rows, t_scale_rows)
+    n, c, d, dt = q.shape[0], k.shape[0], q.shape[1], tq.shape[1]
+    cd, dev = scale_rows.dtype, q.device
+    symmetric = st.lse_col is not None
+    dummy = s
+
+    def vec(x):
+        return dummy if x is None else x.contiguous()
+
+    row_stats = [finite_or_zero(st.lse_row), finite_or_zero(st.t_lse_row), st.mean_row, w_row, u_row, coef]
+    col_stats = [None if x is None else finite_or_zero(x) for x in (st.lse_col, st.t_lse_col)] + [st.mean_col, w_col,
+                                                                                                 u_col]
+    pointers = [vec(x) for x in row_stats + col_stats]
+    kernel = _distill_kernels().distill_grad_kernel
+    results = {}
+    with _on_device(q):
+        for own_rows in (True, False):
+            a, b, ta, tb, size = (q, k, tq, tk, n) if own_rows else (k, q, tk, tq, c)
+            out = torch.empty(size, d, dtype=cd, device=dev) if student else dummy
+            t_out = torch.empty(size, dt, dtype=cd, device=dev) if teacher else dummy
+            flags = dict(OWN_ROWS=own_rows, SYMMETRIC=symmetric, STUDENT=student, TEACHER=teacher,
+                         F32_PRODUCT=q.dtype == torch.float16, **_type_args(q.dtype, dev))
+            grid = lambda meta, size=size: (_cdiv(size, meta["BLOCK_A"]), _cdiv(max(d, dt), meta["BLOCK_X"]))  # noqa: E731
+            _distill_launch(kernel, grid, (a, b, ta, tb, s, ts, scalars, positive_index.contiguous(), *pointers, out,
+                                           t_out, n, c, d, dt), flags)
+            results[own_rows] = (out if student else None, t_out if teacher else None)
+    (acc_q, t_acc_q), (acc_k, t_acc_k) = results[True], results[False]
+    return acc_q, acc_k, t_acc_q, t_acc_k
