@@ -25,6 +25,7 @@ LABEL_SMOOTHING = 0.1
 FALSE_NEGATIVE_MARGIN = 0.0  # mask every pair more similar than the positive (random features: about half)
 DEBIAS, HARDNESS = 0.1, 1.0
 MNRL_SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default
+GIST_TEMPERATURE = 0.05
 
 
 def matryoshka_dims(d: int) -> Tuple[int, ...]:
@@ -101,6 +102,13 @@ def _make_distill(n, d, dtype, device, grad, gen):
     teacher = dict(tx=_unit(n, d, dtype, device, gen), ty=_unit(n, d, dtype, device, gen),
                    t_scale=_param(CLIP_SCALE, dtype, device))
     return dict(inputs, **teacher), leaves
+
+
+def _make_guided(n, d, dtype, device, grad, gen):
+    # a guide model's embeddings (no gradient) of a quarter of the width: GISTEmbed's mask
+    inputs, leaves = _make_pairs(n, d, dtype, device, grad, gen)
+    g = max(1, d // 4)
+    return dict(inputs, gq=_unit(n, g, dtype, device, gen), gk=_unit(n, g, dtype, device, gen)), leaves
 
 
 def _make_siglip(n, d, dtype, device, grad, gen):
@@ -186,6 +194,11 @@ CASES: Dict[str, Case] = {
         Case("info_nce_matryoshka", "InfoNCE (MNRL, scale 20) summed over 4 normalised prefixes D/8..D", _square,
              _make_pairs, lambda i, b: fastcl.info_nce(i["q"], i["k"], scale=MNRL_SCALE,
                                                        matryoshka_dims=matryoshka_dims(i["q"].shape[1]), backend=b)),
+        Case("info_nce_guided", "InfoNCE (temperature 0.05) with GISTEmbed's guide-model mask (guide width D/4)",
+             _square, _make_guided,
+             lambda i, b: fastcl.info_nce(i["q"], i["k"], temperature=GIST_TEMPERATURE, guide_query=i["gq"],
+                                          guide_key=i["gk"], backend=b),
+             SoftmaxSpec(guide_rows=torch.empty(0), guide_cols=torch.empty(0))),
         Case("info_nce_labels", "InfoNCE, label positives (SupCon row loss), ~4 per class", _square, _make_labels,
              lambda i, b: fastcl.info_nce(i["q"], i["k"], labels=i["labels"], temperature=TEMPERATURE, backend=b)),
         Case("info_nce_queue", "InfoNCE with a MoCo queue of K=N detached negatives",

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .cases import (
     DEBIAS,
     FALSE_NEGATIVE_MARGIN,
+    GIST_TEMPERATURE,
     HARDNESS,
     LABEL_SMOOTHING,
     MNRL_SCALE,
@@ -62,6 +63,16 @@ def naive_clip_false_negative(x, y, scale, margin):
     rows = (scale * sim).masked_fill((sim > diag[:, None] + margin) & off, float("-inf"))
     cols = (scale * sim.T).masked_fill((sim.T > diag[:, None] + margin) & off, float("-inf"))
     return (F.cross_entropy(rows, labels) + F.cross_entropy(cols, labels)) / 2
+
+
+def naive_guided(q, k, gq, gk, temperature):
+    """GISTEmbed's mask as sentence-transformers applies it: the guide's similarity matrix
+    materialised, every column above the positive's guide similarity set to -inf, then CE."""
+    guide = F.normalize(gq, dim=-1) @ F.normalize(gk, dim=-1).T
+    mask = guide > guide.diagonal()[:, None]
+    mask.fill_diagonal_(False)
+    logits = (q @ k.T / temperature).masked_fill(mask, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
 
 
 def naive_distill_clip(x, y, scale, tx, ty, t_scale):
@@ -168,6 +179,7 @@ NAIVE: Dict[str, Callable[[Inputs], torch.Tensor]] = {
     "siglip_labels": lambda i: naive_siglip_loss(i["x"], i["y"], i["scale"], i["bias"], i["labels"]),
     "clip_loss_false_negative": lambda i: naive_clip_false_negative(i["x"], i["y"], i["scale"], FALSE_NEGATIVE_MARGIN),
     "info_nce_hardness": lambda i: naive_info_nce_hardness(i["q"], i["k"], DEBIAS, HARDNESS),
+    "info_nce_guided": lambda i: naive_guided(i["q"], i["k"], i["gq"], i["gk"], GIST_TEMPERATURE),
     "distill_clip_loss": lambda i: naive_distill_clip(i["x"], i["y"], i["scale"], i["tx"], i["ty"], i["t_scale"]),
     "info_nce_matryoshka": lambda i: naive_matryoshka_mnrl(i["q"], i["k"], MNRL_SCALE,
                                                            matryoshka_dims(i["q"].shape[1])),
