@@ -558,8 +558,11 @@ def softmax_loss(c: Context, backend, query, key, negatives, scale, bias, spec: 
         col_labels = torch.cat([_gather_own_first_nograd(col_labels[:m], c, c.key_sizes), col_labels[m:]])
         if col_has_label is not None:
             col_has_label = torch.cat([torch.ones(m_all, dtype=torch.bool, device=key.device), col_has_label[m:]])
+    guide_cols = spec.guide_cols
+    if guide_cols is not None:  # the guide's view of every rank's keys, in the keys' order
+        guide_cols = torch.cat([_gather_own_first_nograd(guide_cols[:m].contiguous(), c, c.key_sizes), guide_cols[m:]])
     row_spec = replace(spec, positive_index=pos, col_labels=col_labels, col_has_label=col_has_label,
-                       n_grad_cols=None if spec.n_grad_cols is None else m_all, symmetric=False)
+                       n_grad_cols=None if spec.n_grad_cols is None else m_all, symmetric=False, guide_cols=guide_cols)
     columns = ops.LocalColumns(backend, query.shape[0], m_all + n_neg)
     row_loss, col_loss, row_valid, col_valid = ops.softmax.softmax_loss(columns, query, keys, negatives, scale, bias,
                                                                         row_spec)

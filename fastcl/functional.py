@@ -241,8 +241,9 @@ def info_nce(
             ``cos(gq_i, gk_j) > cos(gq_i, gk_pos(i)) - guide_margin``. The guide similarity is
             computed inside the tiles (one more matmul per tile), never stored. Needs one-hot
             positives; not with ``labels``, ``decoupled``, ``debias``, ``label_smoothing``,
-            ``symmetric``, ``false_negative_margin``, ``matryoshka_dims`` or ``group``. Torch and
-            Triton backends (``auto`` skips CUDA for it; naming CUDA raises).
+            ``symmetric``, ``false_negative_margin`` or ``matryoshka_dims``; with ``group``, in
+            ``gather="all_gather"`` mode (every rank's guide keys are gathered beside the keys).
+            Torch and Triton backends (``auto`` skips CUDA for it; naming CUDA raises).
         guide_margin: the guide's margin (sentence-transformers' ``margin`` with
             ``margin_strategy="absolute"``), a finite float.
         reduction: ``"mean"`` over anchors that have a positive and a non-empty denominator,
@@ -288,8 +289,9 @@ def info_nce(
                                symmetric=symmetric, debias=tau_plus, label_smoothing=label_smoothing,
                                false_negative_margin=false_negative_margin, hardness=beta, guide_query=guide_query,
                                guide_key=guide_key, guide_negatives=guide_negatives, guide_margin=guide_margin)
-        if group is not None and call.spec.guide_rows is not None:
-            raise ValueError("info_nce: guide_query/guide_key are not supported with group= yet")
+        if group is not None and gather == "ring" and call.spec.guide_rows is not None:
+            raise ValueError("info_nce: guide_query/guide_key across ranks need gather='all_gather' (the ring does "
+                             "not carry the guide's view of the keys)")
         return call, _prefixes(call, matryoshka_dims, matryoshka_weights, "info_nce")
 
     (call, prefixes), module = _checked("info_nce", group, gather, local_loss, backend, lower)

@@ -286,3 +286,33 @@ def test_cached_mnrl_under_matryoshka_and_delegated_options():
     assert mine.fused_loss() is None
     compare(st_losses.CachedMultipleNegativesRankingLoss(CACHED_MODEL, mini_batch_size=3, **joint), mine, _columns(2, b=7),
             torch.float64)
+
+
+class CachedTokenizedModel(TokenizedModel):
+    def __getitem__(self, index):
+        return torch.nn.Identity()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_columns", [2, 4])
+@pytest.mark.parametrize("config", [{}, {"margin_strategy": "relative", "margin": 0.1, "contrast_anchors": False}],
+                         ids=["default", "relative_no_anchor_block"])
+def test_cached_gist_matches_host(dtype, n_columns, config):
+    """The host's GradCache steps (mini-batches of 4 of 10) with the fused GIST loss stage, two
+    negative columns included, against the host's own stage."""
+    tok = _tokenizer()
+    model, guide = CachedTokenizedModel("emb", tok), CachedTokenizedModel("guide", tok)
+    host = st_losses.CachedGISTEmbedLoss(model, guide, mini_batch_size=4, **config)
+    mine = compat.CachedGISTEmbedLoss(model, guide, mini_batch_size=4, **config)
+    assert isinstance(mine, st_losses.CachedGISTEmbedLoss)
+    columns = [torch.randn(10, 8, dtype=dtype) for _ in range(n_columns)]
+    guides = [torch.randn(10, 5, dtype=dtype) for _ in range(n_columns)]
+    a = [c.clone().requires_grad_() for c in columns]
+    b = [c.clone().requires_grad_() for c in columns]
+    want = host([{"emb": x, "guide": g} for x, g in zip(a, guides)], None)
+    got = mine([{"emb": x, "guide": g} for x, g in zip(b, guides)], None)
+    assert_close("loss", got, want, TOL[dtype] * 10, floor=1.0)
+    want.backward()
+    got.backward()
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert_close(f"d_column{i}", y.grad, x.grad, TOL[dtype] * 10, floor=1.0)

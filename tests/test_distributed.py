@@ -248,7 +248,19 @@ CASES = {
 
 
 # cases the ring cannot run (it raises, saying so)
-ALL_GATHER_ONLY = {"distill_clip_loss", "distill_clip_loss_frozen_teacher"}
+ALL_GATHER_ONLY = {"distill_clip_loss", "distill_clip_loss_frozen_teacher", "info_nce_guide_queue",
+                   "info_nce_guide_per_row_temperature"}
+
+
+def _guided(case, g, margin):
+    """``case`` with guide embeddings of its rows (sharded like them), keys (likewise) and
+    replicated negatives, width 3."""
+    fn, tensors, local_extra, glob_extra = case
+    for name, guide in (("query", "guide_query"), ("key", "guide_key"), ("negatives", "guide_negatives")):
+        if name in tensors:
+            value, sizes, _ = tensors[name]
+            tensors[guide] = (torch.randn(value.shape[0], 3, generator=g, dtype=torch.float64), sizes, False)
+    return fn, tensors, lambda r: {**local_extra(r), "guide_margin": margin}, {**glob_extra, "guide_margin": margin}
 
 
 def _modes(name):
@@ -280,6 +292,11 @@ CASES.update({
     "info_nce_hardness_symmetric_exclude_self": _with(
         lambda w, g: _info_nce_case(w, g, positives="shifted", symmetric=True, exclude_self=True, debias=0.1),
         hardness=1.5),
+    # the guide-model mask (GISTEmbed): every rank's guide keys gathered beside the keys
+    "info_nce_guide_queue": lambda w, g: _guided(_info_nce_case(w, g, n_neg=4, neg_grad=True, positives="random"),
+                                                 g, margin=0.05),
+    "info_nce_guide_per_row_temperature": lambda w, g: _guided(
+        _info_nce_case(w, g, key_extra=1, positives="random", per_row_t=True), g, margin=-0.1),
     # Matryoshka prefixes: one distributed loss per width, against the single process's one pass
     "clip_loss_matryoshka": _with(case_clip, matryoshka_dims=[7, 2, 4], matryoshka_weights=[1.0, 0.5, 2.0]),
     "info_nce_matryoshka_labels_queue": _with(
@@ -458,6 +475,9 @@ def _bad_setups(world, rank):
         "backend": lambda: fastcl.clip_loss(x, x, 10.0, backend="numpy" if rank == 0 else "torch", group=group),
         "string_flag": lambda: fastcl.nt_xent(x, x, normalize="False" if rank == 0 else False, group=group),
         "label_smoothing": lambda: fastcl.clip_loss(x, x, 10.0, label_smoothing=0.1 * (rank == 0), group=group),
+        # every rank alike: what the ring cannot carry
+        "guide_ring": lambda: fastcl.info_nce(x, x, guide_query=x, guide_key=x, group=group, gather="ring"),
+        "distill_ring": lambda: fastcl.distill_clip_loss(x, x, 10.0, x, x, 10.0, group=group, gather="ring"),
         # every rank alike: all_gather's transposed pass needs this layout (ring does not)
         "layout": lambda: fastcl.info_nce(x, torch.randn(6, 6, dtype=torch.float64), symmetric=True, exclude_self=True,
                                           positive_index=torch.tensor([1, 2, 3, 5]), group=group),
@@ -625,6 +645,10 @@ def test_ring_memory_does_not_grow_with_world_size(reports, op):
                                             ("labels", "ValueError: info_nce: ranks disagree on labels"),
                                             ("siglip_labels", "ValueError: siglip_loss: ranks disagree on labels"),
                                             ("layout", "ValueError: symmetric with exclude_self across ranks"),
+                                            ("guide_ring", "ValueError: info_nce: guide_query/guide_key across ranks "
+                                                           "need gather='all_gather'"),
+                                            ("distill_ring", "ValueError: distill_clip_loss across ranks supports "
+                                                             "gather='all_gather' only"),
                                             ("label_smoothing",
                                              "ValueError: clip_loss: ranks disagree on label_smoothing")])
 def test_bad_setups_raise_on_every_rank(reports, world, setup, expected):

@@ -2,9 +2,9 @@
 
 Swap ``from sentence_transformers.losses import MultipleNegativesRankingLoss`` (or
 ``...SymmetricRankingLoss``, ``CachedMultipleNegativesRankingLoss``, ``MatryoshkaLoss``,
-``GISTEmbedLoss``) for ``from fastcl.compat.sentence_transformers import ...``.
-``CachedMultipleNegativesRankingLoss``, ``MatryoshkaLoss`` and ``GISTEmbedLoss`` are described on
-their classes; the rest of this note is about the MNRL classes.
+``GISTEmbedLoss``, ``CachedGISTEmbedLoss``) for ``from fastcl.compat.sentence_transformers import
+...``. The cached classes, ``MatryoshkaLoss`` and ``GISTEmbedLoss`` are described on their classes;
+the rest of this note is about the MNRL classes.
 
 ``forward(sentence_features, labels)`` embeds the columns ``(anchor, positive, negative_1, ...,
 negative_n)`` with ``model`` (as sentence-transformers does) and calls
@@ -53,8 +53,8 @@ from .. import functional as F
 from .._spec import SoftmaxSpec
 from . import _import_host, _process_group, _world_size
 
-# CachedMultipleNegativesRankingLoss is built on first access (module __getattr__)
-__all__ = ["CachedMultipleNegativesRankingLoss", "GISTEmbedLoss", "MatryoshkaLoss",  # noqa: F822
+# the cached classes are built on first access (module __getattr__)
+__all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "GISTEmbedLoss", "MatryoshkaLoss",  # noqa: F822
            "MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "cos_sim", "dot_score"]
 
 logger = logging.getLogger(__name__)
@@ -364,38 +364,7 @@ class GISTEmbedLoss(nn.Module):
             guides = _embed_columns(self.guide, guide_features)
         if len(embeddings) not in (2, 3):
             raise ValueError(f"Expected 2 or 3 embeddings, got {len(embeddings)}")
-        return self._loss(embeddings, guides)
-
-    def _loss(self, embeddings, guides) -> Tensor:
-        from .. import _dispatch
-        from ..backends.common import compute_dtype
-        from ..ops import library
-
-        anchor, positive = (TF.normalize(x.to(compute_dtype(x.dtype)), dim=-1) for x in embeddings[:2])
-        g_anchor, g_positive = (TF.normalize(g.to(anchor.dtype), dim=-1) for g in guides[:2])
-        candidates, g_candidates = positive, g_positive
-        if len(embeddings) == 3:
-            candidates = torch.cat([positive, TF.normalize(embeddings[2].to(anchor.dtype), dim=-1)])
-            g_candidates = torch.cat([g_positive, TF.normalize(guides[2].to(anchor.dtype), dim=-1)])
-        n = anchor.shape[0]
-        g_pos = (g_anchor * g_positive).sum(dim=1)
-        offset = self.margin if self.margin_strategy == "absolute" else g_pos.abs() * self.margin
-        thresholds = g_pos - offset
-        scale = torch.full((n,), 1.0 / self.temperature, dtype=anchor.dtype, device=anchor.device)
-        pos_index = torch.arange(n, device=anchor.device)
-        blocks = [(anchor, candidates, pos_index, g_anchor, g_candidates)]
-        if self.contrast_anchors:
-            blocks.append((anchor, anchor, None, g_anchor, g_anchor))
-        if self.contrast_positives:
-            blocks.append((positive, positive, None, g_positive, g_positive))
-        lses, pos = [], None
-        for rows, cols, index, g_rows, g_cols in blocks:
-            spec = SoftmaxSpec(positive_index=index, fn_row=thresholds, guide_rows=g_rows, guide_cols=g_cols)
-            backend = _dispatch.resolve(None, rows.device, spec).__name__.rsplit(".", 1)[-1]
-            lse, block_pos = library.block_lse(backend, rows, cols, scale, spec)
-            lses.append(lse)
-            pos = block_pos if block_pos is not None else pos
-        return (torch.logsumexp(torch.stack(lses), dim=0) - pos).mean()
+        return _gist_loss(self, embeddings, guides)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"guide": self.guide, "temperature": self.temperature, "margin_strategy": self.margin_strategy,
@@ -405,6 +374,63 @@ class GISTEmbedLoss(nn.Module):
     @property
     def citation(self) -> str:
         return _CITATION_GIST
+
+
+def _gist_loss(config, embeddings, guides) -> Tensor:
+    """GISTEmbed's loss over the columns ``(anchor, positive, negatives...)`` and their guide
+    embeddings, fused (see :class:`GISTEmbedLoss`); ``config`` holds the host's settings
+    (``temperature``, ``margin_strategy``, ``margin``, ``contrast_anchors``, ``contrast_positives``)."""
+    from .. import _dispatch
+    from ..backends.common import compute_dtype
+    from ..ops import library
+
+    anchor, positive = (TF.normalize(x.to(compute_dtype(x.dtype)), dim=-1) for x in embeddings[:2])
+    g_anchor, g_positive = (TF.normalize(g.to(anchor.dtype), dim=-1) for g in guides[:2])
+    candidates = torch.cat([positive] + [TF.normalize(x.to(anchor.dtype), dim=-1) for x in embeddings[2:]])
+    g_candidates = torch.cat([g_positive] + [TF.normalize(g.to(anchor.dtype), dim=-1) for g in guides[2:]])
+    n = anchor.shape[0]
+    g_pos = (g_anchor * g_positive).sum(dim=1)
+    offset = config.margin if config.margin_strategy == "absolute" else g_pos.abs() * config.margin
+    thresholds = g_pos - offset
+    scale = torch.full((n,), 1.0 / config.temperature, dtype=anchor.dtype, device=anchor.device)
+    blocks = [(anchor, candidates, torch.arange(n, device=anchor.device), g_anchor, g_candidates)]
+    if config.contrast_anchors:
+        blocks.append((anchor, anchor, None, g_anchor, g_anchor))
+    if config.contrast_positives:
+        blocks.append((positive, positive, None, g_positive, g_positive))
+    lses, pos = [], None
+    for rows, cols, index, g_rows, g_cols in blocks:
+        spec = SoftmaxSpec(positive_index=index, fn_row=thresholds, guide_rows=g_rows, guide_cols=g_cols)
+        backend = _dispatch.resolve(None, rows.device, spec).__name__.rsplit(".", 1)[-1]
+        lse, block_pos = library.block_lse(backend, rows, cols, scale, spec)
+        lses.append(lse)
+        pos = block_pos if block_pos is not None else pos
+    return (torch.logsumexp(torch.stack(lses), dim=0) - pos).mean()
+
+
+def _cached_gist_class():
+    """``CachedGISTEmbedLoss``: sentence-transformers' class with the loss stage fused."""
+    losses = _import_host("sentence_transformers.sentence_transformer.losses", "CachedGISTEmbedLoss", _ST)
+
+    class CachedGISTEmbedLoss(losses.CachedGISTEmbedLoss):
+        """``sentence_transformers.losses.CachedGISTEmbedLoss`` (a subclass: same constructor,
+        GradCache steps over the model and the guide, config and citation) whose loss stage
+        (``calculate_loss``) is the fused GISTEmbed loss of :class:`GISTEmbedLoss` over the whole
+        batch, any number of negative columns. ``gather_across_devices=True`` under several
+        processes runs the host's stage."""
+
+        def calculate_loss(self, reps, reps_guided, *, with_backward: bool = False):
+            if len(reps) != len(reps_guided):
+                raise ValueError("reps and reps_guided must have the same length")
+            if self.gather_across_devices and _world_size() > 1:
+                return super().calculate_loss(reps, reps_guided, with_backward=with_backward)
+            loss = _gist_loss(self, [torch.cat(r) for r in reps], [torch.cat(r) for r in reps_guided])
+            if with_backward:
+                loss.backward()
+                loss = loss.detach()
+            return loss
+
+    return CachedGISTEmbedLoss
 
 
 def _cached_class():
@@ -447,10 +473,11 @@ _LAZY = {}
 
 
 def __getattr__(name: str):
-    """``CachedMultipleNegativesRankingLoss`` is built on first use (it subclasses the host's)."""
-    if name == "CachedMultipleNegativesRankingLoss":
+    """The cached classes are built on first use (they subclass the host's)."""
+    builders = {"CachedMultipleNegativesRankingLoss": _cached_class, "CachedGISTEmbedLoss": _cached_gist_class}
+    if name in builders:
         if name not in _LAZY:
-            _LAZY[name] = _cached_class()
+            _LAZY[name] = builders[name]()
         return _LAZY[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
