@@ -162,7 +162,9 @@ class _PerPrefix:
 @pytest.mark.parametrize("opts", [
     {}, {"symmetric": True}, {"labels": "3", "exclude_self": True, "decoupled": True},
     {"positive_index": "shift", "exclude_self": True, "symmetric": True, "queue": True},
-], ids=["plain", "symmetric", "labels_exclude_self_decoupled", "symmetric_exclude_self_queue"])
+    {"scale": -4.0, "queue": True},
+], ids=["plain", "symmetric", "labels_exclude_self_decoupled", "symmetric_exclude_self_queue",
+        "negative_scale_queue"])
 def test_fused_sweep_equals_a_pass_per_prefix(opts, monkeypatch):
     """The one-sweep pass (snapshots at the prefix boundaries, one matmul per segment in the
     backward) against the ordinary passes once per prefix, in float64, loss and gradients, over
@@ -178,7 +180,8 @@ def test_fused_sweep_equals_a_pass_per_prefix(opts, monkeypatch):
     if opts.pop("positive_index", None):
         opts["positive_index"] = (torch.arange(n, device=DEVICE) + 2) % n
     queue = _raw(5, d).requires_grad_() if opts.pop("queue", False) else None
-    scale = torch.tensor(6.0, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    # a negative scale takes the plain forms of the one-sweep passes (no division by the scales)
+    scale = torch.tensor(opts.pop("scale", 6.0), dtype=torch.float64, device=DEVICE, requires_grad=True)
 
     calls = []
     fused = torch_backend.softmax_grad_prefixes
