@@ -81,11 +81,6 @@ def _prefixes(call: Lowered, dims, weights, op: str):
         if weights is not None:
             raise ValueError(f"{op}: matryoshka_weights needs matryoshka_dims")
         return None
-    if call.spec.false_negative_margin is not None:
-        raise ValueError(f"{op}: false_negative_margin is not supported with matryoshka_dims (each prefix would need "
-                         "its own thresholds)")
-    if call.spec.guide_rows is not None:
-        raise ValueError(f"{op}: guide_query/guide_key are not supported with matryoshka_dims")
     return ops.matryoshka.check_dims(dims, weights, call.query.shape[1], op)
 
 
@@ -99,10 +94,12 @@ def _normalized_prefix(x: Optional[torch.Tensor], d: int) -> Optional[torch.Tens
 
 def _matryoshka(call: Lowered, module, reduction: str, op: str, prefixes, group, gather, local_loss):
     """``sum_p w_p * loss_p`` over the normalised prefixes. One process: every prefix from one
-    pass (:mod:`fastcl.ops.matryoshka`). Across ranks: one distributed loss per prefix."""
+    pass (:mod:`fastcl.ops.matryoshka`). Across ranks, or with a false-negative or guide mask
+    (whose thresholds the prefix passes do not take): one loss per prefix."""
     dims, weights = prefixes
     symmetric = call.spec.symmetric
-    if group is None:
+    masked = call.spec.false_negative_margin is not None or call.spec.fn_row is not None
+    if group is None and not masked:
         query, key, negatives, scale, bias, spec = call
         per = ops.matryoshka.losses(module, query, key, negatives, scale, bias, spec, dims)
         parts = [_reduce(*outs, symmetric, reduction) for outs in per]
@@ -232,8 +229,8 @@ def info_nce(
             L2-normalised (sentence-transformers' ``MatryoshkaLoss``; the full width is
             normalised too when listed). One process: every width from one pass over the tiles
             (torch backend; other backends one pass per width), with exact gradients through
-            the normalisation. With ``group``: one distributed loss per width. Not with
-            ``false_negative_margin``.
+            the normalisation. With ``group``, ``false_negative_margin`` or the guide mask: one
+            loss per width (each width's margin thresholds from its own positives).
         matryoshka_weights: ``w_d``, one number per entry of ``matryoshka_dims`` (default 1).
         guide_query, guide_key, guide_negatives: a guide model's embeddings of the rows, keys and
             negatives (GISTEmbed; ``[N, G]``, ``[M, G]``, ``[K, G]``, any width ``G``, no gradient):
@@ -241,7 +238,7 @@ def info_nce(
             ``cos(gq_i, gk_j) > cos(gq_i, gk_pos(i)) - guide_margin``. The guide similarity is
             computed inside the tiles (one more matmul per tile), never stored. Needs one-hot
             positives; not with ``labels``, ``decoupled``, ``debias``, ``label_smoothing``,
-            ``symmetric``, ``false_negative_margin`` or ``matryoshka_dims``; with ``group``, in
+            ``symmetric`` or ``false_negative_margin``; with ``group``, in
             ``gather="all_gather"`` mode (every rank's guide keys are gathered beside the keys).
             Torch and Triton backends (``auto`` skips CUDA for it; naming CUDA raises).
         guide_margin: the guide's margin (sentence-transformers' ``margin`` with

@@ -316,3 +316,29 @@ def test_cached_gist_matches_host(dtype, n_columns, config):
     got.backward()
     for i, (x, y) in enumerate(zip(a, b)):
         assert_close(f"d_column{i}", y.grad, x.grad, TOL[dtype] * 10, floor=1.0)
+
+
+def test_gist_under_matryoshka():
+    """sentence-transformers' MatryoshkaLoss shrinks the model's embeddings (not the guide's)
+    before each width's GIST call: fastcl's GISTEmbedLoss under it matches the host's."""
+    tok = _tokenizer()
+
+    class Model(TokenizedModel):
+        def get_embedding_dimension(self):
+            return 8
+
+    model, guide = Model("emb", tok), TokenizedModel("guide", tok)
+    dims = [8, 3]
+    host = st_losses.MatryoshkaLoss(model, st_losses.GISTEmbedLoss(model, guide), dims)
+    mine = st_losses.MatryoshkaLoss(model, compat.GISTEmbedLoss(model, guide), dims)
+    columns, guides = [torch.randn(9, 8, dtype=torch.float64) for _ in range(3)], [torch.randn(9, 5, dtype=torch.float64)
+                                                                                  for _ in range(3)]
+    a = [c.clone().requires_grad_() for c in columns]
+    b = [c.clone().requires_grad_() for c in columns]
+    want = host([{"emb": x, "guide": g} for x, g in zip(a, guides)], None)
+    got = mine([{"emb": x, "guide": g} for x, g in zip(b, guides)], None)
+    assert_close("loss", got, want, 1e-9, floor=1.0)
+    want.backward()
+    got.backward()
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert_close(f"d_column{i}", y.grad, x.grad, 1e-9, floor=1.0)

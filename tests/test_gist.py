@@ -99,8 +99,6 @@ def test_bad_guide_arguments_raise():
                   {"label_smoothing": 0.1}, {"symmetric": True}, {"false_negative_margin": 0.1}):
         with pytest.raises(ValueError, match=f"cannot be combined with {next(iter(other))}"):
             fastcl.info_nce(q, q, guide_query=g, guide_key=g, **other, backend="torch")
-    with pytest.raises(ValueError, match="not supported with matryoshka_dims"):
-        fastcl.info_nce(q, q, guide_query=g, guide_key=g, matryoshka_dims=[2, 4], backend="torch")
 
 
 @pytest.mark.slow

@@ -74,6 +74,11 @@ CASES = {
         "labels": _labels(n, 4), "exclude_self": True, "label_smoothing": 0.2}),
     "label_smoothing_symmetric": dict(n=9, m=9, k=0, d=8, dims=[3, 8], opts=lambda n, m, k: {
         "symmetric": True, "label_smoothing": 0.1}),
+    # masks the prefix passes do not take: one loss per width (each width's own margin thresholds)
+    "false_negative_margin_queue": dict(n=10, m=10, k=4, d=8, dims=[3, 8], opts=lambda n, m, k: {
+        "false_negative_margin": 0.05}),
+    "guide_mask_queue": dict(n=10, m=10, k=4, d=8, dims=[4, 8], opts=lambda n, m, k: {
+        "guide_query": randn(n, 5), "guide_key": randn(m, 5), "guide_negatives": randn(k, 5), "guide_margin": 0.02}),
     "low_temperature": dict(n=12, m=12, k=0, d=16, dims=[4, 8, 16], temperature=0.01, opts=lambda n, m, k: {}),
     "low_temperature_symmetric": dict(n=10, m=10, k=0, d=12, dims=[6, 12], temperature=0.02,
                                       opts=lambda n, m, k: {"symmetric": True}),
@@ -101,6 +106,10 @@ def test_info_nce_matryoshka(case, reduction, dtype, backend, monkeypatch):
                              else torch.tensor(t, dtype=torch.float64, device=DEVICE))
     names = [x for x in ("query", "key", "negatives", "temperature")
              if x in inputs and (x != "negatives" or cfg.get("negatives_grad", True))]
+    if backend == "cuda" and ("false_negative_margin" in opts or "guide_query" in opts):
+        with pytest.raises(ValueError, match="false-negative mask|guide-model mask"):
+            fastcl.info_nce(**inputs, **opts, matryoshka_dims=dims, backend=backend)
+        return
     ref_opts = dict(opts)
     if "hardness" in opts:
         ref_opts.setdefault("debias", 0.0)
@@ -214,8 +223,6 @@ def test_bad_matryoshka_arguments_raise():
         fastcl.clip_loss(q, q, 10.0, matryoshka_dims=[4, 8], matryoshka_weights=[1.0, float("nan")], backend="torch")
     with pytest.raises(ValueError, match="needs matryoshka_dims"):
         fastcl.info_nce(q, q, matryoshka_weights=[1.0], backend="torch")
-    with pytest.raises(ValueError, match="false_negative_margin is not supported with matryoshka_dims"):
-        fastcl.clip_loss(q, q, 10.0, false_negative_margin=0.1, matryoshka_dims=[4, 8], backend="torch")
 
 
 def test_one_sweep_choice_rule(monkeypatch):
