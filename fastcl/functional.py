@@ -84,14 +84,6 @@ def _prefixes(call: Lowered, dims, weights, op: str):
     return ops.matryoshka.check_dims(dims, weights, call.query.shape[1], op)
 
 
-def _normalized_prefix(x: Optional[torch.Tensor], d: int) -> Optional[torch.Tensor]:
-    """``F.normalize(x[:, :d])``, normed in fp32 at least, back in ``x``'s dtype."""
-    if x is None:
-        return None
-    return torch.nn.functional.normalize(x[:, :d].to(compute_dtype(x.dtype)), dim=1,
-                                         eps=ops.matryoshka.NORM_EPS).to(x.dtype)
-
-
 def _matryoshka(call: Lowered, module, reduction: str, op: str, prefixes, group, gather, local_loss):
     """``sum_p w_p * loss_p`` over the normalised prefixes. One process: every prefix from one
     pass (:mod:`fastcl.ops.matryoshka`). Across ranks, or with a false-negative or guide mask
@@ -106,8 +98,8 @@ def _matryoshka(call: Lowered, module, reduction: str, op: str, prefixes, group,
     else:
         parts = []
         for d in dims:
-            sub = call._replace(query=_normalized_prefix(call.query, d), key=_normalized_prefix(call.key, d),
-                                negatives=_normalized_prefix(call.negatives, d))
+            sub = call._replace(**{name: ops.matryoshka.normalized_prefix(x, d, call.query.dtype) for name, x in
+                                   (("query", call.query), ("key", call.key), ("negatives", call.negatives))})
             parts.append(_softmax(sub, module, reduction, _prepare(sub, group, gather, local_loss, op, reduction), op))
     if reduction == "none" and symmetric:
         return tuple(sum(w * part[i] for w, part in zip(weights, parts)) for i in range(2))

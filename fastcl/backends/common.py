@@ -42,6 +42,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def prefix_sums(x: torch.Tensor, dims) -> torch.Tensor:
+    """``[P, len(x)]``: each row of ``x`` summed over its first ``d`` features, for each ``d`` in
+    ``dims`` (ascending): one sum per feature segment, then a cumulative sum (Matryoshka prefixes)."""
+    bounds = zip((0,) + tuple(dims[:-1]), dims)
+    return torch.stack([x[:, lo:hi].sum(dim=1) for lo, hi in bounds]).cumsum(dim=0)
+
+
 def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     """Replace -inf (an empty line) by 0 so ``exp(S - x)`` stays 0 on its masked entries."""
     return torch.where(x == NEG_INF, torch.zeros_like(x), x)

@@ -43,7 +43,15 @@ from .. import _config
 from .._spec import SoftmaxSpec
 from . import chunked
 from ._cpu_threads import map_in_order, workers_for
-from .common import NEG_INF, DistillStats, SigmoidSums, SoftmaxStats, finite_or_zero, float16_gradient_scale
+from .common import (
+    NEG_INF,
+    DistillStats,
+    SigmoidSums,
+    SoftmaxStats,
+    finite_or_zero,
+    float16_gradient_scale,
+    prefix_sums,
+)
 
 # Largest tile, in elements: 2**19 fp32 values (2 MiB) keep a tile and its temporaries in a
 # CPU's last-level cache. FASTCL_TORCH_BLOCK="rows,cols" overrides the shape (tests use tiny
@@ -538,12 +546,6 @@ def _prefix_bounds(dims):
     return list(zip((0,) + tuple(dims[:-1]), dims))
 
 
-def _prefix_norms(x, dims):
-    """``[P, len(x)]``: ``|x_i[:d]|`` for each ``d`` in ``dims``."""
-    sq = x.square()
-    return torch.stack([sq[:, lo:hi].sum(dim=1) for lo, hi in _prefix_bounds(dims)]).cumsum(dim=0).sqrt()
-
-
 def _positive_rows(row_scales, device) -> bool:
     """The prefix passes' shortcuts divide by the row scales and read a flag on the host: a CPU
     whose row scales are all positive (any other case takes the plain forms)."""
@@ -566,7 +568,8 @@ def softmax_stats_prefixes(query, key, row_scales, col_scales, dims, spec: Softm
     if not spec.symmetric and _positive_rows(row_scales, dev):
         # no logit of row i exceeds bound_i = s_i |q_i[:d]| max_j c_j |k_j[:d]| (Cauchy-Schwarz), so
         # exp(S - bound) needs no tile maximum: s_i (c_j P_ij + shift_i) with shift_i = -bound_i / s_i
-        bound = row_scales * _prefix_norms(q, dims) * (col_scales * _prefix_norms(k, dims)).amax(dim=1, keepdim=True)
+        q_norms, k_norms = prefix_sums(q.square(), dims).sqrt(), prefix_sums(k.square(), dims).sqrt()
+        bound = row_scales * q_norms * (col_scales * k_norms).amax(dim=1, keepdim=True)
         shift = -bound / row_scales
     floor = math.exp(-_SAFE_LOG[cd])
 

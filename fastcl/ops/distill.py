@@ -20,22 +20,16 @@ one. The statistics operator ``fastcl::distill_stats`` is differentiable (its re
 backward is that pass) and the epilogue is plain PyTorch, as for the softmax family.
 """
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
 
 from .._spec import DistillSpec
 from ..backends.common import DistillStats, compute_dtype
+from . import library
 from . import softmax as _softmax
-
-
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0)
-
-
-def _or_none(t: Tensor) -> Optional[Tensor]:
-    return None if t.numel() == 0 else t
+from .library import _empty, _or_none
 
 
 def _module(backend: str, device, symmetric: bool):
@@ -175,3 +169,4 @@ def registered_ops():
 
 
 IMPLEMENTATIONS = {"fastcl::distill_stats": _distill_stats, "fastcl::distill_grad": _distill_grad}
+library.IMPLEMENTATIONS.update(IMPLEMENTATIONS)  # one table for every fastcl operator

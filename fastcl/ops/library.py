@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .._spec import SigmoidSpec, SoftmaxSpec
-from ..backends.common import SoftmaxStats, compute_dtype, finite_or_zero
+from ..backends.common import SoftmaxStats, compute_dtype, finite_or_zero, prefix_sums
 from . import sigmoid as _sigmoid
 from . import softmax as _softmax
 
@@ -223,7 +223,7 @@ def _prefix_stats(
     pos = _empty(like)
     if positive_index is not None and not spec.uses_labels:
         cd = like.dtype
-        dots = matryoshka.prefix_dots(query.to(cd), cols[positive_index.clamp(min=0)].to(cd), dims)
+        dots = prefix_sums(query.to(cd) * cols[positive_index.clamp(min=0)].to(cd), dims)
         pos = row_scales * col_scales[:, positive_index.clamp(min=0)] * dots
     return (st.lse_row, _or_empty(st.lse_col, like).clone(), _or_empty(st.pos_sum, like),
             _or_empty(st.pos_cnt, like), pos)
@@ -371,12 +371,8 @@ def registered_ops() -> Sequence:
 
 
 # each operator's Python implementation by its name: a dispatch mode that must see the tensors an
-# operator creates inside (the tests' memory checks) runs it through these
+# operator creates inside (the tests' memory checks) runs it through these (fastcl.ops.distill
+# adds its own)
 IMPLEMENTATIONS = {"fastcl::softmax_stats": _softmax_stats, "fastcl::softmax_grad": _softmax_grad,
                    "fastcl::prefix_stats": _prefix_stats, "fastcl::prefix_grad": _prefix_grad,
                    "fastcl::sigmoid_loss": _sigmoid_loss}
-
-# the distillation operators live in fastcl.ops.distill; one table serves every operator
-from . import distill as _distill  # noqa: E402
-
-IMPLEMENTATIONS.update(_distill.IMPLEMENTATIONS)

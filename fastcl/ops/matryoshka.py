@@ -21,13 +21,13 @@ row scale ``s a^p`` (:func:`prefix_stats`, :func:`prefix_grad`): the same contra
 ``FASTCL_PREFIXES`` (``auto``, ``fused``, ``per_prefix``) overrides the choice.
 """
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from .. import _config
 from .._spec import SoftmaxSpec
-from ..backends.common import SoftmaxStats, compute_dtype
+from ..backends.common import SoftmaxStats, compute_dtype, prefix_sums
 from . import smoothing
 from . import softmax as _softmax
 
@@ -37,25 +37,18 @@ NORM_EPS = 1e-12
 
 def inverse_norms(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     """``[P, len(x)]``: ``1 / max(|x_i[:d]|, eps)`` for each ``d`` in ``dims`` (ascending),
-    differentiable, in the compute dtype; one cumulative sum of squares over the segments."""
-    cd = compute_dtype(x.dtype)
-    squares = x.to(cd).square()
-    lo, parts = 0, []
-    for d in dims:
-        parts.append(squares[:, lo:d].sum(dim=1))
-        lo = d
-    norms = torch.stack(parts).cumsum(dim=0).sqrt()
+    differentiable, in the compute dtype."""
+    norms = prefix_sums(x.to(compute_dtype(x.dtype)).square(), dims).sqrt()
     return norms.clamp(min=NORM_EPS).reciprocal()
 
 
-def prefix_dots(a: torch.Tensor, b: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
-    """``[P, N]``: row-wise ``<a_i, b_i>`` over the first ``d`` features, for each ``d`` in ``dims``."""
-    prod = a * b
-    lo, parts = 0, []
-    for d in dims:
-        parts.append(prod[:, lo:d].sum(dim=1))
-        lo = d
-    return torch.stack(parts).cumsum(dim=0)
+def normalized_prefix(x: Optional[torch.Tensor], d: int, dtype=None) -> Optional[torch.Tensor]:
+    """``F.normalize(x[:, :d])``, normed in the compute dtype and returned in ``dtype`` (default
+    the compute dtype); ``None`` stays ``None``."""
+    if x is None:
+        return None
+    cd = compute_dtype(x.dtype)
+    return torch.nn.functional.normalize(x[:, :d].to(cd), dim=1, eps=NORM_EPS).to(dtype or cd)
 
 
 def _prefix_keys(cols, col_scales, p: int, d: int, dtype):
@@ -145,13 +138,6 @@ def check_dims(dims, weights, width: int, op: str):
     return tuple(d for d, _ in pairs), tuple(w for _, w in pairs)
 
 
-def _normalized(x, d: int):
-    """``F.normalize(x[:, :d])`` in the compute dtype (what the label-smoothing sums read)."""
-    if x is None:
-        return None
-    return torch.nn.functional.normalize(x[:, :d].to(compute_dtype(x.dtype)), dim=1, eps=NORM_EPS)
-
-
 def losses(backend: str, query, key, negatives, scale, bias, spec: SoftmaxSpec, dims: Sequence[int]) -> List[tuple]:
     """Per prefix (``dims`` ascending), ``(row_loss, col_loss, row_valid, col_valid)`` of the
     single-process loss on the normalised prefixes, all prefixes from one statistics operator
@@ -190,7 +176,8 @@ def losses(backend: str, query, key, negatives, scale, bias, spec: SoftmaxSpec, 
         saved = _softmax._saved(spec, prefix(main), None if tilt is None else prefix(tilt), pos, n)
         sums = (None, None)
         if spec.label_smoothing:
-            sums = smoothing.logit_sums(_normalized(query, d), _normalized(key, d), _normalized(negatives, d), scale,
+            sums = smoothing.logit_sums(normalized_prefix(query, d), normalized_prefix(key, d),
+                                        normalized_prefix(negatives, d), scale,
                                         spec, columns.reduce)
         terms = _softmax._terms(columns, spec, saved, n, scale.dim() == 1, *sums)
         b = None if bias is None else bias.to(cd).reshape(())
