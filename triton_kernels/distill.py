@@ -25,7 +25,23 @@ range). Fixed block sizes (no autotuning yet; nothing here has run on a GPU).
 import triton
 import triton.language as tl
 
-from .info_nce import NEG_INF, _oriented, _scaled_logits
+from .info_nce import NEG_INF, _final_lse, _online_lse, _oriented, _scaled_logits, _sides
+
+
+@triton.jit
+def _pair_tile(a_ptr, b_ptr, ta_ptr, tb_ptr, scale_ptr, t_scale_ptr, scalars_ptr, offs_a, offs_b, N, C, D, DT,
+               OWN_ROWS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_A: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(rows, cols, keep, S, T)`` of one tile: its global indices, the entries that exist, and
+    the student's and the teacher's scaled logits (two dots)."""
+    n_a, n_b = _sides(N, C, OWN_ROWS)
+    rows, cols = _oriented(offs_a, offs_b, OWN_ROWS)
+    keep = (rows < N) & (cols < C)
+    s = _scaled_logits(a_ptr, b_ptr, offs_a, offs_b, n_a, n_b, D, rows, N, scale_ptr, scalars_ptr,
+                       False, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
+    t = _scaled_logits(ta_ptr, tb_ptr, offs_a, offs_b, n_a, n_b, DT, rows, N, t_scale_ptr, scalars_ptr,
+                       False, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
+    return rows, cols, keep, s, t
 
 
 @triton.jit
@@ -42,12 +58,7 @@ def distill_stats_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per owned line: ``lse`` (student), ``t_lse`` (teacher) and ``mean``, ``[n_a]`` each."""
-    if OWN_ROWS:
-        n_a = N
-        n_b = C
-    else:
-        n_a = C
-        n_b = N
+    n_a, n_b = _sides(N, C, OWN_ROWS)
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     m = tl.full((BLOCK_A,), NEG_INF, dtype=ACC)
     l = tl.zeros((BLOCK_A,), dtype=ACC)
@@ -56,18 +67,12 @@ def distill_stats_kernel(
     t_num = tl.zeros((BLOCK_A,), dtype=ACC)
     for b0 in range(0, n_b, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
-        rows, cols = _oriented(offs_a, offs_b, OWN_ROWS)
-        keep = (rows < N) & (cols < C)
-        s = _scaled_logits(a_ptr, b_ptr, offs_a, offs_b, n_a, n_b, D, rows, N, scale_ptr, scalars_ptr,
-                           False, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
-        t = _scaled_logits(ta_ptr, tb_ptr, offs_a, offs_b, n_a, n_b, DT, rows, N, t_scale_ptr, scalars_ptr,
-                           False, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
+        rows, cols, keep, s, t = _pair_tile(a_ptr, b_ptr, ta_ptr, tb_ptr, scale_ptr, t_scale_ptr, scalars_ptr,
+                                            offs_a, offs_b, N, C, D, DT, OWN_ROWS, ACC, PREC, BLOCK_A, BLOCK_B,
+                                            BLOCK_D)
         s = tl.where(keep, s, NEG_INF)
         t = tl.where(keep, t, NEG_INF)
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
-        m = m_new
+        m, l = _online_lse(m, l, s)
         tm_new = tl.maximum(tm, tl.max(t, axis=1))
         tm_safe = tl.where(tm_new == NEG_INF, 0.0, tm_new)
         rescale = tl.exp(tm - tm_safe)
@@ -76,11 +81,9 @@ def distill_stats_kernel(
         t_num = t_num * rescale + tl.sum(e * tl.where(keep, s, 0.0), axis=1)
         tm = tm_new
     a_in = offs_a < n_a
-    l_ok = tl.where(l == 0.0, 1.0, l)
-    tl_ok = tl.where(tl_sum == 0.0, 1.0, tl_sum)
-    tl.store(lse_ptr + offs_a, tl.where(l == 0.0, NEG_INF, m + tl.log(l_ok)), mask=a_in)
-    tl.store(t_lse_ptr + offs_a, tl.where(tl_sum == 0.0, NEG_INF, tm + tl.log(tl_ok)), mask=a_in)
-    tl.store(mean_ptr + offs_a, t_num / tl_ok, mask=a_in)
+    tl.store(lse_ptr + offs_a, _final_lse(m, l), mask=a_in)
+    tl.store(t_lse_ptr + offs_a, _final_lse(tm, tl_sum), mask=a_in)
+    tl.store(mean_ptr + offs_a, t_num / tl.where(tl_sum == 0.0, 1.0, tl_sum), mask=a_in)
 
 
 @triton.jit
@@ -96,24 +99,16 @@ def distill_grad_kernel(
 ):
     """``out`` (``[n_a, D]``, student) and ``t_out`` (``[n_a, DT]``, teacher) of the owned lines,
     for features ``[pid_x * BLOCK_X, +BLOCK_X)``; see the module doc."""
-    if OWN_ROWS:
-        n_a = N
-        n_b = C
-    else:
-        n_a = C
-        n_b = N
+    n_a, n_b = _sides(N, C, OWN_ROWS)
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
     acc = tl.zeros((BLOCK_A, BLOCK_X), dtype=ACC)
     t_acc = tl.zeros((BLOCK_A, BLOCK_X), dtype=ACC)
     for b0 in range(0, n_b, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
-        rows, cols = _oriented(offs_a, offs_b, OWN_ROWS)
-        keep = (rows < N) & (cols < C)
-        s = _scaled_logits(a_ptr, b_ptr, offs_a, offs_b, n_a, n_b, D, rows, N, scale_ptr, scalars_ptr,
-                           False, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
-        t = _scaled_logits(ta_ptr, tb_ptr, offs_a, offs_b, n_a, n_b, DT, rows, N, t_scale_ptr, scalars_ptr,
-                           False, ACC, PREC, BLOCK_A, BLOCK_B, BLOCK_D)
+        rows, cols, keep, s, t = _pair_tile(a_ptr, b_ptr, ta_ptr, tb_ptr, scale_ptr, t_scale_ptr, scalars_ptr,
+                                            offs_a, offs_b, N, C, D, DT, OWN_ROWS, ACC, PREC, BLOCK_A, BLOCK_B,
+                                            BLOCK_D)
         u_row = _stat(u_row_ptr, rows, N)
         pt = tl.where(keep, tl.exp(t - _stat(t_lse_row_ptr, rows, N)), 0.0)
         if SYMMETRIC:

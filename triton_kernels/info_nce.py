@@ -85,6 +85,30 @@ def _oriented(offs_a, offs_b, OWN_ROWS: tl.constexpr):
 
 
 @triton.jit
+def _sides(N, C, OWN_ROWS: tl.constexpr):
+    """``(owned lines, looped lines)``: rows and columns, or columns and rows."""
+    if OWN_ROWS:
+        return N, C
+    return C, N
+
+
+@triton.jit
+def _online_lse(m, l, t):
+    """Merge a tile of (masked, ``-inf``) values ``t`` into running row maxima ``m`` and sums
+    ``l = sum exp(t - m)``: ``(m, l)``. An all-masked line keeps max -inf; shifting by 0 there
+    keeps exp(-inf - 0) = 0."""
+    m_new = tl.maximum(m, tl.max(t, axis=1))
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+    return m_new, l * tl.exp(m - m_safe) + tl.sum(tl.exp(t - m_safe[:, None]), axis=1)
+
+
+@triton.jit
+def _final_lse(m, l):
+    """``m + log(l)``, -inf for an empty line (the where only keeps the interpreter quiet)."""
+    return tl.where(l == 0.0, NEG_INF, m + tl.log(tl.where(l == 0.0, 1.0, l)))
+
+
+@triton.jit
 def _lines(ptr, offs, n_lines, D, BLOCK_R: tl.constexpr):
     """``[len(offs), BLOCK_R]`` features of these lines, zero beyond D and beyond ``n_lines``."""
     offs_d = tl.arange(0, BLOCK_R)
@@ -276,12 +300,7 @@ def softmax_stats_kernel(
     """Per anchor of the owned axis: ``lse = LSE_{j in D} S``; with ``OWN_ROWS`` and ``LABELS``
     also the sum of the label-positive logits and their count (``[N]`` each, ``ACC``).
     ``BLOCK_R > 0`` (the padded D, at most 256): the owned tile stays on chip for the whole loop."""
-    if OWN_ROWS:
-        n_a = N
-        n_b = C
-    else:
-        n_a = C
-        n_b = N
+    n_a, n_b = _sides(N, C, OWN_ROWS)
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     a_in = offs_a < n_a
     m = tl.full((BLOCK_A,), NEG_INF, dtype=ACC)
@@ -311,13 +330,8 @@ def softmax_stats_kernel(
                               BLOCK_B, BLOCK_G)
             keep = _false_negative_keep(test, keep, match, rows, cols, N, C, fn_row_ptr, fn_col_ptr, OWN_ROWS)
         t = tl.where(keep, t, NEG_INF)
-        m_new = tl.maximum(m, tl.max(t, axis=1))
-        # an all-masked line keeps max -inf; shifting by 0 there keeps exp(-inf - 0) = 0
-        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(t - m_safe[:, None]), axis=1)
-        m = m_new
-    # log(0) = -inf is meant (an empty denominator); the where only keeps the interpreter quiet
-    lse = tl.where(l == 0.0, NEG_INF, m + tl.log(tl.where(l == 0.0, 1.0, l)))
+        m, l = _online_lse(m, l, t)
+    lse = _final_lse(m, l)
     tl.store(lse_ptr + offs_a, lse, mask=a_in)
     if OWN_ROWS and LABELS:
         tl.store(pos_sum_ptr + offs_a, pos_sum, mask=a_in)
@@ -350,12 +364,7 @@ def grad_kernel(
     ``G_SCALED`` (fp16): ``G`` is divided by ``*gmax_ptr`` before it is rounded for the product
     and the accumulator multiplied back, so small gradients do not underflow.
     """
-    if OWN_ROWS:
-        n_a = N
-        n_b = C
-    else:
-        n_a = C
-        n_b = N
+    n_a, n_b = _sides(N, C, OWN_ROWS)
     pid_x = tl.program_id(1)
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
