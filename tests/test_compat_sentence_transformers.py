@@ -208,6 +208,22 @@ class TokenizedModel(torch.nn.Module):
         return None
 
 
+def compare_guided(host, mine, n_columns, batch, dtype, tol):
+    """Random columns (width 8) and guide embeddings (width 5) through both GIST losses: equal
+    loss, and equal gradients of every column's embeddings."""
+    columns = [torch.randn(batch, 8, dtype=dtype) for _ in range(n_columns)]
+    guides = [torch.randn(batch, 5, dtype=dtype) for _ in range(n_columns)]
+    a = [c.clone().requires_grad_() for c in columns]
+    b = [c.clone().requires_grad_() for c in columns]
+    want = host([{"emb": x, "guide": g} for x, g in zip(a, guides)], None)
+    got = mine([{"emb": x, "guide": g} for x, g in zip(b, guides)], None)
+    assert_close("loss", got, want, tol, floor=1.0)
+    want.backward()
+    got.backward()
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert_close(f"d_column{i}", y.grad, x.grad, tol, floor=1.0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_columns", [2, 3])
 @pytest.mark.parametrize("config", [
@@ -223,17 +239,7 @@ def test_gist_matches_host(dtype, n_columns, config):
     mine = compat.GISTEmbedLoss(model, guide, **config)
     assert not mine.unfused_options()
     assert mine.get_config_dict() == host.get_config_dict() and mine.citation == host.citation
-    columns = [torch.randn(9, 8, dtype=dtype) for _ in range(n_columns)]
-    guides = [torch.randn(9, 5, dtype=dtype) for _ in range(n_columns)]
-    a = [c.clone().requires_grad_() for c in columns]
-    b = [c.clone().requires_grad_() for c in columns]
-    want = host([{"emb": x, "guide": g} for x, g in zip(a, guides)], None)
-    got = mine([{"emb": x, "guide": g} for x, g in zip(b, guides)], None)
-    assert_close("loss", got, want, TOL[dtype] * 10, floor=1.0)
-    want.backward()
-    got.backward()
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert_close(f"d_column{i}", y.grad, x.grad, TOL[dtype] * 10, floor=1.0)
+    compare_guided(host, mine, n_columns, 9, dtype, TOL[dtype] * 10)
 
 
 def test_gist_hands_a_retokenizing_guide_to_the_host_and_checks_like_it():
@@ -305,17 +311,7 @@ def test_cached_gist_matches_host(dtype, n_columns, config):
     host = st_losses.CachedGISTEmbedLoss(model, guide, mini_batch_size=4, **config)
     mine = compat.CachedGISTEmbedLoss(model, guide, mini_batch_size=4, **config)
     assert isinstance(mine, st_losses.CachedGISTEmbedLoss)
-    columns = [torch.randn(10, 8, dtype=dtype) for _ in range(n_columns)]
-    guides = [torch.randn(10, 5, dtype=dtype) for _ in range(n_columns)]
-    a = [c.clone().requires_grad_() for c in columns]
-    b = [c.clone().requires_grad_() for c in columns]
-    want = host([{"emb": x, "guide": g} for x, g in zip(a, guides)], None)
-    got = mine([{"emb": x, "guide": g} for x, g in zip(b, guides)], None)
-    assert_close("loss", got, want, TOL[dtype] * 10, floor=1.0)
-    want.backward()
-    got.backward()
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert_close(f"d_column{i}", y.grad, x.grad, TOL[dtype] * 10, floor=1.0)
+    compare_guided(host, mine, n_columns, 10, dtype, TOL[dtype] * 10)
 
 
 def test_gist_under_matryoshka():
@@ -331,14 +327,4 @@ def test_gist_under_matryoshka():
     dims = [8, 3]
     host = st_losses.MatryoshkaLoss(model, st_losses.GISTEmbedLoss(model, guide), dims)
     mine = st_losses.MatryoshkaLoss(model, compat.GISTEmbedLoss(model, guide), dims)
-    columns, guides = [torch.randn(9, 8, dtype=torch.float64) for _ in range(3)], [torch.randn(9, 5, dtype=torch.float64)
-                                                                                  for _ in range(3)]
-    a = [c.clone().requires_grad_() for c in columns]
-    b = [c.clone().requires_grad_() for c in columns]
-    want = host([{"emb": x, "guide": g} for x, g in zip(a, guides)], None)
-    got = mine([{"emb": x, "guide": g} for x, g in zip(b, guides)], None)
-    assert_close("loss", got, want, 1e-9, floor=1.0)
-    want.backward()
-    got.backward()
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert_close(f"d_column{i}", y.grad, x.grad, 1e-9, floor=1.0)
+    compare_guided(host, mine, 3, 9, torch.float64, 1e-9)

@@ -50,7 +50,8 @@ for prefixes, and ``fastcl._dispatch`` skips it for distillation, whose spec nam
     ``P`` prefix problems ``S^p_ij = row_scales[p, i] col_scales[p, j] <q_i, k_j>_{dims[p]}``
     (``dims`` ascending) in one sweep: stacked statistics, and ``(acc_q, acc_k, d_row, d_col)``,
     the raw features' gradients with the scales held plus the scales' gradients, given
-    ``dL/dS^p`` as in ``softmax_grad``. ``prefers_one_sweep(device, dims)`` says whether to use them.
+    ``dL/dS^p`` as in ``softmax_grad``. A backend with them also defines
+    ``prefers_one_sweep(device, dims)``: whether to use them (``FASTCL_PREFIXES`` overrides).
 
 ``distill_stats(query, key, scale_rows, t_query, t_key, t_scale_rows, symmetric) -> DistillStats``
     / ``distill_grad(...)``: a student and a teacher similarity over the same pairs; see

@@ -25,7 +25,6 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .. import _config
 from .._spec import SoftmaxSpec
 from ..backends.common import SoftmaxStats, compute_dtype, prefix_sums
 from . import smoothing
@@ -57,15 +56,10 @@ def _prefix_keys(cols, col_scales, p: int, d: int, dtype):
 
 
 def _one_sweep(module, name: str, device, dims):
-    """The backend's fused prefix pass ``name`` if it has one and prefers it here, else ``None``
-    (``FASTCL_PREFIXES=per_prefix`` forces ``None``, ``fused`` the pass where there is one)."""
+    """The backend's fused prefix pass ``name`` where its ``prefers_one_sweep`` (which reads
+    ``FASTCL_PREFIXES``) says it pays, else ``None``. A backend with fused passes defines both."""
     fused = getattr(module, name, None)
-    if fused is None:
-        return None
-    prefers = getattr(module, "prefers_one_sweep", None)
-    if prefers is not None:
-        return fused if prefers(device, dims) else None
-    return None if _config.prefixes() == "per_prefix" else fused
+    return fused if fused is not None and module.prefers_one_sweep(device, dims) else None
 
 
 def prefix_stats(module, query, cols, row_scales, col_scales, dims, spec: SoftmaxSpec, kernel_dtype) -> SoftmaxStats:
