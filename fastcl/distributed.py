@@ -50,7 +50,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from ._spec import SigmoidSpec, SoftmaxSpec
-from .backends.common import SigmoidSums, SoftmaxStats, compute_dtype
+from .backends.common import DistillStats, SigmoidSums, SoftmaxStats, compute_dtype
 
 __all__ = ["all_gather", "GATHER_MODES", "RingColumns"]
 
@@ -408,13 +408,14 @@ def _add(acc, part) -> None:
     acc.add_(part)
 
 
-def _remote_spec(spec: SoftmaxSpec, labels, fn_col=None) -> SoftmaxSpec:
+def _remote_spec(spec: SoftmaxSpec, labels, fn_col=None, guide_cols=None) -> SoftmaxSpec:
     """Another rank's block: no one-hot positive, no self column, no queue; labels compare; the
-    false-negative thresholds of this rank's rows (and of the block's columns) apply."""
+    false-negative thresholds of this rank's rows (and of the block's columns) apply, tested on
+    the logits or, with a guide, on this rank's guide rows against the block's guide keys."""
     if spec.uses_labels:
         return SoftmaxSpec(row_labels=spec.row_labels, col_labels=labels, decoupled=spec.decoupled)
     return SoftmaxSpec(symmetric=spec.symmetric, false_negative_margin=spec.false_negative_margin,
-                       fn_row=spec.fn_row, fn_col=fn_col)
+                       fn_row=spec.fn_row, fn_col=fn_col, guide_rows=spec.guide_rows, guide_cols=guide_cols)
 
 
 class RingColumns:
@@ -435,13 +436,21 @@ class RingColumns:
         return _AllReduceSum.apply(x, self.c.group)
 
     def _payload(self, key, spec: SoftmaxSpec, *extra):
-        """``[key, (labels), (column thresholds), *extra]``: what travels with a key block."""
-        labels = [spec.col_labels[: key.shape[0]]] if spec.uses_labels else []
-        return [key] + labels + ([spec.fn_col] if spec.fn_col is not None else []) + list(extra)
+        """``[key, (labels), (column thresholds), (guide keys), *extra]``: what travels with a key
+        block (labels and thresholds never come together, nor labels and a guide)."""
+        m = key.shape[0]
+        labels = [spec.col_labels[:m]] if spec.uses_labels else []
+        thresholds = [spec.fn_col] if spec.fn_col is not None else []
+        guide = [spec.guide_cols[:m].contiguous()] if spec.guide_cols is not None else []
+        return [key] + labels + thresholds + guide + list(extra)
 
     @staticmethod
-    def _block_thresholds(spec: SoftmaxSpec, block):
-        return block[1] if spec.fn_col is not None else None
+    def _block_spec(spec: SoftmaxSpec, block) -> SoftmaxSpec:
+        """The spec of another rank's block (laid out as :meth:`_payload`)."""
+        labels = block[1] if spec.uses_labels else None
+        fn_col = block[1] if spec.fn_col is not None else None
+        guide_cols = block[1 + (spec.fn_col is not None)] if spec.guide_cols is not None else None
+        return _remote_spec(spec, labels, fn_col, guide_cols)
 
     def stats(self, query, key, negatives, s_rows, spec: SoftmaxSpec) -> SoftmaxStats:
         n, m, cd, dev = query.shape[0], key.shape[0], s_rows.dtype, query.device
@@ -453,8 +462,7 @@ class RingColumns:
             if t == 0:
                 cols, block_spec = local, local_spec
             else:
-                labels = block[1] if spec.uses_labels else None
-                cols, block_spec = block[0], _remote_spec(spec, labels, self._block_thresholds(spec, block))
+                cols, block_spec = block[0], self._block_spec(spec, block)
             st = self.backend.softmax_stats(query, cols, s_rows, block_spec)
             _merge_lse(state["lse"], st.lse_row)
             if spec.uses_labels:
@@ -488,8 +496,7 @@ class RingColumns:
                     pad = lse_c.new_zeros(n_neg)
                     lse_c, w_c = torch.cat([lse_c, pad]), torch.cat([w_c, pad])
             else:
-                labels = block[1] if spec.uses_labels else None
-                cols, block_spec = block[0], _remote_spec(spec, labels, self._block_thresholds(spec, block))
+                cols, block_spec = block[0], self._block_spec(spec, block)
             part_q, part_k = self.backend.softmax_grad(query, cols, s_rows, block_spec, lse_row, w_row, coef, lse_c,
                                                        w_c, rows=rows, cols=keys or (t == 0 and negs))
             if rows:
@@ -529,6 +536,109 @@ class RingColumns:
         payload = [key] if labels is None else [key, labels[1]]
         acc_k = _circulate(self.c, payload, step, carry)
         return SigmoidSums(total["loss"], total["g"] if gsum else None, acc_q, acc_k)
+
+
+def _merge_teacher_mean(t_lse, mean, part_t_lse, part_mean) -> None:
+    """Fold one block's teacher LSE and teacher-weighted mean into the running ones, in place:
+    the mean is re-weighted by each side's share of the merged teacher softmax."""
+    merged = torch.logaddexp(t_lse, part_t_lse)
+    mean.mul_(torch.exp(t_lse - merged)).add_(part_mean * torch.exp(part_t_lse - merged))
+    t_lse.copy_(merged)
+
+
+class _RingDistill(torch.autograd.Function):
+    """The distillation statistics of this rank's rows over every rank's (student, teacher) key
+    blocks, in the ring: ``(lse_row, mean_row)`` (:mod:`fastcl.ops.distill`). Forward, each
+    block's partial LSEs and teacher-weighted means are merged as they arrive; backward, the
+    blocks go round again through ``distill_grad`` with the final statistics, and each block's
+    student and teacher key gradients (one fp32 ``[M, D (+ D')]`` carry) travel one step behind
+    it to their owner. The positive logits are left to the caller (plain autograd)."""
+
+    @staticmethod
+    def forward(ctx, query, key, s_rows, t_query, t_key, t_rows, c, backend):
+        n, cd, dev = query.shape[0], s_rows.dtype, query.device
+        lse = torch.full((n,), float("-inf"), dtype=cd, device=dev)
+        t_lse, mean = torch.full_like(lse, float("-inf")), torch.zeros_like(lse)
+
+        def step(t, block):
+            st = backend.distill_stats(query, block[0], s_rows, t_query, block[1], t_rows, False)
+            _merge_lse(lse, st.lse_row)
+            if t == 0:
+                t_lse.copy_(st.t_lse_row)
+                mean.copy_(st.mean_row)
+            else:
+                _merge_teacher_mean(t_lse, mean, st.t_lse_row, st.mean_row)
+
+        _circulate(c, [key, t_key], step)
+        ctx.save_for_backward(query, key, s_rows, t_query, t_key, t_rows, lse, t_lse, mean)
+        ctx.c, ctx.backend = c, backend
+        ctx.mark_non_differentiable(t_lse)
+        return lse, mean, t_lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_lse, g_mean, _g_t_lse):
+        ops.softmax.refuse_double_backward()
+        query, key, s_rows, t_query, t_key, t_rows, lse, t_lse, mean = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        # every rank runs the same collectives: whether the teacher takes part is agreed in the
+        # forward (its features' requires_grad is part of the call every rank checks), not read
+        # from this rank's upstream gradients; a rank whose loss skips the distillation term
+        # still receives the other ranks' gradients for its teacher keys
+        student, teacher = any(need[:3]), any(need[3:6])
+        if not (student or teacher):
+            return (None,) * 8
+        n, d, dt, cd, dev = query.shape[0], query.shape[1], t_query.shape[1], s_rows.dtype, query.device
+        zeros = torch.zeros(n, dtype=cd, device=dev)
+        w_row = zeros if g_lse is None else g_lse.contiguous()
+        u_row = zeros if g_mean is None else g_mean.contiguous()
+        no_positive = torch.full((n,), -1, dtype=torch.long, device=dev)  # the caller's term
+        st = DistillStats(lse, None, t_lse, None, mean, None)
+        acc_q = torch.zeros(n, d, dtype=cd, device=dev) if student else None
+        t_acc_q = torch.zeros(n, dt, dtype=cd, device=dev) if teacher else None
+
+        def step(t, block):
+            part_q, part_k, t_part_q, t_part_k = ctx.backend.distill_grad(
+                query, block[0], s_rows, t_query, block[1], t_rows, no_positive, st, w_row, u_row, zeros,
+                student=student, teacher=teacher)
+            if student:
+                acc_q.add_(part_q)
+            if teacher:
+                t_acc_q.add_(t_part_q)
+            return torch.cat([x for x in (part_k, t_part_k) if x is not None], dim=1)
+
+        width = (d if student else 0) + (dt if teacher else 0)
+        acc_k = _circulate(ctx.c, [key, t_key], step, ((width,), cd, _add))
+        grads = [None] * 8
+        if student:
+            grads[0] = (acc_q * s_rows[:, None]).to(query.dtype) if need[0] else None
+            grads[1] = acc_k[:, :d].to(key.dtype) if need[1] else None
+            grads[2] = (acc_q * query.to(cd)).sum(dim=1).to(s_rows.dtype) if need[2] else None
+        if teacher:
+            t_acc_k = acc_k[:, width - dt:]
+            grads[3] = (t_acc_q * t_rows[:, None]).to(t_query.dtype) if need[3] else None
+            grads[4] = t_acc_k.to(t_key.dtype) if need[4] else None
+            grads[5] = (t_acc_q * t_query.to(cd)).sum(dim=1).to(t_rows.dtype) if need[5] else None
+        return tuple(grads)
+
+
+def distill_terms(c: Context, backend, query, key, scale, t_query, t_key, t_scale):
+    """Per local anchor row, ``(contrastive, distill)`` = ``(LSE - pos, LSE - m)`` of this rank's
+    rows against every rank's keys (``key``/``t_key`` are this rank's shard; positives are the
+    local pairs ``i <-> i``), differentiable in every tensor: all_gather gathers the keys and
+    runs the backend's operator once, the ring circulates them (:class:`_RingDistill`)."""
+    n = query.shape[0]
+    pos = torch.arange(n, device=query.device)
+    if c.mode != "ring":
+        name = backend if isinstance(backend, str) else backend.__name__.rsplit(".", 1)[-1]
+        rows, _ = ops.distill.anchor_terms(name, query, gather_rows(key, c), scale, t_query, gather_rows(t_key, c),
+                                           t_scale, pos, False)
+        return rows
+    cd = compute_dtype(query.dtype)
+    s_rows, t_rows = ops.distill.row_scales(scale, n, cd), ops.distill.row_scales(t_scale, n, cd)
+    lse, mean, _ = _RingDistill.apply(query, key, s_rows, t_query, t_key, t_rows, c, backend)
+    positive = s_rows * (query.to(cd) * key.to(cd)).sum(dim=1)
+    return lse - positive, lse - mean
 
 
 # ----------------------------------------------------------------------------------------------

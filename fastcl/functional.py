@@ -230,8 +230,8 @@ def info_nce(
             ``cos(gq_i, gk_j) > cos(gq_i, gk_pos(i)) - guide_margin``. The guide similarity is
             computed inside the tiles (one more matmul per tile), never stored. Needs one-hot
             positives; not with ``labels``, ``decoupled``, ``debias``, ``label_smoothing``,
-            ``symmetric`` or ``false_negative_margin``; with ``group``, in
-            ``gather="all_gather"`` mode (every rank's guide keys are gathered beside the keys).
+            ``symmetric`` or ``false_negative_margin``. With ``group``, every rank's guide keys
+            are gathered beside the keys (``all_gather``) or travel with their key block (``ring``).
             Torch and Triton backends (``auto`` skips CUDA for it; naming CUDA raises).
         guide_margin: the guide's margin (sentence-transformers' ``margin`` with
             ``margin_strategy="absolute"``), a finite float.
@@ -278,9 +278,6 @@ def info_nce(
                                symmetric=symmetric, debias=tau_plus, label_smoothing=label_smoothing,
                                false_negative_margin=false_negative_margin, hardness=beta, guide_query=guide_query,
                                guide_key=guide_key, guide_negatives=guide_negatives, guide_margin=guide_margin)
-        if group is not None and gather == "ring" and call.spec.guide_rows is not None:
-            raise ValueError("info_nce: guide_query/guide_key across ranks need gather='all_gather' (the ring does "
-                             "not carry the guide's view of the keys)")
         return call, _prefixes(call, matryoshka_dims, matryoshka_weights, "info_nce")
 
     (call, prefixes), module = _checked("info_nce", group, gather, local_loss, backend, lower)
@@ -330,6 +327,14 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, la
     return _softmax(call, module, "mean", dist, "clip_loss")
 
 
+def _teacher_fields(t_image, t_text) -> dict:
+    """What every rank must agree on about the teacher, beside the student's call: its width
+    (the gathered or travelling blocks have one shape) and which of its features need gradients
+    (the backward's collectives carry the teacher's key gradients then)."""
+    return {"teacher feature width": t_image.shape[1], "dist_image_features.requires_grad": t_image.requires_grad,
+            "dist_text_features.requires_grad": t_text.requires_grad}
+
+
 def distill_clip_loss(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
                       dist_logit_scale, *, backend=None, group=None, gather="all_gather", local_loss=False):
     r"""CLIP's loss and its distillation from a teacher, ``(contrastive, distill)``, equal to open_clip
@@ -358,8 +363,11 @@ def distill_clip_loss(image_features, text_features, logit_scale, dist_image_fea
             one over all pairs (open_clip ``gather_with_grad=True``), with the convention of
             :func:`info_nce`: every rank returns the global losses (or, ``local_loss``, its
             share times W), and after DDP's averaging every gradient is the single-process one.
-        gather: ``"all_gather"`` only (the four feature tensors are gathered; each rank
-            computes its own rows against every rank's columns); ``"ring"`` raises.
+        gather: ``"all_gather"`` (the four feature tensors are gathered; each rank computes its
+            own rows against every rank's columns) or ``"ring"`` (the student's and teacher's
+            key blocks travel together, and their gradients travel behind them; extra memory
+            O(max_r N_r (D + D')) per rank, independent of the world size). The teacher's width
+            and which teacher features need gradients must agree across ranks.
 
     Returns:
         ``(contrastive_loss, distill_loss)``, each float32 (float64 for float64 inputs).
@@ -374,8 +382,6 @@ def distill_clip_loss(image_features, text_features, logit_scale, dist_image_fea
             raise TypeError("distill_clip_loss: the teacher's features must have the student's dtype and device "
                             f"(got {teacher.query.dtype} on {teacher.query.device}, student {student.query.dtype} "
                             f"on {student.query.device})")
-        if group is not None and gather != "all_gather":
-            raise ValueError(f"distill_clip_loss across ranks supports gather='all_gather' only; got {gather!r}")
         return student._replace(spec=DistillSpec()), teacher
 
     (student, teacher), module = _checked("distill_clip_loss", group, gather, local_loss, backend, lower)
@@ -388,12 +394,10 @@ def distill_clip_loss(image_features, text_features, logit_scale, dist_image_fea
         rows, cols = ops.distill.anchor_terms(name, image, text, scale, t_image, t_text, t_scale, pos, True)
         return tuple((r.mean() + c.mean()) / 2 for r, c in zip(rows, cols))
     dist = _dist.prepare(group, gather, local_loss, op="distill_clip_loss", query=image, key=text, scale=scale,
-                         spec=teacher.spec, scalars={"dist_logit_scale": t_scale})
+                         spec=teacher.spec, scalars={"dist_logit_scale": t_scale, **_teacher_fields(t_image, t_text)})
     # each rank's images against every rank's texts, and its texts against every rank's images
-    i2t, _ = ops.distill.anchor_terms(name, image, _dist.gather_rows(text, dist), scale, t_image,
-                                      _dist.gather_rows(t_text, dist), t_scale, pos, False)
-    t2i, _ = ops.distill.anchor_terms(name, text, _dist.gather_rows(image, dist), scale, t_text,
-                                      _dist.gather_rows(t_image, dist), t_scale, pos, False)
+    i2t = _dist.distill_terms(dist, module, image, text, scale, t_image, t_text, t_scale)
+    t2i = _dist.distill_terms(dist, module, text, image, scale, t_text, t_image, t_scale)
     total = 2 * dist.total_rows
     return tuple(_dist.finish(dist, (a.sum() + b.sum()) / total) for a, b in zip(i2t, t2i))
 

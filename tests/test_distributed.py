@@ -247,11 +247,6 @@ CASES = {
 }
 
 
-# cases the ring cannot run (it raises, saying so)
-ALL_GATHER_ONLY = {"distill_clip_loss", "distill_clip_loss_frozen_teacher", "info_nce_guide_queue",
-                   "info_nce_guide_per_row_temperature"}
-
-
 def _guided(case, g, margin):
     """``case`` with guide embeddings of its rows (sharded like them), keys (likewise) and
     replicated negatives, width 3."""
@@ -261,10 +256,6 @@ def _guided(case, g, margin):
             value, sizes, _ = tensors[name]
             tensors[guide] = (torch.randn(value.shape[0], 3, generator=g, dtype=torch.float64), sizes, False)
     return fn, tensors, lambda r: {**local_extra(r), "guide_margin": margin}, {**glob_extra, "guide_margin": margin}
-
-
-def _modes(name):
-    return [m for m in MODES if m == "all_gather" or name not in ALL_GATHER_ONLY]
 
 
 def _with(case, **options):
@@ -292,7 +283,8 @@ CASES.update({
     "info_nce_hardness_symmetric_exclude_self": _with(
         lambda w, g: _info_nce_case(w, g, positives="shifted", symmetric=True, exclude_self=True, debias=0.1),
         hardness=1.5),
-    # the guide-model mask (GISTEmbed): every rank's guide keys gathered beside the keys
+    # the guide-model mask (GISTEmbed): every rank's guide keys gathered beside the keys, or
+    # travelling with their key block
     "info_nce_guide_queue": lambda w, g: _guided(_info_nce_case(w, g, n_neg=4, neg_grad=True, positives="random"),
                                                  g, margin=0.05),
     "info_nce_guide_per_row_temperature": lambda w, g: _guided(
@@ -323,8 +315,14 @@ def _rel_err(got, want, floor):
 # CUDA kernels emulated on CPU threads): a subset that covers every pass and carry
 BACKEND_CASES = ("clip_loss", "siglip_loss", "siglip_loss_labels_3_classes", "info_nce_labels_exclude_self_decoupled",
                  "info_nce_queue_with_grad_positive_in_queue", "info_nce_symmetric_per_row_temperature",
-                 "info_nce_debias_symmetric_exclude_self")
+                 "info_nce_debias_symmetric_exclude_self", "info_nce_guide_queue", "distill_clip_loss")
 KERNEL_BACKENDS = ("triton", "cuda")
+# what the CUDA kernels do not cover (the guide mask, distillation): Triton's only
+NO_CUDA_CASES = ("info_nce_guide_queue", "distill_clip_loss")
+
+
+def _backend_cases(backend):
+    return [name for name in BACKEND_CASES if backend != "cuda" or name not in NO_CUDA_CASES]
 
 
 def _run_case(name, mode, local_loss, world, rank, upstream=False, backend=None):
@@ -421,6 +419,8 @@ class _LiveBytes(InsideOperators):
 
 
 MEMORY_ROWS, MEMORY_DIM = 256, 64
+# each op, and how many [rows, dim] fp32 tensors one travelling block holds
+MEMORY_OPS = {"clip_loss": 1, "siglip_loss": 1, "info_nce_labels": 1, "distill_clip_loss": 2}
 
 
 def _peak_bytes(op, mode, world, rank):
@@ -443,6 +443,11 @@ def _peak_bytes(op, mode, world, rank):
     with meter:
         if op == "clip_loss":
             loss = fastcl.clip_loss(a, b, scale, group=dist.group.WORLD, gather=mode)
+        elif op == "distill_clip_loss":  # a frozen teacher of the student's width
+            teacher = [F.normalize(torch.randn(MEMORY_ROWS, MEMORY_DIM, generator=g), dim=1) for _ in range(2)]
+            contrastive, distill = fastcl.distill_clip_loss(a, b, scale, *teacher, 20.0, group=dist.group.WORLD,
+                                                            gather=mode)
+            loss = contrastive + distill
         elif op == "siglip_loss":
             loss = fastcl.siglip_loss(a, b, scale, bias, group=dist.group.WORLD, gather=mode)
         else:
@@ -475,9 +480,12 @@ def _bad_setups(world, rank):
         "backend": lambda: fastcl.clip_loss(x, x, 10.0, backend="numpy" if rank == 0 else "torch", group=group),
         "string_flag": lambda: fastcl.nt_xent(x, x, normalize="False" if rank == 0 else False, group=group),
         "label_smoothing": lambda: fastcl.clip_loss(x, x, 10.0, label_smoothing=0.1 * (rank == 0), group=group),
-        # every rank alike: what the ring cannot carry
-        "guide_ring": lambda: fastcl.info_nce(x, x, guide_query=x, guide_key=x, group=group, gather="ring"),
-        "distill_ring": lambda: fastcl.distill_clip_loss(x, x, 10.0, x, x, 10.0, group=group, gather="ring"),
+        # the teacher's shape and gradients must agree too (the ring carries its blocks)
+        "teacher_width": lambda: fastcl.distill_clip_loss(x, x, 10.0, x[:, : 5 if rank == 0 else 6],
+                                                          x[:, : 5 if rank == 0 else 6], 10.0, group=group,
+                                                          gather="ring"),
+        "teacher_grad": lambda: fastcl.distill_clip_loss(x, x, 10.0, x.clone().requires_grad_(rank == 0), x, 10.0,
+                                                         group=group, gather="ring"),
         # every rank alike: all_gather's transposed pass needs this layout (ring does not)
         "layout": lambda: fastcl.info_nce(x, torch.randn(6, 6, dtype=torch.float64), symmetric=True, exclude_self=True,
                                           positive_index=torch.tensor([1, 2, 3, 5]), group=group),
@@ -523,13 +531,13 @@ def _worker(rank, world, port, outdir):
     report = {"checks": {}, "memory": {}, "bad_setups": {}, "seconds": {}}
     t0 = time.perf_counter()
     for name in CASES:
-        for mode in _modes(name):
+        for mode in MODES:
             for local_loss in (False, True):
                 key = f"{name}|{mode}|{'local' if local_loss else 'global'}"
                 report["checks"][key] = _run_case(name, mode, local_loss, world, rank)
     report["checks"]["all_gather_helper"] = _check_all_gather_helper(world, rank)
     for backend in _kernel_backends():
-        for name in BACKEND_CASES:
+        for name in _backend_cases(backend):
             for mode in MODES:
                 report["checks"][f"{name}|{mode}|{backend}"] = _run_case(name, mode, False, world, rank,
                                                                          backend=backend)
@@ -539,7 +547,7 @@ def _worker(rank, world, port, outdir):
     report["seconds"]["checks"] = time.perf_counter() - t0
     if world > 1:
         t0 = time.perf_counter()
-        for op in ("clip_loss", "siglip_loss", "info_nce_labels"):
+        for op in MEMORY_OPS:
             for mode in MODES:
                 peak = torch.tensor([float(_peak_bytes(op, mode, world, rank))])
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -597,9 +605,9 @@ def _rank_backends():
 
 
 RANK_BACKENDS = _rank_backends() if __name__ != "__main__" else []
-CHECK_IDS = [f"{name}|{mode}|{scope}" for name in CASES for mode in _modes(name) for scope in ("global", "local")]
+CHECK_IDS = [f"{name}|{mode}|{scope}" for name in CASES for mode in MODES for scope in ("global", "local")]
 CHECK_IDS += [f"clip_loss|{mode}|global_weighted_ranks" for mode in MODES] + ["all_gather_helper"]
-BACKEND_CHECK_IDS = [f"{name}|{mode}|{b}" for b in KERNEL_BACKENDS for name in BACKEND_CASES for mode in MODES]
+BACKEND_CHECK_IDS = [f"{name}|{mode}|{b}" for b in KERNEL_BACKENDS for name in _backend_cases(b) for mode in MODES]
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
@@ -623,7 +631,7 @@ def test_kernel_backends_match_single_process(reports, world, check):
     assert not bad, f"W={world} {check}: relative errors {bad}"
 
 
-@pytest.mark.parametrize("op", ["clip_loss", "siglip_loss", "info_nce_labels"])
+@pytest.mark.parametrize("op", list(MEMORY_OPS))
 def test_ring_memory_does_not_grow_with_world_size(reports, op):
     ring = {w: reports[w]["memory"][f"{op}|ring"] for w in MULTI}
     gathered = {w: reports[w]["memory"][f"{op}|all_gather"] for w in MULTI}
@@ -631,7 +639,7 @@ def test_ring_memory_does_not_grow_with_world_size(reports, op):
           f"ring {ring}, all_gather {gathered}")
     # the same shard on every rank: the ring holds at most two incoming blocks (one at W = 2,
     # where only one transfer happens) beside its own, whatever W
-    block = MEMORY_ROWS * MEMORY_DIM * 4
+    block = MEMORY_OPS[op] * MEMORY_ROWS * MEMORY_DIM * 4
     assert max(ring.values()) - min(ring.values()) <= block + 4096
     assert abs(ring[4] - ring[3]) <= 4096
     assert ring[4] < gathered[4]
@@ -645,10 +653,10 @@ def test_ring_memory_does_not_grow_with_world_size(reports, op):
                                             ("labels", "ValueError: info_nce: ranks disagree on labels"),
                                             ("siglip_labels", "ValueError: siglip_loss: ranks disagree on labels"),
                                             ("layout", "ValueError: symmetric with exclude_self across ranks"),
-                                            ("guide_ring", "ValueError: info_nce: guide_query/guide_key across ranks "
-                                                           "need gather='all_gather'"),
-                                            ("distill_ring", "ValueError: distill_clip_loss across ranks supports "
-                                                             "gather='all_gather' only"),
+                                            ("teacher_width", "ValueError: distill_clip_loss: teacher feature width "
+                                                              "differs across ranks"),
+                                            ("teacher_grad", "ValueError: distill_clip_loss: "
+                                                             "dist_image_features.requires_grad differs across ranks"),
                                             ("label_smoothing",
                                              "ValueError: clip_loss: ranks disagree on label_smoothing")])
 def test_bad_setups_raise_on_every_rank(reports, world, setup, expected):

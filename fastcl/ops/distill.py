@@ -144,7 +144,8 @@ def _backward(ctx, g_lse_row, g_lse_col, g_mean_row, g_mean_col, g_pos, _g_t_row
 distill_stats_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _rows(scale: Tensor, n: int, dtype) -> Tensor:
+def row_scales(scale: Tensor, n: int, dtype) -> Tensor:
+    """A scalar scale as the ``[N]`` per-row scales the passes take (differentiable)."""
     return scale.to(dtype).reshape(-1).expand(n).contiguous()
 
 
@@ -155,7 +156,7 @@ def anchor_terms(backend: str, query, key, scale, t_query, t_key, t_scale, posit
     cd = compute_dtype(query.dtype)
     n = query.shape[0]
     lse_row, lse_col, mean_row, mean_col, pos, _, _ = distill_stats_op(
-        query, key, _rows(scale, n, cd), t_query, t_key, _rows(t_scale, n, cd), positive_index, symmetric, backend)
+        query, key, row_scales(scale, n, cd), t_query, t_key, row_scales(t_scale, n, cd), positive_index, symmetric, backend)
     rows = (lse_row - pos, lse_row - mean_row)
     if not symmetric:
         return rows, None
