@@ -16,8 +16,9 @@ from fastcl.backends import torch as torch_backend
 
 DEVICE = os.environ.get("FASTCL_TEST_DEVICE", "cpu")
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
-# a backend without fused prefixes hands its kernels the normalised prefixes rounded to the input
-# dtype (2**-8 relative in bfloat16), which reaches the loss scaled by 1/temperature
+# the kernel backends round the features (fused prefixes) or the normalised prefixes (a pass per
+# prefix) to the input dtype (2**-8 relative in bfloat16), which reaches the loss scaled by
+# 1/temperature
 ROUNDED_PREFIX_RTOL = {torch.bfloat16: 2e-2}
 
 
@@ -242,6 +243,80 @@ def test_one_sweep_choice_rule(monkeypatch):
     monkeypatch.setenv("FASTCL_PREFIXES", "sometimes")
     with pytest.raises(ValueError, match="FASTCL_PREFIXES"):
         fastcl.info_nce(randn(4, 6), randn(4, 6), matryoshka_dims=[3, 6], backend="torch")
+
+
+def _triton_or_skip():
+    from fastcl._dispatch import unavailable_reason
+
+    reason = unavailable_reason("triton", torch.device(DEVICE))
+    if reason is not None:
+        pytest.skip(reason)
+    from fastcl.backends import triton as triton_backend
+
+    return triton_backend
+
+
+@pytest.mark.parametrize("dims", [(5, 16, 17, 40), (3, 9, 30)], ids=["unaligned", "narrower_than_d"])
+@pytest.mark.parametrize("opts", [
+    {}, {"symmetric": True}, {"labels": "3", "exclude_self": True, "decoupled": True},
+    {"labels": "3", "queue": "detached"},
+    {"positive_index": "shift", "exclude_self": True, "symmetric": True, "queue": True},
+    {"scale": -4.0, "queue": True, "rows_scale": True},
+], ids=["plain", "symmetric", "labels_exclude_self_decoupled", "labels_detached_queue", "symmetric_exclude_self_queue",
+        "negative_scale_queue_per_row"])
+def test_triton_sweep_equals_a_pass_per_prefix(opts, dims, monkeypatch):
+    """Triton's one-sweep kernels (``triton_kernels/prefix.py``) against the torch backend's
+    ordinary passes once per prefix, in float64, loss and gradients: prefix boundaries inside
+    the kernels' 16-wide feature chunks, a widest prefix narrower than D, uneven tiles."""
+    from fastcl.ops import library
+
+    triton_backend = _triton_or_skip()
+    monkeypatch.setenv("FASTCL_PREFIXES", "fused")
+    n, m, d = 19, 23, 40
+    opts = dict(opts)
+    if opts.pop("labels", None):
+        opts["labels"] = _labels(n, 3)
+    if opts.pop("positive_index", None):
+        opts["positive_index"] = (torch.arange(n, device=DEVICE) + 2) % n
+    queue_kind = opts.pop("queue", None)
+    queue = _raw(6, d).requires_grad_(queue_kind is True) if queue_kind else None
+    if queue is not None and "labels" in opts:
+        opts["negative_labels"] = _labels(6, 3)
+    sign = opts.pop("scale", 6.0)
+    if opts.pop("rows_scale", False):
+        scale = (torch.rand(n, dtype=torch.float64, device=DEVICE) + 1) * sign
+    else:
+        scale = torch.tensor(sign, dtype=torch.float64, device=DEVICE)
+    scale.requires_grad_()
+    calls = []
+    for name in ("softmax_stats_prefixes", "softmax_grad_prefixes"):
+        fused = getattr(triton_backend, name)
+        monkeypatch.setattr(triton_backend, name, lambda *a, f=fused, nm=name, **kw: calls.append(nm) or f(*a, **kw))
+    results = []
+    q0, k0 = _raw(n, d), _raw(n if opts.get("exclude_self") or opts.get("symmetric") else m, d)
+    if "labels" in opts and k0.shape[0] != n:
+        opts["key_labels"] = _labels(k0.shape[0], 3)
+    for module in (triton_backend, _PerPrefix()):
+        monkeypatch.setattr(library, "_backend", lambda name, device, spec, mod=module: mod)
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        leaves = [q, k, scale] + ([queue] if queue is not None and queue.requires_grad else [])
+        loss = fastcl.info_nce(q, k, scale=scale, negatives=queue, matryoshka_dims=list(dims), **opts)
+        results.append((loss, torch.autograd.grad(loss, leaves)))
+    assert set(calls) == {"softmax_stats_prefixes", "softmax_grad_prefixes"}, "the Triton kernels did not run"
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_triton_prefers_one_sweep(monkeypatch):
+    """Triton runs the one sweep unless ``FASTCL_PREFIXES=per_prefix``."""
+    triton_backend = _triton_or_skip()
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("FASTCL_PREFIXES", "auto")
+    assert triton_backend.prefers_one_sweep(cpu, (32, 64, 128, 256))
+    monkeypatch.setenv("FASTCL_PREFIXES", "per_prefix")
+    assert not triton_backend.prefers_one_sweep(cpu, (32, 64, 128, 256))
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ def record_launches():
         launches.append((name, args, flags))
 
     tb._Launcher._launch = record
-    tb._distill_launch = lambda kernel, grid, args, flags: launches.append((kernel.fn.__name__, args, flags))
+    tb._fixed_launch = lambda module, kernel, grid, args, flags: launches.append((kernel.fn.__name__, args, flags))
     tb.available = lambda device: None  # CPU tensors; the kernels never run
     tb._fixed_blocks = lambda: None  # the GPU's block choice
 
@@ -62,6 +62,12 @@ def record_launches():
     q, k, neg = leaves(torch.bfloat16, (8, 256), (8, 256), (8, 256))
     fastcl.info_nce(q, k, negatives=neg, guide_query=torch.randn(8, 384), guide_key=torch.randn(8, 384),
                     guide_negatives=torch.randn(8, 384), guide_margin=0.05, backend="triton").backward()
+    # Matryoshka prefixes in one sweep: a halving ladder in bf16 (and fp16's fp32 product), with labels
+    q, k = leaves(torch.bfloat16, (8, 768), (8, 768))
+    fastcl.clip_loss(q, k, torch.tensor(10.0, requires_grad=True), matryoshka_dims=[96, 192, 384, 768],
+                     backend="triton").backward()
+    q, k = leaves(torch.float16, (8, 256), (8, 256))
+    fastcl.info_nce(q, k, labels=torch.arange(8) % 3, matryoshka_dims=[32, 64, 128, 256], backend="triton").backward()
     return launches
 
 
@@ -127,12 +133,13 @@ def main() -> int:
         return 1
     target = GPUTarget("cuda", 90, 32)
     compiled, problems = set(), []
-    distill = tb._distill_kernels()
+    fixed = {"distill_": tb._distill_kernels(), "prefix_": tb._prefix_kernels()}
     for name, args, flags in record_all_launches():
-        if name.startswith("distill_"):  # fixed GPU blocks, no autotuning
-            kernel = getattr(distill, name)
-            blocks = {k: v for k, v in distill.GPU_BLOCKS.items() if k in kernel.arg_names}
-            fitted = [triton.Config(blocks, num_warps=distill.GPU_WARPS, num_stages=3)]
+        owner = next((m for prefix, m in fixed.items() if name.startswith(prefix)), None)
+        if owner is not None:  # fixed GPU blocks, no autotuning
+            kernel = getattr(owner, name)
+            blocks = {k: v for k, v in owner.GPU_BLOCKS.items() if k in kernel.arg_names}
+            fitted = [triton.Config(blocks, num_warps=owner.GPU_WARPS, num_stages=3)]
             named = dict(zip(kernel.arg_names, args))
             dtype = named["a_ptr"].dtype
         else:

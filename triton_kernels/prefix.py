@@ -70,8 +70,8 @@ def _put(table, sel, value):
 def prefix_stats_kernel(
     a_ptr, b_ptr, rs_ptr, cs_ptr, dims_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
     lse_ptr, pos_sum_ptr, pos_cnt_ptr,
-    N, C, P,
-    D: tl.constexpr, OWN_ROWS: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr,
+    N, C, D, P,
+    OWN_ROWS: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, DECOUPLED: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -126,8 +126,8 @@ def prefix_grad_kernel(
     a_ptr, b_ptr, rs_ptr, cs_ptr, dims_ptr, pos_ptr, row_lab_ptr, col_lab_ptr, col_has_ptr,
     lse_row_ptr, w_row_ptr, coef_ptr, lse_col_ptr, w_col_ptr,
     out_ptr, dscale_ptr,
-    N, C, P, n_out,
-    D: tl.constexpr, OWN_ROWS: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr,
+    N, C, D, P, n_out,
+    OWN_ROWS: tl.constexpr, LABELS: tl.constexpr, COL_MASK: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, DECOUPLED: tl.constexpr, SYMMETRIC: tl.constexpr, ACCUMULATE: tl.constexpr,
     F32_PRODUCT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr,
@@ -185,7 +185,7 @@ def prefix_grad_kernel(
         if ACCUMULATE:
             acc = tl.dot(h.to(x.dtype), x, acc, input_precision=PREC, out_dtype=ACC)
     line = offs_a[:, None]
-    tl.store(dscale_ptr + prefixes * n_a + line, dscale, mask=a_in & (prefixes < P) & (x0 == 0))
+    tl.store(dscale_ptr + prefixes * n_a + line, dscale, mask=(line < n_out) & (prefixes < P) & (x0 == 0))
     if ACCUMULATE:
         tl.store(out_ptr + offs_a.to(tl.int64)[:, None] * D + offs_x[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(offs_a[:, None] < n_out) & (offs_x[None, :] < D))

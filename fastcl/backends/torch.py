@@ -552,12 +552,14 @@ def _positive_rows(row_scales, device) -> bool:
     return device.type == "cpu" and bool((row_scales > 0).all())
 
 
-def softmax_stats_prefixes(query, key, row_scales, col_scales, dims, spec: SoftmaxSpec) -> SoftmaxStats:
+def softmax_stats_prefixes(query, key, row_scales, col_scales, dims, spec: SoftmaxSpec,
+                           kernel_dtype=None) -> SoftmaxStats:
     """The statistics of ``P`` prefix problems in one sweep over the tiles (``fastcl.backends``
     states the contract): each tile's product is accumulated feature segment by segment, and at
     each prefix boundary the snapshot, scaled by ``row_scales[p, i] * col_scales[p, j]``, is
     merged into prefix ``p``'s statistics. The fields are stacked ``[P, ...]`` (``pos_cnt``
-    ``[N]``: it does not depend on the features)."""
+    ``[N]``: it does not depend on the features). ``kernel_dtype`` is not used: every product
+    runs in the compute dtype."""
     cd = row_scales.dtype
     q, k = query.to(cd), key.to(cd)
     n, c, dev, n_pre = q.shape[0], k.shape[0], q.device, len(dims)
@@ -617,9 +619,10 @@ def softmax_stats_prefixes(query, key, row_scales, col_scales, dims, spec: Softm
 
 
 def softmax_grad_prefixes(query, key, row_scales, col_scales, dims, spec: SoftmaxSpec, lse_row, w_row, coef,
-                          lse_col=None, w_col=None, *, rows: bool = True, cols: bool = True):
+                          lse_col=None, w_col=None, *, rows: bool = True, cols: bool = True, kernel_dtype=None):
     """``(acc_q [N, D], acc_k [C, D], d_row [P, N], d_col [P, C])`` of ``P`` prefix problems in
-    one sweep (``fastcl.backends`` states the contract). Per tile, the products are snapshotted
+    one sweep (``fastcl.backends`` states the contract; ``kernel_dtype`` is not used: every
+    product runs in the compute dtype). Per tile, the products are snapshotted
     at every prefix boundary; the prefixes are then visited from the widest down, and the
     scaled logit gradients ``G^p * (row_scales[p] x col_scales[p])`` summed so far multiply the
     segment that the next narrower prefix lacks: one matmul per segment, the cost of one

@@ -329,6 +329,122 @@ def available(device: torch.device) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Matryoshka prefixes (fastcl.ops.matryoshka): triton_kernels/prefix.py
+
+
+def _prefix_kernels():
+    from ..triton_kernels import prefix
+
+    return prefix
+
+
+def prefers_one_sweep(device: torch.device, dims) -> bool:
+    """Whether the one-sweep prefix passes run instead of the ordinary passes once per prefix
+    (``FASTCL_PREFIXES`` overrides): always here. On chip a tile's epilogue is cheap beside its
+    product, and one sweep does the products of the widest prefix only (a model: not measured
+    on a GPU yet)."""
+    return _config.prefixes() != "per_prefix"
+
+
+class _PrefixLauncher:
+    """The tensors and flags of one prefix pass: features in ``kernel_dtype``, the scales and the
+    prefix widths, the masks of ``spec``."""
+
+    def __init__(self, query, key, row_scales, col_scales, dims, spec: SoftmaxSpec, kernel_dtype):
+        self.q, self.k = query.to(kernel_dtype).contiguous(), key.to(kernel_dtype).contiguous()
+        self.rs, self.cs = row_scales.contiguous(), col_scales.contiguous()
+        self.n, self.c, self.d, self.n_pre = self.q.shape[0], self.k.shape[0], self.q.shape[1], len(dims)
+        self.width = max(dims)
+        self.dims = torch.tensor(dims, dtype=torch.int32, device=self.q.device)
+        dummy = self.rs
+        pos = spec.positive_index
+        if pos is None and not spec.uses_labels:
+            pos = no_positives(self.n, self.q.device)
+        labels = spec.uses_labels
+        self.masks = (dummy if pos is None else pos.contiguous(),
+                      spec.row_labels.contiguous() if labels else dummy,
+                      spec.col_labels.contiguous() if labels else dummy,
+                      spec.col_has_label.to(torch.int32) if spec.col_has_label is not None else dummy)
+        self.flags = dict(LABELS=labels, COL_MASK=spec.col_has_label is not None, EXCLUDE_SELF=spec.exclude_self,
+                          DECOUPLED=spec.decoupled, BLOCK_P=max(2, 1 << (self.n_pre - 1).bit_length()),
+                          **_type_args(self.q.dtype, self.q.device))
+
+    def sides(self, own_rows: bool):
+        return (self.q, self.k) if own_rows else (self.k, self.q)
+
+    def stats(self, own_rows: bool, lse, pos_sum, pos_cnt):
+        a, b = self.sides(own_rows)
+        module = _prefix_kernels()
+        _fixed_launch(module, module.prefix_stats_kernel, lambda meta: (_cdiv(a.shape[0], meta["BLOCK_A"]),),
+                      (a, b, self.rs, self.cs, self.dims, *self.masks, lse, pos_sum, pos_cnt, self.n, self.c, self.d,
+                       self.n_pre), dict(self.flags, OWN_ROWS=own_rows))
+
+    def grad(self, own_rows: bool, stats, out, dscale, n_out: int, symmetric: bool):
+        """``out`` (``None``: only the scale gradients) and ``dscale`` of the first ``n_out``
+        owned lines; the feature chunks span the widest prefix (``out`` is zero beyond it)."""
+        a, b = self.sides(own_rows)
+        module = _prefix_kernels()
+
+        def grid(meta):
+            return _cdiv(n_out, meta["BLOCK_A"]), _cdiv(self.width, meta["BLOCK_X"]) if out is not None else 1
+
+        _fixed_launch(module, module.prefix_grad_kernel, grid,
+                      (a, b, self.rs, self.cs, self.dims, *self.masks, *stats, self.rs if out is None else out, dscale,
+                       self.n, self.c, self.d, self.n_pre, n_out),
+                      dict(self.flags, OWN_ROWS=own_rows, SYMMETRIC=symmetric, ACCUMULATE=out is not None,
+                           F32_PRODUCT=self.q.dtype == torch.float16))
+
+
+def softmax_stats_prefixes(query, key, row_scales, col_scales, dims, spec: SoftmaxSpec,
+                           kernel_dtype=None) -> SoftmaxStats:
+    """The statistics of ``P`` prefix problems in one sweep (``fastcl.backends`` states the
+    contract): one launch owning the rows, and one owning the columns when symmetric."""
+    launcher = _PrefixLauncher(query, key, row_scales, col_scales, dims, spec, kernel_dtype or query.dtype)
+    n, c, n_pre, cd, dev = launcher.n, launcher.c, launcher.n_pre, row_scales.dtype, row_scales.device
+    lse_row = torch.empty(n_pre, n, dtype=cd, device=dev)
+    pos_sum = pos_cnt = lse_col = None
+    if spec.uses_labels:
+        pos_sum, pos_cnt = torch.empty(n_pre, n, dtype=cd, device=dev), torch.empty(n, dtype=cd, device=dev)
+    with _on_device(launcher.q):
+        launcher.stats(True, lse_row, lse_row if pos_sum is None else pos_sum, lse_row if pos_cnt is None else pos_cnt)
+        if spec.symmetric:
+            lse_col = torch.empty(n_pre, c, dtype=cd, device=dev)
+            launcher.stats(False, lse_col, lse_col, lse_col)
+    return SoftmaxStats(lse_row, lse_col, pos_sum, pos_cnt)
+
+
+def softmax_grad_prefixes(query, key, row_scales, col_scales, dims, spec: SoftmaxSpec, lse_row, w_row, coef,
+                          lse_col=None, w_col=None, *, rows: bool = True, cols: bool = True, kernel_dtype=None):
+    """``(acc_q [N, D], acc_k [C, D], d_row [P, N], d_col [P, C])`` of ``P`` prefix problems in
+    one sweep (``fastcl.backends`` states the contract): one launch owning the rows and one owning
+    the first ``n_grad_cols`` columns, each also yielding its side's scale gradients."""
+    launcher = _PrefixLauncher(query, key, row_scales, col_scales, dims, spec, kernel_dtype or query.dtype)
+    n, c, d, cd, dev = launcher.n, launcher.c, launcher.d, row_scales.dtype, row_scales.device
+    n_grad_cols = c if spec.n_grad_cols is None else spec.n_grad_cols
+    symmetric = spec.symmetric
+    dummy = row_scales
+    stats = [finite_or_zero(lse_row).contiguous(), w_row.contiguous(), coef.contiguous(),
+             finite_or_zero(lse_col).contiguous() if symmetric else dummy, w_col.contiguous() if symmetric else dummy]
+    narrower = launcher.width < d  # features beyond the widest prefix get no gradient
+
+    def out(size, want):
+        if not want:
+            return None
+        return (torch.zeros if narrower else torch.empty)(size, d, dtype=cd, device=dev)
+
+    acc_q, acc_k = out(n, rows), out(c, cols)
+    d_row = torch.empty(len(dims), n, dtype=cd, device=dev)
+    d_col = torch.zeros(len(dims), c, dtype=cd, device=dev)
+    with _on_device(launcher.q):
+        launcher.grad(True, stats, acc_q, d_row, n, symmetric)
+        if acc_k is not None:
+            acc_k[n_grad_cols:].zero_()
+        if n_grad_cols > 0:
+            launcher.grad(False, stats, acc_k, d_col, n_grad_cols, symmetric)
+    return acc_q, acc_k, d_row, d_col
+
+
+# ----------------------------------------------------------------------------------------------
 # Distillation (fastcl.ops.distill): triton_kernels/distill.py
 
 
@@ -338,18 +454,22 @@ def _distill_kernels():
     return distill
 
 
-def _distill_launch(kernel, grid, args, flags):
-    """Fixed blocks: the interpreter's (or ``FASTCL_TRITON_BLOCK``), else the module's GPU ones."""
+def _fixed_launch(module, kernel, grid, args, flags):
+    """Launch with fixed blocks: the interpreter's (or ``FASTCL_TRITON_BLOCK``), else ``module``'s
+    GPU ones (the distillation and prefix kernels are not autotuned yet)."""
     blocks = _fixed_blocks()
     if blocks is not None:
         meta = dict(BLOCK_A=blocks[0], BLOCK_B=blocks[1], BLOCK_D=blocks[2], BLOCK_X=blocks[3])
         extra = {}
     else:
-        module = _distill_kernels()
         meta, extra = dict(module.GPU_BLOCKS), {"num_warps": module.GPU_WARPS}
     if "BLOCK_X" not in kernel.arg_names:
         meta.pop("BLOCK_X")
     kernel[grid(meta)](*args, **flags, **meta, **extra)
+
+
+def _distill_launch(kernel, grid, args, flags):
+    _fixed_launch(_distill_kernels(), kernel, grid, args, flags)
 
 
 def _distill_inputs(query, key, t_query, t_key, scale_rows, t_scale_rows):

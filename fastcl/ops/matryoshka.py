@@ -13,9 +13,10 @@ gradients); the scales are O(N) vectors formed here in plain PyTorch, so autogra
 normalisation's derivative, and each prefix's epilogue is the ordinary one of
 :mod:`fastcl.ops.softmax`.
 
-A backend may fuse the prefixes (``softmax_stats_prefixes`` / ``softmax_grad_prefixes``: the
-torch backend, one sweep over the tiles with the products snapshotted at each prefix boundary),
-and say where that pays (``prefers_one_sweep``: on a CPU only for wide enough prefixes). Otherwise
+A backend may fuse the prefixes (``softmax_stats_prefixes`` / ``softmax_grad_prefixes``: one
+sweep over the tiles with the products snapshotted at each prefix boundary, in the torch
+backend and in Triton's ``triton_kernels/prefix.py``), and say where that pays
+(``prefers_one_sweep``: the torch backend on a CPU only for wide enough prefixes, Triton always). Otherwise
 a backend runs its ordinary passes once per prefix on ``(q[:, :d_p], b^p k[:, :d_p])`` at the
 row scale ``s a^p`` (:func:`prefix_stats`, :func:`prefix_grad`): the same contract, P passes.
 ``FASTCL_PREFIXES`` (``auto``, ``fused``, ``per_prefix``) overrides the choice.
@@ -67,7 +68,7 @@ def prefix_stats(module, query, cols, row_scales, col_scales, dims, spec: Softma
     pass if it has one, else its ordinary pass once per prefix."""
     fused = _one_sweep(module, "softmax_stats_prefixes", query.device, dims)
     if fused is not None:
-        return fused(query, cols, row_scales, col_scales, tuple(dims), spec)
+        return fused(query, cols, row_scales, col_scales, tuple(dims), spec, kernel_dtype=kernel_dtype)
     per = [module.softmax_stats(query[:, :d].to(kernel_dtype), _prefix_keys(cols, col_scales, p, d, kernel_dtype),
                                 row_scales[p], spec) for p, d in enumerate(dims)]
 
@@ -88,7 +89,7 @@ def prefix_grad(module, query, cols, row_scales, col_scales, dims, kernel_dtype,
     fused = _one_sweep(module, "softmax_grad_prefixes", query.device, dims)
     if fused is not None:
         return fused(query, cols, row_scales, col_scales, tuple(dims), spec, lse_row, w_row, coef, lse_col, w_col,
-                     rows=rows, cols=columns)
+                     rows=rows, cols=columns, kernel_dtype=kernel_dtype)
     cd = row_scales.dtype
     q, k = query.to(cd), cols.to(cd)
     acc_q = torch.zeros_like(q) if rows else None
