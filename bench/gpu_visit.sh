@@ -11,6 +11,9 @@
 #   check     large-N bf16 agreement of each compiled backend with the torch backend
 #   headline  clip_loss and siglip_loss fwd+bwd, bf16, N=65536, D=768, every backend and peer,
 #             each Triton gradient pass forced too, with the dense bf16 matmul ceiling of the run
+#   second    the losses with a second stream (#16), bf16, N=32768, D=768, Triton and peers: four
+#             Matryoshka prefixes against one full-width loss (info_nce_mnrl), distillation, the
+#             guide mask
 #   sweep     the fused/chunked crossover: the same losses over N in {65536, 262144} x D in
 #             {256, 512, 768, 1024}, Triton with each pass forced and CUDA
 #   maxbatch  the largest N each implementation fits
@@ -44,7 +47,7 @@ PY=${PYTHON:-python3}
 BUDGET=${VISIT_BUDGET_S:-540}
 DATE=$(date -u +%Y-%m-%d)
 OUT=${OUT:-bench/results/visit-$DATE}
-ALL_STAGES="tests check headline sweep maxbatch sanitize quick"
+ALL_STAGES="tests check headline second sweep maxbatch sanitize quick"
 STAGES=${*:-$ALL_STAGES}
 mkdir -p "$OUT"
 LOG="$OUT/visit.log"
@@ -57,7 +60,8 @@ RES=${VISIT_RESULTS:-$(mktemp -d /tmp/fastcl-results.XXXX)}
 mkdir -p "$RES"
 
 # Deadlines: percent of the budget at which each stage must have ended.
-declare -A END_PCT=([tests]=36 [check]=46 [headline]=64 [sweep]=80 [maxbatch]=88 [sanitize]=95 [quick]=98)
+declare -A END_PCT=([tests]=36 [check]=46 [headline]=64 [second]=72 [sweep]=86 [maxbatch]=91 [sanitize]=96
+                   [quick]=98)
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 deadline() { echo $((BUDGET * ${END_PCT[$1]} / 100)); }
@@ -152,17 +156,21 @@ sanitize_cmd() {
 }
 
 bench_cmd() {
-    # $1: headline|sweep|maxbatch|quick -> the bench command line (tiny sizes in smoke mode)
+    # $1: headline|second|sweep|maxbatch|quick -> the bench command line (tiny sizes in smoke mode)
     local tiny="--target-s 0.05 --min-reps 2 --threads 1" args
     case "$1:$SMOKE" in
         headline:0) args="full --tag headline --losses clip_loss siglip_loss --n 65536 --d 768 --dtypes bfloat16
                           --modes fwd+bwd --backends triton cuda triton:fused triton:chunked --row-timeout 90" ;;
+        second:0) args="full --tag second --losses info_nce_mnrl info_nce_matryoshka distill_clip_loss info_nce_guided
+                        --n 32768 --d 768 --dtypes bfloat16 --modes fwd+bwd --backends triton --row-timeout 60" ;;
         sweep:0) args="full --tag sweep --losses clip_loss siglip_loss --n 65536 262144 --d 256 512 768 1024
                        --dtypes bfloat16 --modes fwd+bwd --backends triton:fused triton:chunked cuda --peers ''
                        --row-timeout 60" ;;
         maxbatch:0) args="maxbatch --backends auto --peers naive open_clip inf_cl --row-timeout 120" ;;
         quick:0) args="quick" ;;
         headline:1) args="full --tag headline --losses clip_loss siglip_loss --n 64 --d 16 --peers naive $tiny" ;;
+        second:1) args="full --tag second --losses info_nce_mnrl info_nce_matryoshka distill_clip_loss info_nce_guided
+                        --n 64 --d 16 --peers naive $tiny" ;;
         sweep:1) args="full --tag sweep --losses clip_loss --n 32 64 --d 8 16 --backends torch:fused torch:chunked
                        --peers naive $tiny" ;;
         maxbatch:1) args="maxbatch --start-n 256 --max-n 512 --d 16 --peers naive --threads 1" ;;
@@ -182,7 +190,7 @@ visit() {
     publish
     has_stage tests && stage tests "$(tests_cmd)"
     has_stage check && stage check "$PY -m bench check --out $RES/checks.json"
-    for s in headline sweep maxbatch; do
+    for s in headline second sweep maxbatch; do
         has_stage "$s" && stage "$s" "$(bench_cmd "$s")"
     done
     has_stage sanitize && stage sanitize "$(sanitize_cmd)"

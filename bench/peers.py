@@ -181,6 +181,7 @@ NAIVE: Dict[str, Callable[[Inputs], torch.Tensor]] = {
     "info_nce_hardness": lambda i: naive_info_nce_hardness(i["q"], i["k"], DEBIAS, HARDNESS),
     "info_nce_guided": lambda i: naive_guided(i["q"], i["k"], i["gq"], i["gk"], GIST_TEMPERATURE),
     "distill_clip_loss": lambda i: naive_distill_clip(i["x"], i["y"], i["scale"], i["tx"], i["ty"], i["t_scale"]),
+    "info_nce_mnrl": lambda i: naive_matryoshka_mnrl(i["q"], i["k"], MNRL_SCALE, (i["q"].shape[1],)),
     "info_nce_matryoshka": lambda i: naive_matryoshka_mnrl(i["q"], i["k"], MNRL_SCALE,
                                                            matryoshka_dims(i["q"].shape[1])),
     "info_nce_labels": lambda i: naive_info_nce_labels(i["q"], i["k"], i["labels"]),

@@ -124,14 +124,15 @@ def test_gpu_visit_smoke_runs_every_stage(tmp_path):
     proc, out = _visit(tmp_path, 540)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text
-    assert ("deadlines (s from start): tests=194 check=248 headline=345 sweep=432 maxbatch=475 sanitize=513 "
-            "quick=529") in text
-    for stage in ("tests", "check", "headline", "sweep", "maxbatch", "sanitize", "quick"):
+    assert ("deadlines (s from start): tests=194 check=248 headline=345 second=388 sweep=464 maxbatch=491 "
+            "sanitize=518 quick=529") in text
+    for stage in ("tests", "check", "headline", "second", "sweep", "maxbatch", "sanitize", "quick"):
         assert f"stage {stage}: rc=0" in text, text
     files = sorted(os.listdir(out))
     assert len(files) <= 8 and "results.tar.gz" in files, files
     names = subprocess.run(["tar", "tzf", str(out / "results.tar.gz")], capture_output=True, text=True).stdout
     assert "full_headline.json" in names and "full_sweep.json" in names and "maxbatch.json" in names
+    assert "full_second.json" in names
     assert (out / "next_stages.txt").read_text().strip() == ""
 
 

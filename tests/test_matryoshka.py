@@ -309,6 +309,14 @@ def test_triton_sweep_equals_a_pass_per_prefix(opts, dims, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_triton_sweep_float16(case, monkeypatch):
+    """The Triton kernels in float16 (whose ``G @ X`` product runs in fp32) against the oracle:
+    the interpreter runs float16 dots, unlike bfloat16 ones."""
+    _triton_or_skip()
+    test_info_nce_matryoshka(case, "mean", torch.float16, "triton", monkeypatch)
+
+
 def test_triton_prefers_one_sweep(monkeypatch):
     """Triton runs the one sweep unless ``FASTCL_PREFIXES=per_prefix``."""
     triton_backend = _triton_or_skip()

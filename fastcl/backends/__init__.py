@@ -46,10 +46,11 @@ backend whose kernels lack a mask defines ``unsupported(spec)`` (``fastcl._dispa
 Optional passes (a backend without them: ``fastcl.ops.matryoshka`` composes its ordinary passes
 for prefixes, and ``fastcl._dispatch`` skips it for distillation, whose spec names its passes):
 
-``softmax_stats_prefixes(query, key, row_scales, col_scales, dims, spec, kernel_dtype=)`` / ``softmax_grad_prefixes(...)``
+``softmax_stats_prefixes(query, key, row_scales, col_scales, dims, spec, *, kernel_dtype)`` /
+``softmax_grad_prefixes(...)``
     ``P`` prefix problems ``S^p_ij = row_scales[p, i] col_scales[p, j] <q_i, k_j>_{dims[p]}``
-    (``dims`` ascending) in one sweep; the features come in the compute dtype and
-    ``kernel_dtype`` is the dtype the products may run in: stacked statistics, and ``(acc_q, acc_k, d_row, d_col)``,
+    (``dims`` ascending) in one sweep (the features come in the compute dtype; ``kernel_dtype``
+    is the dtype the products may run in): stacked statistics, and ``(acc_q, acc_k, d_row, d_col)``,
     the raw features' gradients with the scales held plus the scales' gradients, given
     ``dL/dS^p`` as in ``softmax_grad``. A backend with them also defines
     ``prefers_one_sweep(device, dims)``: whether to use them (``FASTCL_PREFIXES`` overrides).

@@ -156,7 +156,8 @@ def anchor_terms(backend: str, query, key, scale, t_query, t_key, t_scale, posit
     cd = compute_dtype(query.dtype)
     n = query.shape[0]
     lse_row, lse_col, mean_row, mean_col, pos, _, _ = distill_stats_op(
-        query, key, row_scales(scale, n, cd), t_query, t_key, row_scales(t_scale, n, cd), positive_index, symmetric, backend)
+        query, key, row_scales(scale, n, cd), t_query, t_key, row_scales(t_scale, n, cd), positive_index, symmetric,
+        backend)
     rows = (lse_row - pos, lse_row - mean_row)
     if not symmetric:
         return rows, None
