@@ -299,6 +299,38 @@ def test_launcher_never_allocates_n_by_m(call, monkeypatch):
     assert mode.largest < n * m // 4, f"{call}: a tensor of {mode.largest} elements for N={n}, M={m}"
 
 
+# --- the second-stream kernels (Matryoshka prefixes, distillation, the guide mask) ---------------
+# their oracle tests, selected for the GPU visit's correctness stage (these files are gpu-marked):
+# on a GPU they run compiled, bfloat16 included, on the tensor-core paths the interpreter skips
+SECOND_STREAM_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+@direct
+@pytest.mark.parametrize("dtype", SECOND_STREAM_DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["default", "labels_exclude_self_decoupled", "symmetric_permuted_queue"])
+def test_matryoshka_one_sweep_kernels(case, dtype, monkeypatch):
+    import test_matryoshka
+
+    test_matryoshka.test_info_nce_matryoshka(case, "mean", dtype, "triton", monkeypatch)
+
+
+@direct
+@pytest.mark.parametrize("dtype", SECOND_STREAM_DTYPES, ids=str)
+def test_distillation_kernels(dtype):
+    import test_distill
+
+    for case in sorted(test_distill.CASES):
+        test_distill.test_distill_clip_loss(case, dtype, "triton")
+
+
+@direct
+@pytest.mark.parametrize("dtype", SECOND_STREAM_DTYPES, ids=str)
+def test_guide_mask_kernels(dtype):
+    import test_gist
+
+    test_gist.test_info_nce_guide_mask("default", 0.0, dtype, "triton")
+
+
 @needs_triton
 def test_available_reasons(monkeypatch):
     from fastcl.backends import triton as tb
