@@ -1,5 +1,5 @@
 """Smoke test of an installed fastcl (run from outside the source tree): it imports from
-site-packages, ships its Triton kernels and CUDA extension, and one loss and its gradients match
+site-packages, ships its Triton kernels, CUDA extension and CPU epilogues, and one loss and its gradients match
 a materialised cross-entropy."""
 
 import torch
@@ -10,7 +10,7 @@ import fastcl.triton_kernels.info_nce  # noqa: F401  (the kernels ship as fastcl
 
 assert "site-packages" in fastcl.__file__, f"fastcl imported from {fastcl.__file__}, not the installed wheel"
 info = fastcl.build_info()
-assert info["cuda_extension"], info
+assert info["cuda_extension"] and info["cpu_extension"], info
 q = F.normalize(torch.randn(37, 24, dtype=torch.float64), dim=1).requires_grad_()
 k = F.normalize(torch.randn(37, 24, dtype=torch.float64), dim=1).requires_grad_()
 loss = fastcl.clip_loss(q, k, 14.0)

@@ -18,7 +18,8 @@ def build_info() -> dict:
     Returns a dict with ``version``; ``torch`` and ``triton`` versions (``triton`` is None when
     Triton is not installed); ``cuda_extension`` (True when the compiled ``fastcl._C`` extension
     was built with CUDA kernels); ``cuda_extension_reason`` (why not, else None); ``cuda_archs``
-    (the architectures it was built for);
+    (the architectures it was built for); ``cpu_extension`` (True when ``fastcl._cpu``, the
+    torch backend's compiled CPU epilogues, imports) and ``cpu_extension_reason`` (why not);
     ``backends`` (the backends usable for tensors on this machine: CUDA tensors if a GPU is
     visible, else CPU tensors).
     """
@@ -47,6 +48,15 @@ def build_info() -> dict:
         except ImportError:  # a source tree no setup.py has built
             CUDA_EXTENSION_SKIPPED = None
         reason = CUDA_EXTENSION_SKIPPED or f"fastcl._C does not import ({exc})"
+    from .backends import _cpu_epilogues
+
+    cpu_reason = None
+    if _cpu_epilogues.NOT_BUILT_BECAUSE is not None:
+        try:
+            from ._build import CPU_EXTENSION_SKIPPED
+        except ImportError:  # a source tree no setup.py has built, or one built before fastcl._cpu
+            CPU_EXTENSION_SKIPPED = None
+        cpu_reason = CPU_EXTENSION_SKIPPED or _cpu_epilogues.NOT_BUILT_BECAUSE
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {
         "version": __version__,
@@ -55,6 +65,8 @@ def build_info() -> dict:
         "cuda_extension": cuda_extension,
         "cuda_extension_reason": reason,
         "cuda_archs": cuda_archs,
+        "cpu_extension": cpu_reason is None,
+        "cpu_extension_reason": cpu_reason,
         "device": str(device),
         "backends": usable_backends(device),
     }

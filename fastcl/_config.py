@@ -10,6 +10,7 @@ variable. Read at each call (tests and users change them between calls).
 | ``FASTCL_BACKWARD`` | gradient pass: ``auto`` (a cost model), ``fused`` or ``chunked`` (docs/design.md §7) |
 | ``FASTCL_MEMORY_BUDGET_MB`` | ``m > 0``: the chunked pass's workspace limit in MiB (default 512) |
 | ``FASTCL_PREFIXES`` | Matryoshka prefixes: ``auto`` (a cost rule), ``fused`` (one sweep) or ``per_prefix`` |
+| ``FASTCL_CPU_EPILOGUES`` | ``0``: the torch backend's one sweep skips the compiled CPU epilogues (``fastcl._cpu``) |
 
 (``FASTCL_BUILD_CUDA`` and ``FASTCL_CUDA_ARCH`` are read by ``setup.py`` at build time.)
 """
@@ -64,6 +65,13 @@ def prefixes() -> str:
     if raw not in PREFIX_PLANS:
         raise ValueError(f"FASTCL_PREFIXES={raw!r}: expected one of {', '.join(PREFIX_PLANS)}")
     return raw
+
+
+def cpu_epilogues() -> bool:
+    raw = os.environ.get("FASTCL_CPU_EPILOGUES") or "1"
+    if raw not in ("0", "1"):
+        raise ValueError(f"FASTCL_CPU_EPILOGUES={raw!r}: expected 0 or 1")
+    return raw == "1"
 
 
 def memory_budget_bytes() -> int:

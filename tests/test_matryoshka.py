@@ -227,11 +227,17 @@ def test_bad_matryoshka_arguments_raise():
 
 
 def test_one_sweep_choice_rule(monkeypatch):
-    """A CPU sweeps the prefixes at once when the matmul features saved pay for the extra passes
-    (the measured crossover lies between D=256 and D=512 for four halving prefixes); off a CPU
-    always; ``FASTCL_PREFIXES`` overrides, and a bad value raises naming the variable."""
+    """A CPU with the compiled epilogues always sweeps the prefixes at once; one without them
+    when the matmul features saved pay for the extra passes (the measured crossover lies between
+    D=256 and D=512 for four halving prefixes); off a CPU always; ``FASTCL_PREFIXES`` overrides,
+    and a bad value raises naming the variable."""
+    from fastcl.backends import _cpu_epilogues
+
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("FASTCL_PREFIXES", raising=False)
+    monkeypatch.setattr(_cpu_epilogues, "module", lambda: object())
+    assert torch_backend.prefers_one_sweep(cpu, (32, 64, 128, 256))
+    monkeypatch.setattr(_cpu_epilogues, "module", lambda: None)
     assert not torch_backend.prefers_one_sweep(cpu, (32, 64, 128, 256))
     assert torch_backend.prefers_one_sweep(cpu, (64, 128, 256, 512))
     assert torch_backend.prefers_one_sweep(cpu, (96, 192, 384, 768))

@@ -41,7 +41,7 @@ import torch
 
 from .. import _config
 from .._spec import SoftmaxSpec
-from . import chunked
+from . import _cpu_epilogues, chunked
 from ._cpu_threads import map_in_order, workers_for
 from .common import (
     NEG_INF,
@@ -521,24 +521,28 @@ def _symmetric_grad(g, tile, w_row, lse_row, w_col, lse_col, is_anchor, safe_log
 # Matryoshka prefixes: several softmax problems over nested feature prefixes, in one sweep
 
 
-# On a CPU every elementwise pass over a tile streams it through memory, and the one-sweep prefix
-# passes make about five more per prefix than the same prefixes run apart, which in turn repeat
-# the narrower prefixes' matmul features. Measured (2 vCPU Xeon, N=4096, four halving prefixes,
-# fwd+bwd): one sweep 2.85x a full-width loss at D=256 against 2.57x apart, 1.86x against 2.31x
-# at D=512, 1.60x against 2.14x at D=768. One sweep is chosen when the features it saves reach
-# this many per prefix.
+# On a CPU every elementwise pass over a tile streams it through memory. In the PyTorch form the
+# one-sweep prefix passes make about five more per prefix than the same prefixes run apart, which
+# in turn repeat the narrower prefixes' matmul features; the compiled epilogues (fastcl._cpu) make
+# one pass per tile for all prefixes. Measured, four halving prefixes, fwd+bwd, N=4096, against a
+# full-width loss: 2 vCPU Xeon, PyTorch form: one sweep 2.85x against 2.57x apart at D=256, 1.86x
+# against 2.31x at D=512, 1.60x against 2.14x at D=768; 2 vCPU EPYC, D=256 / 768: compiled one
+# sweep 1.27x / 1.03x, PyTorch-form sweep 1.68x / 1.22x, apart 2.13x / 1.91x. Without the compiled
+# epilogues, one sweep is chosen when the features it saves reach this many per prefix.
 _SWEEP_SAVED_FEATURES_PER_PREFIX = 96
 
 
 def prefers_one_sweep(device: torch.device, dims) -> bool:
     """Whether :func:`softmax_stats_prefixes` / :func:`softmax_grad_prefixes` beat the ordinary
     passes run once per prefix (``FASTCL_PREFIXES`` overrides): always off a CPU, where the
-    elementwise work stays cheap; on a CPU when the matmul features saved pay for the passes."""
+    elementwise work stays cheap, and on a CPU with the compiled epilogues; on a CPU without
+    them when the matmul features saved pay for the extra passes."""
     plan = _config.prefixes()
     if plan != "auto":
         return plan == "fused"
-    saved = sum(dims) - max(dims)
-    return device.type != "cpu" or saved >= _SWEEP_SAVED_FEATURES_PER_PREFIX * len(dims)
+    if device.type != "cpu" or _cpu_epilogues.module() is not None:
+        return True
+    return sum(dims) - max(dims) >= _SWEEP_SAVED_FEATURES_PER_PREFIX * len(dims)
 
 
 def _prefix_bounds(dims):
@@ -550,6 +554,14 @@ def _positive_rows(row_scales, device) -> bool:
     """The prefix passes' shortcuts divide by the row scales and read a flag on the host: a CPU
     whose row scales are all positive (any other case takes the plain forms)."""
     return device.type == "cpu" and bool((row_scales > 0).all())
+
+
+def _compiled_epilogues(spec: SoftmaxSpec, dtype: torch.dtype, device: torch.device):
+    """``fastcl._cpu`` where the prefix passes' row-scaled forms may hand it a tile: float32 on a
+    CPU, no entry masked, one-hot (or no) positives; else ``None`` (the PyTorch form runs)."""
+    if device.type != "cpu" or dtype != torch.float32 or spec.exclude_self or spec.decoupled or spec.uses_labels:
+        return None
+    return _cpu_epilogues.module()
 
 
 def softmax_stats_prefixes(query, key, row_scales, col_scales, dims, spec: SoftmaxSpec,
@@ -573,6 +585,9 @@ def softmax_stats_prefixes(query, key, row_scales, col_scales, dims, spec: Softm
         q_norms, k_norms = prefix_sums(q.square(), dims).sqrt(), prefix_sums(k.square(), dims).sqrt()
         bound = row_scales * q_norms * (col_scales * k_norms).amax(dim=1, keepdim=True)
         shift = -bound / row_scales
+    compiled = _compiled_epilogues(spec, cd, dev) if bound is not None else None
+    if compiled is not None:  # it reads each prefix's scales as contiguous vectors
+        row_scales, col_scales, shift = row_scales.contiguous(), col_scales.contiguous(), shift.contiguous()
     floor = math.exp(-_SAFE_LOG[cd])
 
     def piece(rows):
@@ -586,8 +601,11 @@ def softmax_stats_prefixes(query, key, row_scales, col_scales, dims, spec: Softm
                 _add_product(prod, q[r0:r1, lo:hi], k[c0:c1, lo:hi].T, first=p == 0)
                 rs, cs = row_scales[p, r0:r1, None], col_scales[p, None, c0:c1]
                 if bound is not None:
-                    shifted = torch.addcmul(shift[p, r0:r1, None], prod, cs, out=tile).mul_(rs)
-                    part = _mask_tile(shifted, spec, r0, r1, c0, c1).exp_().sum(dim=1)
+                    if compiled is not None:  # one pass over the products
+                        part = compiled.exp_row_sums(prod, col_scales[p, c0:c1], shift[p, r0:r1], row_scales[p, r0:r1])
+                    else:
+                        shifted = torch.addcmul(shift[p, r0:r1, None], prod, cs, out=tile).mul_(rs)
+                        part = _mask_tile(shifted, spec, r0, r1, c0, c1).exp_().sum(dim=1)
                     if bool((part >= floor).all()):  # every row's share is exact (else: redo the tile)
                         _merge_partial(row_ref[p, r0:r1], row_acc[p, r0:r1], bound[p, r0:r1], part)
                         continue
@@ -645,6 +663,7 @@ def softmax_grad_prefixes(query, key, row_scales, col_scales, dims, spec: Softma
         gamma = (torch.log(row_scales * w_row.abs()) - lse_row) / row_scales
         signs = torch.sign(w_row) if bool((w_row < 0).any()) else None
         coef = coef * row_scales
+    compiled = _compiled_epilogues(spec, cd, dev) if scaled else None
 
     def targets(g, p, r0, r1, c0, c1):
         """``-coef`` on the positives of the tile."""
@@ -670,24 +689,48 @@ def softmax_grad_prefixes(query, key, row_scales, col_scales, dims, spec: Softma
             g.mul_(signs[p, r0:r1, None])
         targets(g, p, r0, r1, c0, c1)
 
+    def compiled_logit_grads(prods, r0, r1, c0, c1, hi_c, part_col):
+        """The row-scaled form's steps for every prefix of the tile in ``fastcl._cpu``: ``d_row``
+        and ``part_col`` get their sums, and ``prods[p]`` becomes the summed tile ``H^p``."""
+        if spec.positive_index is None:
+            pos = torch.full((r1 - r0,), -1, dtype=torch.long)
+        else:
+            pos = spec.positive_index[r0:r1] - c0
+            pos = torch.where((pos >= 0) & (pos < c1 - c0), pos, -1)
+        rows_of = [row_scales[:, r0:r1], gamma[:, r0:r1], coef[:, r0:r1]]
+        tile_rows, tile_gamma, tile_coef = (t.contiguous() for t in rows_of)
+        tile_signs = None if signs is None else signs[:, r0:r1].contiguous()
+        sums_row = torch.zeros(n_pre, r1 - r0, dtype=cd)
+        sums_col = torch.zeros(n_pre, c1 - c0, dtype=cd)
+        compiled.prefix_logit_grads(prods, col_scales[:, c0:c1].contiguous(), tile_rows, tile_gamma, tile_signs,
+                                    tile_coef, pos.contiguous(), sums_row, sums_col)
+        d_row[:, r0:r1] += sums_row
+        if hi_c > c0:
+            part_col[:, c0:hi_c] += sums_col[:, : hi_c - c0]
+
     def piece(group):
         part_k = torch.zeros(n_grad_cols, d, dtype=cd, device=dev) if cols else None
         part_col = torch.zeros(n_pre, n_grad_cols, dtype=cd, device=dev)
         prod_bufs = [_Buffer(n, c, cd, dev) for _ in range(n_pre)]
-        s_buf, g_buf, h_buf = (_Buffer(n, c, cd, dev) for _ in range(3))
+        work_bufs = [] if compiled is not None else [_Buffer(n, c, cd, dev) for _ in range(3)]
         for r0, r1, c0, c1 in _tiles(n, c, group):
             shape = (r1 - r0, c1 - c0)
             prods = [b.view(*shape) for b in prod_bufs]
-            s, g, h = (b.view(*shape) for b in (s_buf, g_buf, h_buf))
+            s, g, h = (b.view(*shape) for b in work_bufs) if work_bufs else (None, None, None)
             for p, (lo, hi) in enumerate(bounds):
                 if p == 0:
                     torch.mm(q[r0:r1, lo:hi], k[c0:c1, lo:hi].T, out=prods[0])
                 else:
                     torch.addmm(prods[p - 1], q[r0:r1, lo:hi], k[c0:c1, lo:hi].T, out=prods[p])
             hi_c = min(c1, n_grad_cols)
+            if compiled is not None:  # every prefix's logit gradients in one pass, H^p over the products
+                compiled_logit_grads(prods, r0, r1, c0, c1, hi_c, part_col)
             for p in reversed(range(n_pre)):
                 rs, cs = row_scales[p, r0:r1], col_scales[p, c0:c1]
-                if scaled:  # g = s_i G_ij: d_row gets s_i times its sum, d_col its sum
+                if compiled is not None:
+                    h = prods[p]
+                elif scaled:
+                    # g = s_i G_ij: d_row gets s_i times its sum, d_col its sum
                     scaled_logit_grad(g, prods[p], p, r0, r1, c0, c1)
                     y = torch.mul(g, prods[p], out=s)
                     d_row[p, r0:r1].addmv_(y, cs)
