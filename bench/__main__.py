@@ -254,7 +254,8 @@ def _run(args, argv, blocks):
 
 
 def _build_line() -> str:
-    """What this install can run, and loudly whether the CUDA extension is missing."""
+    """What this install can run, and loudly whether the CUDA extension or the CPU epilogues are
+    missing."""
     import fastcl
 
     info = fastcl.build_info()
@@ -262,7 +263,10 @@ def _build_line() -> str:
         ext = f"CUDA extension built for sm_{', sm_'.join(info['cuda_archs'])}"
     else:
         ext = f"CUDA extension NOT BUILT ({info['cuda_extension_reason']})"
-    return f"fastcl {info['version']} (torch {info['torch']}): backends here {', '.join(info['backends'])}; {ext}"
+    cpu = ("CPU epilogues built" if info["cpu_extension"]
+           else f"CPU epilogues NOT BUILT ({info['cpu_extension_reason']})")
+    backends = ", ".join(info["backends"])
+    return f"fastcl {info['version']} (torch {info['torch']}): backends here {backends}; {ext}; {cpu}"
 
 
 def _report(rows, busy: bool = False):

@@ -97,6 +97,8 @@ def metadata(suite: str, device_info: dict, argv: List[str], note: str = "") -> 
             "python": ".".join(map(str, __import__("sys").version_info[:3])),
         },
         "fastcl_backends": fastcl.build_info()["backends"],
+        # the torch backend's compiled CPU epilogues (fastcl._cpu), and whether they were switched off
+        "cpu_epilogues": fastcl.build_info()["cpu_extension"] and os.environ.get("FASTCL_CPU_EPILOGUES", "1") != "0",
         "git_commit": commit,
         "git_dirty": bool(dirty) if dirty is not None else None,
         "source_sha": source_hash(),

@@ -157,3 +157,8 @@ def test_build_info():
     assert info["version"] == fastcl.__version__
     assert "torch" in info["backends"]
     assert isinstance(info["cuda_extension"], bool) and isinstance(info["cuda_archs"], list)
+    from fastcl.backends import _cpu_epilogues
+
+    # the CPU epilogues: reported as they import, with a reason exactly when they do not
+    assert info["cpu_extension"] is (_cpu_epilogues.NOT_BUILT_BECAUSE is None)
+    assert (info["cpu_extension_reason"] is None) is info["cpu_extension"]
