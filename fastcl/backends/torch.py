@@ -694,9 +694,9 @@ def softmax_grad_prefixes(query, key, row_scales, col_scales, dims, spec: Softma
         and ``part_col`` get their sums, and ``prods[p]`` becomes the summed tile ``H^p``."""
         if spec.positive_index is None:
             pos = torch.full((r1 - r0,), -1, dtype=torch.long)
-        else:
-            pos = spec.positive_index[r0:r1] - c0
-            pos = torch.where((pos >= 0) & (pos < c1 - c0), pos, -1)
+        else:  # the column inside the tile, -1 where the positive lies outside it
+            idx, in_tile = _positive_in_tile(spec.positive_index[r0:r1], c0, c1)
+            pos = torch.where(in_tile, idx, -1)[:, 0]
         rows_of = [row_scales[:, r0:r1], gamma[:, r0:r1], coef[:, r0:r1]]
         tile_rows, tile_gamma, tile_coef = (t.contiguous() for t in rows_of)
         tile_signs = None if signs is None else signs[:, r0:r1].contiguous()
